@@ -1,0 +1,30 @@
+/* config.h — command-line flags turned into one immutable configuration. */
+#ifndef LUACALLOUT_CONFIG_H
+#define LUACALLOUT_CONFIG_H
+
+#include <stdbool.h>
+
+#include "log.h"
+
+struct config {
+    const char *script_path;
+    const char *secure_address;     /* TLS gRPC listener */
+    const char *plaintext_address;  /* h2c gRPC listener */
+    const char *health_address;     /* HTTP(S) health listener */
+    bool disable_tls;
+    bool disable_plaintext;
+    bool combined_health_check;     /* no separate health listener */
+    bool secure_health_check;       /* health over HTTPS */
+    const char *cert_chain_path;
+    const char *private_key_path;
+    int threads;
+    enum log_level log_level;
+};
+
+enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };
+
+/* Parses argv into cfg (defaults first). On CONFIG_EXIT_OK (--help, --version) the text
+ * was printed to stdout; on CONFIG_EXIT_ERROR one line was printed to stderr. */
+enum config_result config_parse(struct config *cfg, int argc, char **argv);
+
+#endif

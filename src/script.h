@@ -1,0 +1,45 @@
+/* script.h — one Lua VM running the user's script, and the per-message entry point the
+ * gRPC side calls. A script is used by exactly one thread (its worker); nothing here is
+ * thread-safe and nothing here knows about gRPC calls: bytes of a ProcessingRequest go in,
+ * bytes of a ProcessingResponse (or a gRPC status) come out. */
+#ifndef LUACALLOUT_SCRIPT_H
+#define LUACALLOUT_SCRIPT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct script;
+struct script_stream;
+
+/* Creates a VM, loads `path` in text mode with chunk name "@path", runs its top level
+ * under a protected call. NULL on failure with "file:line: msg" in err. */
+struct script *script_open(const char *path, char *err, size_t errlen);
+void script_close(struct script *s);
+
+/* Per-stream Lua state: ctx.state and friends live from open to close. `id` appears in
+ * log lines of this stream. */
+struct script_stream *script_stream_open(struct script *s, uint64_t id);
+void script_stream_close(struct script_stream *st);
+
+enum script_outcome {
+    SCRIPT_RESPOND,      /* send reply.data/len as the next message */
+    SCRIPT_NO_RESPONSE,  /* nothing to send (observability mode) */
+    SCRIPT_FAIL,         /* end the stream with reply.status / reply.message */
+};
+
+struct script_reply {
+    enum script_outcome outcome;
+    const uint8_t *data;  /* packed ProcessingResponse; valid until the next script_handle */
+    size_t len;
+    int status;           /* a grpc_status_code when outcome == SCRIPT_FAIL */
+    const char *message;  /* NUL-terminated; valid until the next script_handle */
+};
+
+/* Decodes one ProcessingRequest, calls the script's handler for its phase, validates and
+ * encodes what the handler returned. Never raises: every failure becomes SCRIPT_FAIL
+ * (INVALID_ARGUMENT for an undecodable message, INTERNAL for a Lua error or a bad return
+ * table, PERMISSION_DENIED for `deny`), logged with the stream id. */
+void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
+                   struct script_reply *reply);
+
+#endif
