@@ -1,1 +1,178 @@
-/* placeholder: being written */
+/* config.c — command-line flags to struct config. Flag names follow the Python
+ * service-extensions SDK (`--secure_address` ...); dashed spellings are accepted too. */
+#include "config.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifndef LUACALLOUT_VERSION
+#define LUACALLOUT_VERSION "0.0.0"
+#endif
+
+enum flag_kind { FLAG_STRING, FLAG_BOOL, FLAG_INT, FLAG_LEVEL, FLAG_HELP, FLAG_VERSION };
+
+struct flag {
+    const char *name;     /* canonical, underscore spelling */
+    enum flag_kind kind;
+    size_t offset;        /* into struct config */
+    const char *metavar;  /* what the value is, for --help */
+    const char *help;
+};
+
+#define AT(field) offsetof(struct config, field)
+
+static const struct flag flags[] = {
+    {"secure_address", FLAG_STRING, AT(secure_address), "ADDR",
+     "TLS gRPC listener (default 0.0.0.0:8443)"},
+    {"plaintext_address", FLAG_STRING, AT(plaintext_address), "ADDR",
+     "plaintext (h2c) gRPC listener (default 0.0.0.0:8080)"},
+    {"health_check_address", FLAG_STRING, AT(health_address), "ADDR",
+     "HTTP health check listener (default 0.0.0.0:8000)"},
+    {"disable_tls", FLAG_BOOL, AT(disable_tls), "", "do not open the TLS gRPC listener"},
+    {"disable_plaintext", FLAG_BOOL, AT(disable_plaintext), "",
+     "do not open the plaintext gRPC listener"},
+    {"combined_health_check", FLAG_BOOL, AT(combined_health_check), "",
+     "no separate health check listener"},
+    {"secure_health_check", FLAG_BOOL, AT(secure_health_check), "",
+     "serve the health check over HTTPS (same certificate as gRPC)"},
+    {"cert_chain_path", FLAG_STRING, AT(cert_chain_path), "PATH",
+     "PEM certificate chain for TLS (default: an ephemeral self-signed one)"},
+    {"private_key_path", FLAG_STRING, AT(private_key_path), "PATH", "PEM private key for TLS"},
+    {"threads", FLAG_INT, AT(threads), "N", "worker threads (default: number of cores)"},
+    {"log_level", FLAG_LEVEL, AT(log_level), "LEVEL", "debug, info, warn or error (default info)"},
+    {"help", FLAG_HELP, 0, "", "print this help and exit"},
+    {"version", FLAG_VERSION, 0, "", "print the version and exit"},
+};
+
+static void usage(FILE *out)
+{
+    fprintf(out, "usage: luacallout [flags] SCRIPT.lua\n\n"
+                 "Serves Envoy's ext_proc protocol with the handlers of a Lua script.\n\n"
+                 "flags (--name value, --name=value; dashes or underscores):\n");
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        const struct flag *f = &flags[i];
+        char left[64];
+        snprintf(left, sizeof left, "--%s%s%s", f->name, *f->metavar ? " " : "", f->metavar);
+        fprintf(out, "  %-34s %s\n", left, f->help);
+    }
+}
+
+/* Matches "name" against a canonical underscore name, accepting '-' for '_'. */
+static int same_name(const char *given, size_t len, const char *canonical)
+{
+    if (strlen(canonical) != len)
+        return 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = given[i] == '-' ? '_' : given[i];
+        if (c != canonical[i])
+            return 0;
+    }
+    return 1;
+}
+
+static void set_defaults(struct config *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->secure_address = "0.0.0.0:8443";
+    cfg->plaintext_address = "0.0.0.0:8080";
+    cfg->health_address = "0.0.0.0:8000";
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    cfg->threads = cores > 0 ? (int)cores : 1;
+    cfg->log_level = LOG_INFO;
+}
+
+static enum config_result fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static enum config_result fail(const char *fmt, ...)
+{
+    char line[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "luacallout: %s (see --help)\n", line);
+    return CONFIG_EXIT_ERROR;
+}
+
+enum config_result config_parse(struct config *cfg, int argc, char **argv)
+{
+    set_defaults(cfg);
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strncmp(arg, "--", 2) != 0 || arg[2] == '\0') {
+            if (strcmp(arg, "--") == 0 && i + 1 < argc)
+                arg = argv[++i];
+            else if (arg[0] == '-' && arg[1] != '\0')
+                return fail("unknown flag '%s'", arg);
+            if (cfg->script_path)
+                return fail("more than one script given: '%s' and '%s'", cfg->script_path, arg);
+            cfg->script_path = arg;
+            continue;
+        }
+        const char *name = arg + 2;
+        const char *eq = strchr(name, '=');
+        size_t name_len = eq ? (size_t)(eq - name) : strlen(name);
+        const struct flag *f = NULL;
+        for (size_t k = 0; k < sizeof flags / sizeof flags[0]; k++) {
+            if (same_name(name, name_len, flags[k].name)) {
+                f = &flags[k];
+                break;
+            }
+        }
+        if (!f)
+            return fail("unknown flag '%s'", arg);
+        char *field = (char *)cfg + f->offset;
+        if (f->kind == FLAG_HELP) {
+            usage(stdout);
+            return CONFIG_EXIT_OK;
+        }
+        if (f->kind == FLAG_VERSION) {
+            printf("luacallout %s\n", LUACALLOUT_VERSION);
+            return CONFIG_EXIT_OK;
+        }
+        if (f->kind == FLAG_BOOL) {
+            if (eq && strcmp(eq + 1, "true") != 0 && strcmp(eq + 1, "false") != 0)
+                return fail("flag --%s takes no value (or =true/=false), got '%s'", f->name,
+                            eq + 1);
+            *(bool *)field = !eq || strcmp(eq + 1, "true") == 0;
+            continue;
+        }
+        const char *value = eq ? eq + 1 : NULL;
+        if (!value) {
+            if (i + 1 >= argc)
+                return fail("flag --%s needs a value", f->name);
+            value = argv[++i];
+        }
+        if (f->kind == FLAG_STRING) {
+            if (!*value)
+                return fail("flag --%s needs a non-empty value", f->name);
+            *(const char **)field = value;
+        } else if (f->kind == FLAG_INT) {
+            char *end;
+            errno = 0;
+            long n = strtol(value, &end, 10);
+            if (errno || *end || n < 1 || n > 1024)
+                return fail("flag --%s needs a number from 1 to 1024, got '%s'", f->name, value);
+            *(int *)field = (int)n;
+        } else if (f->kind == FLAG_LEVEL) {
+            if (log_parse_level(value, (enum log_level *)field) != 0)
+                return fail("flag --%s: unknown level '%s' (debug, info, warn, error)", f->name,
+                            value);
+        }
+    }
+    if (!cfg->script_path)
+        return fail("no script given: luacallout [flags] SCRIPT.lua");
+    if (cfg->disable_tls && cfg->disable_plaintext)
+        return fail("--disable_tls and --disable_plaintext together leave no gRPC listener");
+    if (cfg->secure_health_check && cfg->combined_health_check)
+        return fail("--secure_health_check and --combined_health_check contradict each other");
+    if (!cfg->cert_chain_path != !cfg->private_key_path)
+        return fail("--cert_chain_path and --private_key_path must be given together");
+    return CONFIG_RUN;
+}

@@ -1,1 +1,92 @@
-/* placeholder: being written */
+/* main.c — start-up order, signals, shutdown.
+ *
+ * Signals are blocked in every thread (they are blocked before grpc or any worker starts a
+ * thread) and taken synchronously here with sigwait, so no handler ever runs in the middle
+ * of grpc or Lua code. */
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "admin.h"
+#include "config.h"
+#include "log.h"
+#include "server.h"
+#include "tls.h"
+
+#define SHUTDOWN_GRACE_MS 5000
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    sigset_t waited;
+    sigemptyset(&waited);
+    sigaddset(&waited, SIGTERM);
+    sigaddset(&waited, SIGINT);
+    sigaddset(&waited, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &waited, NULL);
+
+    struct config cfg;
+    switch (config_parse(&cfg, argc, argv)) {
+    case CONFIG_EXIT_OK:
+        return 0;
+    case CONFIG_EXIT_ERROR:
+        return 2;
+    case CONFIG_RUN:
+        break;
+    }
+    log_set_level(cfg.log_level);
+
+    char err[1024];
+    struct tls_identity id = {0};
+    bool need_tls = !cfg.disable_tls || (cfg.secure_health_check && !cfg.combined_health_check);
+    if (need_tls) {
+        if (tls_identity_load(&id, cfg.cert_chain_path, cfg.private_key_path, err,
+                              sizeof err) != 0) {
+            fprintf(stderr, "luacallout: %s\n", err);
+            return 1;
+        }
+        if (id.ephemeral)
+            log_warn("no --cert_chain_path given: using an ephemeral self-signed certificate "
+                     "for localhost, SHA-256 fingerprint %s", id.fingerprint);
+    }
+
+    struct server *srv = server_start(&cfg, need_tls ? &id : NULL, err, sizeof err);
+    if (!srv) {
+        fprintf(stderr, "luacallout: %s\n", err);
+        tls_identity_free(&id);
+        return 1;
+    }
+    struct admin *admin = NULL;
+    if (!cfg.combined_health_check) {
+        admin = admin_start(cfg.health_address, cfg.secure_health_check ? &id : NULL, err,
+                            sizeof err);
+        if (!admin) {
+            fprintf(stderr, "luacallout: %s\n", err);
+            server_stop(srv, 0);
+            tls_identity_free(&id);
+            return 1;
+        }
+    }
+
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&waited, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            log_warn("SIGHUP received: script reload is not implemented yet; still serving %s",
+                     cfg.script_path);
+            continue;
+        }
+        log_info("signal %d received: shutting down", sig);
+        break;
+    }
+
+    if (admin)
+        admin_stop(admin);
+    server_stop(srv, SHUTDOWN_GRACE_MS);
+    tls_identity_free(&id);
+    log_info("stopped");
+    return 0;
+}

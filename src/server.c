@@ -1,1 +1,319 @@
-/* placeholder: being written */
+/* server.c — the grpc_server, its listeners and its workers.
+ *
+ * Each worker is one thread with one completion queue and one Lua VM (its own load of the
+ * script). Calls are requested on a worker's own queue with that queue bound to the call,
+ * so every event of a stream is handled by the worker that accepted it: no locks around
+ * Lua, no hand-off between threads. */
+#include "server.h"
+
+#include <errno.h>
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <grpc/support/log.h>
+#include <grpc/support/time.h>
+#include <netdb.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "config.h"
+#include "log.h"
+#include "script.h"
+#include "stream.h"
+#include "tag.h"
+#include "tls.h"
+
+#define PROCESS_METHOD "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+/* Requests kept posted per worker: enough that a burst of new streams never waits for a
+ * worker to re-post, few enough to cost nothing. */
+#define REQUESTS_PER_WORKER 8
+#define MAX_MESSAGE_BYTES (64 * 1024 * 1024)
+
+struct worker;
+
+struct call_request {
+    struct tag tag;
+    struct worker *worker;
+    bool generic;                 /* a request for calls to unregistered methods */
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array metadata;
+    grpc_call_details details;    /* generic requests only */
+};
+
+struct worker {
+    struct server *srv;
+    pthread_t thread;
+    bool running;
+    grpc_completion_queue *cq;
+    struct script *script;
+    struct call_request requests[REQUESTS_PER_WORKER + 1];
+};
+
+struct server {
+    grpc_server *grpc;
+    void *process_method;
+    grpc_completion_queue *shutdown_cq;
+    bool started;
+    _Atomic bool stopping;
+    int nworkers;
+    struct worker *workers;
+};
+
+static void post_request(struct call_request *r)
+{
+    struct worker *w = r->worker;
+    grpc_call_error err;
+    grpc_metadata_array_init(&r->metadata);
+    if (r->generic) {
+        grpc_call_details_init(&r->details);
+        err = grpc_server_request_call(w->srv->grpc, &r->call, &r->details, &r->metadata,
+                                       w->cq, w->cq, &r->tag);
+    } else {
+        err = grpc_server_request_registered_call(w->srv->grpc, w->srv->process_method,
+                                                  &r->call, &r->deadline, &r->metadata, NULL,
+                                                  w->cq, w->cq, &r->tag);
+    }
+    if (err != GRPC_CALL_OK)
+        log_error("cannot request a call (%d)", (int)err);
+}
+
+static void on_new_call(struct tag *tag, bool ok)
+{
+    struct call_request *r = container_of(tag, struct call_request, tag);
+    struct worker *w = r->worker;
+    if (ok) {
+        if (r->generic)
+            stream_reject_unknown(r->call, &r->details.method);
+        else
+            stream_start(r->call, w->script);
+    }
+    grpc_metadata_array_destroy(&r->metadata);
+    if (r->generic)
+        grpc_call_details_destroy(&r->details);
+    r->call = NULL;
+    /* A failed request means the server is shutting down: do not ask again. */
+    if (ok && !atomic_load(&w->srv->stopping))
+        post_request(r);
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                                   NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN)
+            break;
+        if (ev.type == GRPC_OP_COMPLETE) {
+            struct tag *t = ev.tag;
+            t->done(t, ev.success != 0);
+        }
+    }
+    return NULL;
+}
+
+/* grpc reports a failed listener as a bare 0; find out why by binding the address
+ * ourselves, so the user gets "Address already in use" rather than a guess. */
+static void explain_listen_failure(const char *what, const char *address, char *err,
+                                   size_t errlen)
+{
+    char host[256];
+    const char *colon = strrchr(address, ':');
+    size_t hlen = colon ? (size_t)(colon - address) : 0;
+    if (!colon || !colon[1] || hlen >= sizeof host) {
+        snprintf(err, errlen, "invalid %s address '%s': expected host:port", what, address);
+        return;
+    }
+    memcpy(host, address, hlen);
+    host[hlen] = '\0';
+    if (hlen >= 2 && host[0] == '[' && host[hlen - 1] == ']') {
+        memmove(host, host + 1, hlen - 2);
+        host[hlen - 2] = '\0';
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *ai = NULL;
+    int rc = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &ai);
+    if (rc != 0) {
+        snprintf(err, errlen, "invalid %s address '%s': %s", what, address, gai_strerror(rc));
+        return;
+    }
+    int saved = 0;
+    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
+    if (fd >= 0) {
+        int one = 1;
+        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0)
+            saved = errno;
+        close(fd);
+    } else {
+        saved = errno;
+    }
+    freeaddrinfo(ai);
+    if (saved)
+        snprintf(err, errlen, "cannot listen on %s (%s): %s", address, what, strerror(saved));
+    else
+        snprintf(err, errlen, "cannot listen on %s (%s)", address, what);
+}
+
+static int add_port(struct server *srv, const char *what, const char *address,
+                    grpc_server_credentials *creds, char *err, size_t errlen)
+{
+    int port = grpc_server_add_http2_port(srv->grpc, address, creds);
+    grpc_server_credentials_release(creds);
+    if (port == 0) {
+        explain_listen_failure(what, address, err, errlen);
+        return -1;
+    }
+    log_info("%s listening on %s", what, address);
+    return 0;
+}
+
+/* Frees whatever server_start built, in the reverse order; safe on a partial server. */
+static void teardown(struct server *srv, int grace_ms)
+{
+    atomic_store(&srv->stopping, true);
+    if (srv->grpc) {
+        grpc_server_shutdown_and_notify(srv->grpc, srv->shutdown_cq, srv);
+        gpr_timespec grace = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                          gpr_time_from_millis(grace_ms, GPR_TIMESPAN));
+        grpc_event ev = grpc_completion_queue_next(srv->shutdown_cq, grace, NULL);
+        if (ev.type == GRPC_QUEUE_TIMEOUT) {
+            log_warn("shutdown: cancelling the calls still open after %d ms", grace_ms);
+            grpc_server_cancel_all_calls(srv->grpc);
+            grpc_completion_queue_next(srv->shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                       NULL);
+        }
+        grpc_server_destroy(srv->grpc);
+    }
+    for (int i = 0; i < srv->nworkers; i++) {
+        struct worker *w = &srv->workers[i];
+        if (!w->cq)
+            continue;
+        grpc_completion_queue_shutdown(w->cq);
+        if (w->running)
+            pthread_join(w->thread, NULL);
+        else
+            worker_main(w);   /* never started: drain the queue here */
+        grpc_completion_queue_destroy(w->cq);
+        if (w->script)
+            script_close(w->script);
+    }
+    if (srv->shutdown_cq) {
+        grpc_completion_queue_shutdown(srv->shutdown_cq);
+        while (grpc_completion_queue_next(srv->shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
+                                          NULL).type != GRPC_QUEUE_SHUTDOWN)
+            ;
+        grpc_completion_queue_destroy(srv->shutdown_cq);
+    }
+    free(srv->workers);
+    free(srv);
+    grpc_shutdown();
+}
+
+/* grpc's own log lines go through ours at debug level: its errors for conditions we
+ * report ourselves (a port in use, a client that went away) would only confuse. */
+static void grpc_log_to_ours(gpr_log_func_args *args)
+{
+    log_debug("grpc: %s:%d: %s", args->file, args->line, args->message);
+}
+
+struct server *server_start(const struct config *cfg, const struct tls_identity *id,
+                            char *err, size_t errlen)
+{
+    gpr_set_log_function(grpc_log_to_ours);
+    gpr_set_log_verbosity(log_get_level() == LOG_DEBUG ? GPR_LOG_SEVERITY_DEBUG
+                                                       : GPR_LOG_SEVERITY_ERROR);
+    grpc_init();
+    struct server *srv = calloc(1, sizeof *srv);
+    if (!srv) {
+        snprintf(err, errlen, "out of memory");
+        grpc_shutdown();
+        return NULL;
+    }
+    srv->nworkers = cfg->threads;
+    srv->workers = calloc((size_t)srv->nworkers, sizeof *srv->workers);
+    if (!srv->workers) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+
+    /* Each worker loads the script into its own VM; the first failure is the user's
+     * script error, reported as file:line: msg. */
+    for (int i = 0; i < srv->nworkers; i++) {
+        struct worker *w = &srv->workers[i];
+        w->srv = srv;
+        w->script = script_open(cfg->script_path, err, errlen);
+        if (!w->script)
+            goto fail;
+    }
+
+    grpc_arg args[] = {
+        /* A second server on the same port must fail, not silently share it. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+         .value.integer = MAX_MESSAGE_BYTES},
+    };
+    grpc_channel_args channel_args = {.num_args = sizeof args / sizeof args[0], .args = args};
+    srv->grpc = grpc_server_create(&channel_args, NULL);
+    srv->process_method = grpc_server_register_method(srv->grpc, PROCESS_METHOD, NULL,
+                                                      GRPC_SRM_PAYLOAD_NONE, 0);
+    srv->shutdown_cq = grpc_completion_queue_create_for_next(NULL);
+    grpc_server_register_completion_queue(srv->grpc, srv->shutdown_cq, NULL);
+    for (int i = 0; i < srv->nworkers; i++) {
+        srv->workers[i].cq = grpc_completion_queue_create_for_next(NULL);
+        grpc_server_register_completion_queue(srv->grpc, srv->workers[i].cq, NULL);
+    }
+
+    if (!cfg->disable_plaintext &&
+        add_port(srv, "plaintext gRPC", cfg->plaintext_address,
+                 grpc_insecure_server_credentials_create(), err, errlen) != 0)
+        goto fail;
+    if (!cfg->disable_tls) {
+        grpc_ssl_pem_key_cert_pair pair = {.private_key = id->key_pem,
+                                           .cert_chain = id->cert_pem};
+        grpc_server_credentials *creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0,
+                                                                            NULL);
+        if (!creds) {
+            snprintf(err, errlen, "cannot create TLS credentials from the certificate");
+            goto fail;
+        }
+        if (add_port(srv, "TLS gRPC", cfg->secure_address, creds, err, errlen) != 0)
+            goto fail;
+    }
+
+    grpc_server_start(srv->grpc);
+    srv->started = true;
+    for (int i = 0; i < srv->nworkers; i++) {
+        struct worker *w = &srv->workers[i];
+        for (int k = 0; k <= REQUESTS_PER_WORKER; k++) {
+            struct call_request *r = &w->requests[k];
+            r->tag.done = on_new_call;
+            r->worker = w;
+            r->generic = k == REQUESTS_PER_WORKER;
+            post_request(r);
+        }
+        if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+            snprintf(err, errlen, "cannot start worker thread: %s", strerror(errno));
+            goto fail;
+        }
+        w->running = true;
+    }
+    log_info("serving %s with %d worker%s", cfg->script_path, srv->nworkers,
+             srv->nworkers == 1 ? "" : "s");
+    return srv;
+
+fail:
+    teardown(srv, 0);
+    return NULL;
+}
+
+void server_stop(struct server *srv, int grace_ms)
+{
+    teardown(srv, grace_ms);
+}

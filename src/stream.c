@@ -1,1 +1,299 @@
-/* placeholder: being written */
+/* stream.c — the state machine of one ExternalProcessor/Process call.
+ *
+ * At most one RECV_MESSAGE and one SEND_MESSAGE batch are in flight, plus the
+ * RECV_CLOSE_ON_SERVER op started with the call. A request is handed to the script as soon
+ * as it arrives and the next receive is posted right away; answers queue behind the send in
+ * flight, so they leave strictly in request order. When the client half-closes (or the
+ * script fails the stream), the status goes out after every queued answer. The stream is
+ * freed when its last batch has completed, whichever way the call ended. */
+#include "stream.h"
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/support/alloc.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+#include "script.h"
+#include "tag.h"
+
+struct pending_send {
+    grpc_byte_buffer *payload;
+    struct pending_send *next;
+};
+
+struct stream {
+    grpc_call *call;
+    struct script_stream *script;
+    uint64_t id;
+
+    struct tag recv_tag, send_tag, status_tag, close_tag;
+    grpc_byte_buffer *recv_payload;
+    int close_cancelled;
+    int batches;                  /* batches started and not yet completed */
+
+    struct pending_send *queue_head, *queue_tail;
+    bool sending;
+    bool finishing;               /* status decided: no more receives */
+    bool status_sent;
+    bool dead;                    /* call cancelled or a batch failed: send nothing more */
+    grpc_status_code status;
+    grpc_slice status_details;
+};
+
+static _Atomic uint64_t next_stream_id = 1;
+
+static void stream_free(struct stream *s)
+{
+    while (s->queue_head) {
+        struct pending_send *p = s->queue_head;
+        s->queue_head = p->next;
+        grpc_byte_buffer_destroy(p->payload);
+        free(p);
+    }
+    if (s->recv_payload)
+        grpc_byte_buffer_destroy(s->recv_payload);
+    grpc_slice_unref(s->status_details);
+    if (s->script)
+        script_stream_close(s->script);
+    grpc_call_unref(s->call);
+    free(s);
+}
+
+/* Every completion ends here: a stream lives exactly as long as its batches. */
+static void batch_done(struct stream *s)
+{
+    if (--s->batches == 0)
+        stream_free(s);
+}
+
+static bool start_batch(struct stream *s, const grpc_op *ops, size_t n, struct tag *tag)
+{
+    grpc_call_error err = grpc_call_start_batch(s->call, ops, n, tag, NULL);
+    if (err != GRPC_CALL_OK) {
+        log_error("stream %llu: grpc_call_start_batch failed (%d)", (unsigned long long)s->id,
+                  (int)err);
+        s->dead = true;
+        return false;
+    }
+    s->batches++;
+    return true;
+}
+
+static void post_recv(struct stream *s)
+{
+    grpc_op op = {.op = GRPC_OP_RECV_MESSAGE};
+    op.data.recv_message.recv_message = &s->recv_payload;
+    start_batch(s, &op, 1, &s->recv_tag);
+}
+
+/* Starts the next send: the oldest queued answer, else the final status once decided. */
+static void pump(struct stream *s)
+{
+    if (s->sending || s->dead || s->status_sent)
+        return;
+    if (s->queue_head) {
+        grpc_op op = {.op = GRPC_OP_SEND_MESSAGE};
+        op.data.send_message.send_message = s->queue_head->payload;
+        if (start_batch(s, &op, 1, &s->send_tag))
+            s->sending = true;
+        return;
+    }
+    if (s->finishing) {
+        grpc_op op = {.op = GRPC_OP_SEND_STATUS_FROM_SERVER};
+        op.data.send_status_from_server.status = s->status;
+        op.data.send_status_from_server.status_details =
+            s->status == GRPC_STATUS_OK ? NULL : &s->status_details;
+        if (start_batch(s, &op, 1, &s->status_tag))
+            s->status_sent = true;
+    }
+}
+
+static void finish(struct stream *s, grpc_status_code status, const char *message)
+{
+    s->finishing = true;
+    s->status = status;
+    if (message) {
+        grpc_slice_unref(s->status_details);
+        s->status_details = grpc_slice_from_copied_string(message);
+    }
+    pump(s);
+}
+
+static void enqueue(struct stream *s, const uint8_t *data, size_t len)
+{
+    struct pending_send *p = malloc(sizeof *p);
+    if (!p) {
+        finish(s, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
+        return;
+    }
+    grpc_slice slice = grpc_slice_from_copied_buffer((const char *)data, len);
+    p->payload = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    p->next = NULL;
+    if (s->queue_tail)
+        s->queue_tail->next = p;
+    else
+        s->queue_head = p;
+    s->queue_tail = p;
+    pump(s);
+}
+
+/* Hands one received message to the script. The payload is contiguous in the common case
+ * (one slice); otherwise it is flattened once. */
+static void handle_message(struct stream *s, grpc_byte_buffer *payload)
+{
+    grpc_byte_buffer_reader reader;
+    if (!grpc_byte_buffer_reader_init(&reader, payload)) {
+        finish(s, GRPC_STATUS_INTERNAL, "cannot read the request message");
+        return;
+    }
+    grpc_slice flat = grpc_byte_buffer_reader_readall(&reader);
+    grpc_byte_buffer_reader_destroy(&reader);
+
+    struct script_reply reply;
+    script_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
+    grpc_slice_unref(flat);
+
+    switch (reply.outcome) {
+    case SCRIPT_RESPOND:
+        enqueue(s, reply.data, reply.len);
+        break;
+    case SCRIPT_NO_RESPONSE:
+        break;
+    case SCRIPT_FAIL:
+        finish(s, (grpc_status_code)reply.status, reply.message);
+        return;
+    }
+    if (!s->finishing)
+        post_recv(s);
+}
+
+static void on_recv(struct tag *tag, bool ok)
+{
+    struct stream *s = container_of(tag, struct stream, recv_tag);
+    grpc_byte_buffer *payload = s->recv_payload;
+    s->recv_payload = NULL;
+    if (!ok) {
+        s->dead = true;            /* the call is over (cancelled or torn down) */
+    } else if (!payload) {
+        finish(s, GRPC_STATUS_OK, NULL);   /* client half-close: all answered */
+    } else if (!s->dead && !s->finishing) {
+        handle_message(s, payload);
+    }
+    if (payload)
+        grpc_byte_buffer_destroy(payload);
+    batch_done(s);
+}
+
+static void on_send(struct tag *tag, bool ok)
+{
+    struct stream *s = container_of(tag, struct stream, send_tag);
+    struct pending_send *p = s->queue_head;
+    s->queue_head = p->next;
+    if (!s->queue_head)
+        s->queue_tail = NULL;
+    grpc_byte_buffer_destroy(p->payload);
+    free(p);
+    s->sending = false;
+    if (!ok)
+        s->dead = true;
+    pump(s);
+    batch_done(s);
+}
+
+static void on_status(struct tag *tag, bool ok)
+{
+    (void)ok;
+    struct stream *s = container_of(tag, struct stream, status_tag);
+    batch_done(s);
+}
+
+static void on_close(struct tag *tag, bool ok)
+{
+    (void)ok;
+    struct stream *s = container_of(tag, struct stream, close_tag);
+    if (s->close_cancelled) {
+        s->dead = true;
+        log_debug("stream %llu: cancelled by the client", (unsigned long long)s->id);
+    }
+    batch_done(s);
+}
+
+void stream_start(grpc_call *call, struct script *script)
+{
+    struct stream *s = calloc(1, sizeof *s);
+    if (!s) {
+        grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
+                                     NULL);
+        grpc_call_unref(call);
+        return;
+    }
+    s->call = call;
+    s->id = atomic_fetch_add(&next_stream_id, 1);
+    s->script = script_stream_open(script, s->id);
+    s->status_details = grpc_empty_slice();
+    s->recv_tag.done = on_recv;
+    s->send_tag.done = on_send;
+    s->status_tag.done = on_status;
+    s->close_tag.done = on_close;
+    s->batches = 1;   /* held until the end of this function */
+
+    grpc_op close_op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
+    close_op.data.recv_close_on_server.cancelled = &s->close_cancelled;
+    start_batch(s, &close_op, 1, &s->close_tag);
+
+    if (!s->script) {
+        finish(s, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot create the stream's Lua state");
+    } else {
+        /* Initial metadata goes out with the first receive: Envoy sees the stream open
+         * at once and there is no separate batch to track. */
+        grpc_op ops[2] = {{.op = GRPC_OP_SEND_INITIAL_METADATA}, {.op = GRPC_OP_RECV_MESSAGE}};
+        ops[1].data.recv_message.recv_message = &s->recv_payload;
+        start_batch(s, ops, 2, &s->recv_tag);
+    }
+    batch_done(s);
+}
+
+/* --- calls to any other method ------------------------------------------------------------ */
+
+struct rejected_call {
+    struct tag tag;
+    grpc_call *call;
+    int cancelled;
+};
+
+static void on_rejected(struct tag *tag, bool ok)
+{
+    (void)ok;
+    struct rejected_call *r = container_of(tag, struct rejected_call, tag);
+    grpc_call_unref(r->call);
+    free(r);
+}
+
+void stream_reject_unknown(grpc_call *call, const grpc_slice *method)
+{
+    struct rejected_call *r = calloc(1, sizeof *r);
+    if (!r) {
+        grpc_call_cancel(call, NULL);
+        grpc_call_unref(call);
+        return;
+    }
+    r->tag.done = on_rejected;
+    r->call = call;
+    char *name = grpc_slice_to_c_string(*method);
+    log_warn("rejecting a call to unknown method %s", name);
+    gpr_free(name);
+    grpc_slice details = grpc_slice_from_static_string(
+        "luacallout serves only envoy.service.ext_proc.v3.ExternalProcessor/Process");
+    grpc_op ops[3] = {{.op = GRPC_OP_SEND_INITIAL_METADATA},
+                      {.op = GRPC_OP_SEND_STATUS_FROM_SERVER},
+                      {.op = GRPC_OP_RECV_CLOSE_ON_SERVER}};
+    ops[1].data.send_status_from_server.status = GRPC_STATUS_UNIMPLEMENTED;
+    ops[1].data.send_status_from_server.status_details = &details;
+    ops[2].data.recv_close_on_server.cancelled = &r->cancelled;
+    if (grpc_call_start_batch(call, ops, 3, &r->tag, NULL) != GRPC_CALL_OK)
+        on_rejected(&r->tag, false);
+}

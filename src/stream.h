@@ -1,0 +1,17 @@
+/* stream.h — one Process call: the per-call state machine that feeds request messages to
+ * the worker's script and sends its answers back in order. */
+#ifndef LUACALLOUT_STREAM_H
+#define LUACALLOUT_STREAM_H
+
+#include <grpc/grpc.h>
+
+struct script;
+
+/* Takes ownership of `call`, which was requested on the calling worker's completion queue;
+ * every later event of the call arrives on that queue and is handled by the same worker. */
+void stream_start(grpc_call *call, struct script *script);
+
+/* Answers a call to any other method with UNIMPLEMENTED; takes ownership of `call`. */
+void stream_reject_unknown(grpc_call *call, const grpc_slice *method);
+
+#endif
