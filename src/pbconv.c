@@ -1,1 +1,857 @@
-/* placeholder: being written */
+/* pbconv.c — protobuf-c ext_proc messages <-> Lua values (the contract is docs/lua-api.md).
+ *
+ * Inbound, each header becomes a {name, value} pair in a table that shares one metatable
+ * with C lookup methods. Outbound, the handler's return table is validated strictly
+ * (unknown key, wrong type, bad combination: an error naming the key) and turned into a
+ * ProcessingResponse whose structs live in the caller's arena and whose strings point into
+ * the Lua strings themselves, so building a reply copies nothing but numbers. */
+#include "pbconv.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <lauxlib.h>
+
+typedef Envoy__Config__Core__V3__HeaderValue HeaderValue;
+typedef Envoy__Config__Core__V3__HeaderValueOption HeaderValueOption;
+typedef Envoy__Config__Core__V3__HeaderMap HeaderMap;
+typedef Envoy__Service__ExtProc__V3__HttpHeaders HttpHeaders;
+typedef Envoy__Service__ExtProc__V3__HttpBody HttpBody;
+typedef Envoy__Service__ExtProc__V3__HttpTrailers HttpTrailers;
+typedef Envoy__Service__ExtProc__V3__HeadersResponse HeadersResponse;
+typedef Envoy__Service__ExtProc__V3__BodyResponse BodyResponse;
+typedef Envoy__Service__ExtProc__V3__TrailersResponse TrailersResponse;
+typedef Envoy__Service__ExtProc__V3__CommonResponse CommonResponse;
+typedef Envoy__Service__ExtProc__V3__HeaderMutation HeaderMutation;
+typedef Envoy__Service__ExtProc__V3__BodyMutation BodyMutation;
+typedef Envoy__Service__ExtProc__V3__ImmediateResponse ImmediateResponse;
+typedef Envoy__Service__ExtProc__V3__GrpcStatus GrpcStatus;
+typedef Envoy__Type__V3__HttpStatus HttpStatus;
+
+#define RESP(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_##x
+#define REQ(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_##x
+
+/* ---- phases --------------------------------------------------------------------------- */
+
+enum kind { KIND_HEADERS = 1, KIND_BODY = 2, KIND_TRAILERS = 4 };
+#define KIND_ALL (KIND_HEADERS | KIND_BODY | KIND_TRAILERS)
+
+static const struct {
+    const char *name, *handler;
+    enum kind kind;
+} phases[PBCONV_PHASE_COUNT] = {
+    [PBCONV_REQUEST_HEADERS] = {"request_headers", "on_request_headers", KIND_HEADERS},
+    [PBCONV_RESPONSE_HEADERS] = {"response_headers", "on_response_headers", KIND_HEADERS},
+    [PBCONV_REQUEST_BODY] = {"request_body", "on_request_body", KIND_BODY},
+    [PBCONV_RESPONSE_BODY] = {"response_body", "on_response_body", KIND_BODY},
+    [PBCONV_REQUEST_TRAILERS] = {"request_trailers", "on_request_trailers", KIND_TRAILERS},
+    [PBCONV_RESPONSE_TRAILERS] = {"response_trailers", "on_response_trailers", KIND_TRAILERS},
+};
+
+const char *pbconv_phase_name(enum pbconv_phase phase) { return phases[phase].name; }
+
+const char *pbconv_handler_name(enum pbconv_phase phase) { return phases[phase].handler; }
+
+int pbconv_phase_of(const pbconv_request *req, enum pbconv_phase *phase)
+{
+    switch (req->request_case) {
+    case REQ(REQUEST_HEADERS): *phase = PBCONV_REQUEST_HEADERS; return 0;
+    case REQ(RESPONSE_HEADERS): *phase = PBCONV_RESPONSE_HEADERS; return 0;
+    case REQ(REQUEST_BODY): *phase = PBCONV_REQUEST_BODY; return 0;
+    case REQ(RESPONSE_BODY): *phase = PBCONV_RESPONSE_BODY; return 0;
+    case REQ(REQUEST_TRAILERS): *phase = PBCONV_REQUEST_TRAILERS; return 0;
+    case REQ(RESPONSE_TRAILERS): *phase = PBCONV_RESPONSE_TRAILERS; return 0;
+    default: return -1;
+    }
+}
+
+/* ---- inputs: the headers object ------------------------------------------------------- */
+
+/* Its address is the registry key of the shared headers metatable (no string hashing). */
+static const char headers_mt_key = 0;
+
+static unsigned char lower(unsigned char c) { return c >= 'A' && c <= 'Z' ? c + ('a' - 'A') : c; }
+
+static bool name_eq(const char *a, size_t an, const char *b, size_t bn)
+{
+    if (an != bn)
+        return false;
+    for (size_t i = 0; i < an; i++)
+        if (lower((unsigned char)a[i]) != lower((unsigned char)b[i]))
+            return false;
+    return true;
+}
+
+/* When entry i of the headers table at index 1 is a pair whose name matches, pushes its
+ * value and returns true. Entries the script replaced with something else are skipped.
+ * stack before: ...   after: ... value (match) | ... (no match) */
+static bool entry_value_if(lua_State *L, lua_Integer i, const char *name, size_t nlen)
+{
+    if (lua_rawgeti(L, 1, i) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return false;
+    }
+    bool match = false;
+    if (lua_rawgeti(L, -1, 1) == LUA_TSTRING) {
+        size_t len;
+        const char *s = lua_tolstring(L, -1, &len);
+        match = name_eq(s, len, name, nlen);
+    }
+    lua_pop(L, 1);
+    if (!match) {
+        lua_pop(L, 1);
+        return false;
+    }
+    lua_rawgeti(L, -1, 2);
+    lua_remove(L, -2);
+    return true;
+}
+
+/* headers:get(name) -> first value or nil */
+static int headers_get(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    size_t nlen;
+    const char *name = luaL_checklstring(L, 2, &nlen);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
+    for (lua_Integer i = 1; i <= n; i++)
+        if (entry_value_if(L, i, name, nlen))
+            return 1;
+    lua_pushnil(L);
+    return 1;
+}
+
+/* headers:get_all(name) -> list of values, possibly empty */
+static int headers_get_all(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    size_t nlen;
+    const char *name = luaL_checklstring(L, 2, &nlen);
+    lua_settop(L, 2);
+    lua_newtable(L);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, 1), k = 0;
+    for (lua_Integer i = 1; i <= n; i++)
+        if (entry_value_if(L, i, name, nlen))
+            lua_rawseti(L, 3, ++k);
+    return 1;
+}
+
+/* headers:has(name [, value]) -> boolean; the value, when given, must match exactly */
+static int headers_has(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    size_t nlen, vlen = 0;
+    const char *name = luaL_checklstring(L, 2, &nlen);
+    const char *want = lua_isnoneornil(L, 3) ? NULL : luaL_checklstring(L, 3, &vlen);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (!entry_value_if(L, i, name, nlen))
+            continue;
+        bool ok = want == NULL;
+        if (!ok && lua_type(L, -1) == LUA_TSTRING) {
+            size_t len;
+            const char *v = lua_tolstring(L, -1, &len);
+            ok = len == vlen && memcmp(v, want, len) == 0;
+        }
+        lua_pop(L, 1);
+        if (ok) {
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+    }
+    lua_pushboolean(L, 0);
+    return 1;
+}
+
+void pbconv_open(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"get", headers_get}, {"get_all", headers_get_all}, {"has", headers_has}, {NULL, NULL}};
+    lua_createtable(L, 0, 2);
+    luaL_newlib(L, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "luacallout.headers");
+    lua_setfield(L, -2, "__name");
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &headers_mt_key);
+}
+
+/* Envoy sends lower-case names already; the contract promises them, so fold the rare
+ * upper-case one rather than trust every client.  stack: ... -> ... name */
+static void push_lower_name(lua_State *L, const char *name)
+{
+    size_t len = strlen(name);
+    size_t i = 0;
+    while (i < len && !(name[i] >= 'A' && name[i] <= 'Z'))
+        i++;
+    if (i == len) {
+        lua_pushlstring(L, name, len);
+        return;
+    }
+    luaL_Buffer b;
+    char *p = luaL_buffinitsize(L, &b, len);
+    for (i = 0; i < len; i++)
+        p[i] = (char)lower((unsigned char)name[i]);
+    luaL_pushresultsize(&b, len);
+}
+
+void pbconv_push_headers(lua_State *L, const HeaderMap *map, int end_of_stream)
+{
+    size_t n = map != NULL ? map->n_headers : 0;
+    luaL_checkstack(L, 5, "pushing headers");
+    lua_createtable(L, n > INT_MAX ? INT_MAX : (int)n, 1);
+    for (size_t i = 0; i < n; i++) {
+        const HeaderValue *h = map->headers[i];
+        lua_createtable(L, 2, 0);
+        push_lower_name(L, h->key != NULL ? h->key : "");
+        /* raw_value is what current Envoys send; value is the pre-raw_value field */
+        if (h->raw_value.len > 0)
+            lua_pushlstring(L, (const char *)h->raw_value.data, h->raw_value.len);
+        else
+            lua_pushstring(L, h->value != NULL ? h->value : "");
+        lua_rawseti(L, -3, 2);
+        lua_rawseti(L, -2, 1);
+        lua_rawseti(L, -2, (lua_Integer)i + 1);
+    }
+    if (end_of_stream >= 0) {
+        lua_pushboolean(L, end_of_stream);
+        lua_setfield(L, -2, "end_of_stream");
+    }
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &headers_mt_key);
+    lua_setmetatable(L, -2);
+}
+
+void pbconv_push_body(lua_State *L, const HttpBody *body)
+{
+    lua_createtable(L, 0, 2);
+    if (body != NULL && body->body.len > 0)
+        lua_pushlstring(L, (const char *)body->body.data, body->body.len);
+    else
+        lua_pushliteral(L, "");
+    lua_setfield(L, -2, "body");
+    lua_pushboolean(L, body != NULL && body->end_of_stream);
+    lua_setfield(L, -2, "end_of_stream");
+}
+
+void pbconv_push_input(lua_State *L, const pbconv_request *req, enum pbconv_phase phase)
+{
+    const HttpHeaders *h = NULL;
+    const HttpTrailers *t = NULL;
+    switch (phase) {
+    case PBCONV_REQUEST_HEADERS:
+    case PBCONV_RESPONSE_HEADERS:
+        h = phase == PBCONV_REQUEST_HEADERS ? req->request_headers : req->response_headers;
+        pbconv_push_headers(L, h != NULL ? h->headers : NULL, h != NULL && h->end_of_stream);
+        break;
+    case PBCONV_REQUEST_BODY:
+        pbconv_push_body(L, req->request_body);
+        break;
+    case PBCONV_RESPONSE_BODY:
+        pbconv_push_body(L, req->response_body);
+        break;
+    case PBCONV_REQUEST_TRAILERS:
+    case PBCONV_RESPONSE_TRAILERS:
+        t = phase == PBCONV_REQUEST_TRAILERS ? req->request_trailers : req->response_trailers;
+        pbconv_push_headers(L, t != NULL ? t->trailers : NULL, -1);
+        break;
+    default:
+        lua_pushnil(L);
+        break;
+    }
+}
+
+/* ---- outputs: the response ------------------------------------------------------------ */
+
+/* Sets resp's oneof to the phase's own response type. cr (headers and body phases) and
+ * thm (trailers phases) may be NULL: an empty submessage still says "continue". */
+static int set_phase(pbconv_response *resp, enum pbconv_phase phase, CommonResponse *cr,
+                     HeaderMutation *thm, struct arena *a)
+{
+    switch (phases[phase].kind) {
+    case KIND_HEADERS: {
+        HeadersResponse *h = arena_alloc(a, sizeof *h);
+        if (h == NULL)
+            return -1;
+        envoy__service__ext_proc__v3__headers_response__init(h);
+        h->response = cr;
+        if (phase == PBCONV_REQUEST_HEADERS) {
+            resp->response_case = RESP(REQUEST_HEADERS);
+            resp->request_headers = h;
+        } else {
+            resp->response_case = RESP(RESPONSE_HEADERS);
+            resp->response_headers = h;
+        }
+        return 0;
+    }
+    case KIND_BODY: {
+        BodyResponse *b = arena_alloc(a, sizeof *b);
+        if (b == NULL)
+            return -1;
+        envoy__service__ext_proc__v3__body_response__init(b);
+        b->response = cr;
+        if (phase == PBCONV_REQUEST_BODY) {
+            resp->response_case = RESP(REQUEST_BODY);
+            resp->request_body = b;
+        } else {
+            resp->response_case = RESP(RESPONSE_BODY);
+            resp->response_body = b;
+        }
+        return 0;
+    }
+    case KIND_TRAILERS: {
+        TrailersResponse *t = arena_alloc(a, sizeof *t);
+        if (t == NULL)
+            return -1;
+        envoy__service__ext_proc__v3__trailers_response__init(t);
+        t->header_mutation = thm;
+        if (phase == PBCONV_REQUEST_TRAILERS) {
+            resp->response_case = RESP(REQUEST_TRAILERS);
+            resp->request_trailers = t;
+        } else {
+            resp->response_case = RESP(RESPONSE_TRAILERS);
+            resp->response_trailers = t;
+        }
+        return 0;
+    }
+    }
+    return -1;
+}
+
+int pbconv_empty_response(pbconv_response *resp, enum pbconv_phase phase, struct arena *a)
+{
+    envoy__service__ext_proc__v3__processing_response__init(resp);
+    return set_phase(resp, phase, NULL, NULL, a);
+}
+
+/* State of one conversion; errors are written to err and reported by returning -1. */
+struct conv {
+    lua_State *L;
+    struct arena *a;
+    enum pbconv_phase phase;
+    char *err;
+    size_t errlen;
+    bool nomem;
+};
+
+static int bad(struct conv *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static int bad(struct conv *c, const char *fmt, ...)
+{
+    int n = snprintf(c->err, c->errlen, "%s returned a bad table: ", phases[c->phase].handler);
+    if (n >= 0 && (size_t)n < c->errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->err + n, c->errlen - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    return -1;
+}
+
+static int nomem(struct conv *c)
+{
+    c->nomem = true;
+    snprintf(c->err, c->errlen, "out of memory");
+    return -1;
+}
+
+/* Writes a number the way a header value should read: integral values without ".0"
+ * (10/2 is the float 5.0 in Lua 5.4, but "5" is what a script means), others as
+ * tostring() would. Returns -1 for NaN and infinities. */
+static int format_number(lua_State *L, int idx, char *buf, size_t size)
+{
+    if (lua_isinteger(L, idx))
+        return snprintf(buf, size, "%lld", (long long)lua_tointeger(L, idx));
+    double v = (double)lua_tonumber(L, idx);
+    if (!isfinite(v))
+        return -1;
+    if (v == floor(v) && v >= -9223372036854775808.0 && v < 9223372036854775808.0)
+        return snprintf(buf, size, "%lld", (long long)v);
+    return snprintf(buf, size, "%.14g", v);
+}
+
+/* Describes a table key for an error message without converting it in place (which would
+ * break a lua_next traversal in progress). */
+static void describe_key(lua_State *L, int idx, const char *prefix, char *buf, size_t size)
+{
+    switch (lua_type(L, idx)) {
+    case LUA_TSTRING:
+        snprintf(buf, size, "'%s%.64s'", prefix, lua_tostring(L, idx));
+        break;
+    case LUA_TNUMBER: {
+        char num[48];
+        if (format_number(L, idx, num, sizeof num) < 0)
+            snprintf(num, sizeof num, "?");
+        snprintf(buf, size, "[%s]%s%.*s", num, *prefix ? " in " : "",
+                 *prefix ? (int)strlen(prefix) - 1 : 0, prefix);
+        break;
+    }
+    default:
+        snprintf(buf, size, "of type %s%s%.*s", luaL_typename(L, idx), *prefix ? " in " : "",
+                 *prefix ? (int)strlen(prefix) - 1 : 0, prefix);
+        break;
+    }
+}
+
+/* Moves the value of each known key of the table at t into stack slot slot+i (i = its
+ * index in names; the caller has reserved the slots, filled with nil). Any other key is
+ * an error. stack before/after: unchanged apart from the slots. */
+static int scan_keys(struct conv *c, int t, const char *const *names, int n, int slot,
+                     const char *prefix)
+{
+    lua_State *L = c->L;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        int i = n;
+        if (lua_type(L, -2) == LUA_TSTRING) {
+            size_t klen;
+            const char *k = lua_tolstring(L, -2, &klen);
+            for (i = 0; i < n; i++)
+                if (strlen(names[i]) == klen && memcmp(names[i], k, klen) == 0)
+                    break;
+        }
+        if (i == n) {
+            char kb[128];
+            describe_key(L, -2, prefix, kb, sizeof kb);
+            return bad(c, "unknown key %s", kb);
+        }
+        lua_replace(L, slot + i);
+    }
+    return 0;
+}
+
+/* Checks a header name at idx and points *out at it. `what` names the key for errors. */
+static int header_name(struct conv *c, int idx, const char *what, size_t entry, char **out)
+{
+    lua_State *L = c->L;
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return bad(c, "'%s' entry %zu: the name is a %s, expected a string", what, entry,
+                   luaL_typename(L, idx));
+    size_t len;
+    const char *name = lua_tolstring(L, idx, &len);
+    if (len == 0)
+        return bad(c, "'%s' entry %zu: empty header name", what, entry);
+    /* protobuf-c strings end at the first NUL: such a name would reach Envoy cut short */
+    if (memchr(name, '\0', len) != NULL)
+        return bad(c, "'%s': header name '%s' contains a NUL byte", what, name);
+    *out = (char *)name;
+    return 0;
+}
+
+/* Fills hv from the name at name_idx and the value at val_idx (string or number).
+ * The value goes in raw_value only: that is the field Envoy's ext_proc reads. */
+static int header_value(struct conv *c, HeaderValue *hv, int name_idx, int val_idx,
+                        const char *what, size_t entry)
+{
+    lua_State *L = c->L;
+    if (header_name(c, name_idx, what, entry, &hv->key) != 0)
+        return -1;
+    switch (lua_type(L, val_idx)) {
+    case LUA_TSTRING: {
+        size_t len;
+        const char *v = lua_tolstring(L, val_idx, &len);
+        hv->raw_value.data = (uint8_t *)v;
+        hv->raw_value.len = len;
+        return 0;
+    }
+    case LUA_TNUMBER: {
+        /* no lua_tolstring here: the converted string would not be anchored anywhere */
+        char buf[48];
+        int n = format_number(L, val_idx, buf, sizeof buf);
+        if (n < 0)
+            return bad(c, "'%s': value of '%s' is not a finite number", what, hv->key);
+        uint8_t *p = arena_alloc(c->a, (size_t)n);
+        if (p == NULL)
+            return nomem(c);
+        memcpy(p, buf, (size_t)n);
+        hv->raw_value.data = p;
+        hv->raw_value.len = (size_t)n;
+        return 0;
+    }
+    default:
+        return bad(c, "'%s': value of '%s' is a %s, expected a string or number", what,
+                   hv->key, luaL_typename(L, val_idx));
+    }
+}
+
+static int cmp_option_key(const void *a, const void *b)
+{
+    const HeaderValueOption *x = *(const HeaderValueOption *const *)a;
+    const HeaderValueOption *y = *(const HeaderValueOption *const *)b;
+    return strcmp(x->header->key, y->header->key);
+}
+
+/* Reads the `add` forms at idx: a list of {name, value} pairs (order kept) or a
+ * name = value map (sorted by name so the wire bytes do not depend on table order).
+ * stack before/after: unchanged on success. */
+static int read_header_set(struct conv *c, int idx, const char *what, HeaderValueOption ***out,
+                           size_t *n_out)
+{
+    lua_State *L = c->L;
+    size_t nint = 0, nstr = 0;
+    *out = NULL;
+    *n_out = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) == LUA_TSTRING)
+            nstr++;
+        else if (lua_isinteger(L, -1))
+            nint++;
+        else
+            return bad(c, "'%s' has a key of type %s; expected a list of {name, value} "
+                          "pairs or a map of name = value", what, luaL_typename(L, -1));
+    }
+    if (nint > 0 && nstr > 0)
+        return bad(c, "'%s' mixes {name, value} pairs with name = value entries", what);
+    size_t n = nint + nstr;
+    if (n == 0)
+        return 0;
+    if (nint > 0 && lua_rawlen(L, idx) != nint)
+        return bad(c, "'%s' is not a list: its keys are not 1..n", what);
+
+    HeaderValueOption **ptrs = arena_alloc(c->a, n * sizeof *ptrs);
+    HeaderValueOption *opts = arena_alloc(c->a, n * sizeof *opts);
+    HeaderValue *hvs = arena_alloc(c->a, n * sizeof *hvs);
+    if (ptrs == NULL || opts == NULL || hvs == NULL)
+        return nomem(c);
+    for (size_t i = 0; i < n; i++) {
+        envoy__config__core__v3__header_value__init(&hvs[i]);
+        envoy__config__core__v3__header_value_option__init(&opts[i]);
+        opts[i].header = &hvs[i];
+        ptrs[i] = &opts[i];
+    }
+
+    if (nint > 0) {
+        for (size_t i = 0; i < n; i++) {
+            /* stack: ... pair name value */
+            if (lua_rawgeti(L, idx, (lua_Integer)i + 1) != LUA_TTABLE)
+                return bad(c, "'%s' entry %zu is a %s, expected a {name, value} pair", what,
+                           i + 1, luaL_typename(L, -1));
+            if (lua_rawlen(L, -1) != 2)
+                return bad(c, "'%s' entry %zu is not a {name, value} pair", what, i + 1);
+            lua_rawgeti(L, -1, 1);
+            lua_rawgeti(L, -2, 2);
+            if (header_value(c, &hvs[i], -2, -1, what, i + 1) != 0)
+                return -1;
+            lua_pop(L, 3);
+        }
+    } else {
+        size_t i = 0;
+        lua_pushnil(L);
+        while (i < n && lua_next(L, idx) != 0) {
+            /* stack: ... name value */
+            if (header_value(c, &hvs[i], -2, -1, what, i + 1) != 0)
+                return -1;
+            lua_pop(L, 1);
+            i++;
+        }
+        if (i == n)
+            lua_pop(L, 1);  /* the key of an unfinished traversal (cannot happen) */
+        qsort(ptrs, n, sizeof *ptrs, cmp_option_key);
+    }
+    *out = ptrs;
+    *n_out = n;
+    return 0;
+}
+
+/* Reads `remove`: a list of header names. stack before/after: unchanged on success. */
+static int read_names(struct conv *c, int idx, const char *what, char ***out, size_t *n_out)
+{
+    lua_State *L = c->L;
+    size_t count = 0;
+    *out = NULL;
+    *n_out = 0;
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (!lua_isinteger(L, -1))
+            return bad(c, "'%s' must be a list of header names", what);
+        count++;
+    }
+    if (count == 0)
+        return 0;
+    if (lua_rawlen(L, idx) != count)
+        return bad(c, "'%s' must be a list of header names", what);
+    char **names = arena_alloc(c->a, count * sizeof *names);
+    if (names == NULL)
+        return nomem(c);
+    for (size_t i = 0; i < count; i++) {
+        lua_rawgeti(L, idx, (lua_Integer)i + 1);
+        if (header_name(c, -1, what, i + 1, &names[i]) != 0)
+            return -1;
+        lua_pop(L, 1);
+    }
+    *out = names;
+    *n_out = count;
+    return 0;
+}
+
+/* A HeaderMutation from the `add`/`remove` values in slots add/remove (0 = absent);
+ * *out stays NULL when both are empty, so no empty message is sent. */
+static int header_mutation(struct conv *c, int add, const char *add_what, int remove,
+                           HeaderMutation **out)
+{
+    HeaderValueOption **set = NULL;
+    char **rm = NULL;
+    size_t nset = 0, nrm = 0;
+    *out = NULL;
+    if (add != 0 && read_header_set(c, add, add_what, &set, &nset) != 0)
+        return -1;
+    if (remove != 0 && read_names(c, remove, "remove", &rm, &nrm) != 0)
+        return -1;
+    if (nset == 0 && nrm == 0)
+        return 0;
+    HeaderMutation *hm = arena_alloc(c->a, sizeof *hm);
+    if (hm == NULL)
+        return nomem(c);
+    envoy__service__ext_proc__v3__header_mutation__init(hm);
+    hm->n_set_headers = nset;
+    hm->set_headers = set;
+    hm->n_remove_headers = nrm;
+    hm->remove_headers = rm;
+    *out = hm;
+    return 0;
+}
+
+/* An integral number in [min, max] at idx, for `immediate.status` and friends. */
+static int read_integer(struct conv *c, int idx, const char *what, lua_Integer min,
+                        lua_Integer max, const char *expected, lua_Integer *out)
+{
+    lua_State *L = c->L;
+    if (lua_type(L, idx) != LUA_TNUMBER)  /* also keeps lua_tointegerx off strings */
+        return bad(c, "'%s' must be a number, got %s", what, luaL_typename(L, idx));
+    int isint;
+    lua_Integer v = lua_tointegerx(L, idx, &isint);
+    if (!isint || v < min || v > max) {
+        char num[48];
+        if (format_number(L, idx, num, sizeof num) < 0)
+            snprintf(num, sizeof num, "%s", "not a finite number");
+        return bad(c, "bad value for '%s': %s (expected %s)", what, num, expected);
+    }
+    *out = v;
+    return 0;
+}
+
+enum { I_STATUS, I_HEADERS, I_BODY, I_DETAILS, I_GRPC_STATUS, I_COUNT };
+static const char *const imm_keys[I_COUNT] = {"status", "headers", "body", "details",
+                                              "grpc_status"};
+static const int imm_types[I_COUNT] = {LUA_TNUMBER, LUA_TTABLE, LUA_TSTRING, LUA_TSTRING,
+                                       LUA_TNUMBER};
+
+/* `immediate = {...}` at t -> resp.immediate_response.
+ * stack before: ...   after: ... + I_COUNT slots (the caller restores the top). */
+static int immediate(struct conv *c, int t, pbconv_response *resp)
+{
+    lua_State *L = c->L;
+    int slot = lua_gettop(L) + 1;
+    lua_settop(L, slot + I_COUNT - 1);
+    if (scan_keys(c, t, imm_keys, I_COUNT, slot, "immediate.") != 0)
+        return -1;
+    for (int i = 0; i < I_COUNT; i++) {
+        int ty = lua_type(L, slot + i);
+        if (ty != LUA_TNIL && ty != imm_types[i])
+            return bad(c, "'immediate.%s' must be a %s, got %s", imm_keys[i],
+                       lua_typename(L, imm_types[i]), lua_typename(L, ty));
+    }
+    ImmediateResponse *ir = arena_alloc(c->a, sizeof *ir);
+    HttpStatus *hs = arena_alloc(c->a, sizeof *hs);
+    if (ir == NULL || hs == NULL)
+        return nomem(c);
+    envoy__service__ext_proc__v3__immediate_response__init(ir);
+    envoy__type__v3__http_status__init(hs);
+    lua_Integer code = 200;
+    if (!lua_isnil(L, slot + I_STATUS) &&
+        read_integer(c, slot + I_STATUS, "immediate.status", 100, 599, "an HTTP status 100-599",
+                     &code) != 0)
+        return -1;
+    /* StatusCode is an enum in the proto, but any int32 is valid on the wire */
+    hs->code = (Envoy__Type__V3__StatusCode)code;
+    ir->status = hs;
+    if (!lua_isnil(L, slot + I_HEADERS) &&
+        header_mutation(c, slot + I_HEADERS, "immediate.headers", 0, &ir->headers) != 0)
+        return -1;
+    if (!lua_isnil(L, slot + I_BODY)) {
+        size_t len;
+        const char *b = lua_tolstring(L, slot + I_BODY, &len);
+        ir->body.data = (uint8_t *)b;
+        ir->body.len = len;
+    }
+    if (!lua_isnil(L, slot + I_DETAILS)) {
+        size_t len;
+        const char *d = lua_tolstring(L, slot + I_DETAILS, &len);
+        if (memchr(d, '\0', len) != NULL)
+            return bad(c, "'immediate.details' contains a NUL byte");
+        ir->details = (char *)d;
+    }
+    if (!lua_isnil(L, slot + I_GRPC_STATUS)) {
+        lua_Integer g;
+        if (read_integer(c, slot + I_GRPC_STATUS, "immediate.grpc_status", 0, UINT32_MAX,
+                         "a non-negative integer", &g) != 0)
+            return -1;
+        GrpcStatus *gs = arena_alloc(c->a, sizeof *gs);
+        if (gs == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__grpc_status__init(gs);
+        gs->status = (uint32_t)g;
+        ir->grpc_status = gs;
+    }
+    resp->response_case = RESP(IMMEDIATE_RESPONSE);
+    resp->immediate_response = ir;
+    return 0;
+}
+
+enum { K_ADD, K_REMOVE, K_CLEAR_ROUTE_CACHE, K_BODY, K_CLEAR_BODY, K_STATUS, K_IMMEDIATE,
+       K_DENY, K_COUNT };
+static const struct {
+    const char *name;
+    int type;       /* LUA_TNONE: checked by hand */
+    unsigned kinds; /* phase kinds that accept the key */
+} top[K_COUNT] = {
+    [K_ADD] = {"add", LUA_TTABLE, KIND_ALL},
+    [K_REMOVE] = {"remove", LUA_TTABLE, KIND_ALL},
+    [K_CLEAR_ROUTE_CACHE] = {"clear_route_cache", LUA_TBOOLEAN, KIND_HEADERS | KIND_BODY},
+    [K_BODY] = {"body", LUA_TSTRING, KIND_HEADERS | KIND_BODY},
+    [K_CLEAR_BODY] = {"clear_body", LUA_TBOOLEAN, KIND_BODY},
+    [K_STATUS] = {"status", LUA_TSTRING, KIND_HEADERS | KIND_BODY},
+    [K_IMMEDIATE] = {"immediate", LUA_TTABLE, KIND_ALL},
+    [K_DENY] = {"deny", LUA_TNONE, KIND_ALL},
+};
+
+/* The return table at t, its values moved to slots slot..slot+K_COUNT-1. */
+static int convert(struct conv *c, int t, int slot, pbconv_response *resp,
+                   struct pbconv_result *res, bool *deny)
+{
+    lua_State *L = c->L;
+    const char *names[K_COUNT];
+    for (int k = 0; k < K_COUNT; k++)
+        names[k] = top[k].name;
+    if (scan_keys(c, t, names, K_COUNT, slot, "") != 0)
+        return -1;
+
+    enum kind kind = phases[c->phase].kind;
+    bool on[K_COUNT];  /* present and not false: `clear_body = false` means "off" */
+    for (int k = 0; k < K_COUNT; k++) {
+        int ty = lua_type(L, slot + k);
+        on[k] = false;
+        if (ty == LUA_TNIL)
+            continue;
+        if (!(top[k].kinds & kind))
+            return bad(c, "'%s' is not allowed in %s", top[k].name, phases[c->phase].name);
+        if (k == K_DENY ? ty != LUA_TSTRING && ty != LUA_TBOOLEAN : ty != top[k].type)
+            return bad(c, "'%s' must be %s%s, got %s", top[k].name, k == K_DENY ? "" : "a ",
+                       k == K_DENY ? "a string or true" : lua_typename(L, top[k].type),
+                       lua_typename(L, ty));
+        on[k] = ty != LUA_TBOOLEAN || lua_toboolean(L, slot + k);
+    }
+
+    if (on[K_DENY]) {
+        for (int k = 0; k < K_COUNT; k++)
+            if (k != K_DENY && on[k])
+                return bad(c, "'deny' cannot be combined with '%s'", top[k].name);
+        if (lua_type(L, slot + K_DENY) == LUA_TSTRING) {
+            res->deny_message = lua_tolstring(L, slot + K_DENY, &res->deny_len);
+        } else {
+            res->deny_message = "Callout DENIED.";
+            res->deny_len = strlen(res->deny_message);
+        }
+        *deny = true;
+        return 0;
+    }
+    if (on[K_IMMEDIATE]) {
+        for (int k = 0; k < K_COUNT; k++)
+            if (k != K_IMMEDIATE && on[k])
+                return bad(c, "'immediate' cannot be combined with '%s'", top[k].name);
+        return immediate(c, slot + K_IMMEDIATE, resp);
+    }
+
+    Envoy__Service__ExtProc__V3__CommonResponse__ResponseStatus status =
+        ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE;
+    if (on[K_STATUS]) {
+        const char *s = lua_tostring(L, slot + K_STATUS);
+        if (strcmp(s, "CONTINUE_AND_REPLACE") == 0)
+            status = ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE_AND_REPLACE;
+        else if (strcmp(s, "CONTINUE") != 0)
+            return bad(c, "bad value for 'status': '%.64s' (expected \"CONTINUE\" or "
+                          "\"CONTINUE_AND_REPLACE\")", s);
+    }
+    if (on[K_BODY] && on[K_CLEAR_BODY])
+        return bad(c, "'body' and 'clear_body' cannot be combined");
+    if (kind == KIND_HEADERS && on[K_BODY] &&
+        status != ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE_AND_REPLACE)
+        return bad(c, "'body' in a headers response needs status = \"CONTINUE_AND_REPLACE\"");
+
+    HeaderMutation *hm;
+    if (header_mutation(c, on[K_ADD] ? slot + K_ADD : 0, "add",
+                        on[K_REMOVE] ? slot + K_REMOVE : 0, &hm) != 0)
+        return -1;
+
+    CommonResponse *cr = NULL;
+    if (kind != KIND_TRAILERS &&
+        (hm != NULL || on[K_CLEAR_ROUTE_CACHE] || on[K_BODY] || on[K_CLEAR_BODY] ||
+         status != ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE)) {
+        cr = arena_alloc(c->a, sizeof *cr);
+        if (cr == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__common_response__init(cr);
+        cr->status = status;
+        cr->header_mutation = hm;
+        cr->clear_route_cache = on[K_CLEAR_ROUTE_CACHE];
+        if (on[K_BODY] || on[K_CLEAR_BODY]) {
+            BodyMutation *bm = arena_alloc(c->a, sizeof *bm);
+            if (bm == NULL)
+                return nomem(c);
+            envoy__service__ext_proc__v3__body_mutation__init(bm);
+            if (on[K_BODY]) {
+                size_t len;
+                const char *b = lua_tolstring(L, slot + K_BODY, &len);
+                bm->mutation_case = ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_BODY;
+                bm->body.data = (uint8_t *)b;
+                bm->body.len = len;
+            } else {
+                bm->mutation_case = ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_CLEAR_BODY;
+                bm->clear_body = 1;
+            }
+            cr->body_mutation = bm;
+        }
+    }
+    if (set_phase(resp, c->phase, cr, kind == KIND_TRAILERS ? hm : NULL, c->a) != 0)
+        return nomem(c);
+    return 0;
+}
+
+enum pbconv_status pbconv_to_response(lua_State *L, int idx, enum pbconv_phase phase,
+                                      struct arena *a, pbconv_response *resp,
+                                      struct pbconv_result *res, char *err, size_t errlen)
+{
+    idx = lua_absindex(L, idx);
+    envoy__service__ext_proc__v3__processing_response__init(resp);
+    memset(res, 0, sizeof *res);
+    if (errlen > 0)
+        err[0] = '\0';
+
+    int type = lua_type(L, idx);
+    if (type == LUA_TNIL)
+        return pbconv_empty_response(resp, phase, a) == 0 ? PBCONV_OK : PBCONV_NOMEM;
+    if (type != LUA_TTABLE) {
+        snprintf(err, errlen, "%s returned a %s, expected a table or nil",
+                 phases[phase].handler, lua_typename(L, type));
+        return PBCONV_BAD;
+    }
+
+    /* the top-level slots, the immediate slots, and a few working values on top */
+    luaL_checkstack(L, K_COUNT + I_COUNT + 8, "converting a handler result");
+    int top = lua_gettop(L);
+    lua_settop(L, top + K_COUNT);
+    struct conv c = {.L = L, .a = a, .phase = phase, .err = err, .errlen = errlen};
+    bool deny = false;
+    int rc = convert(&c, idx, top + 1, resp, res, &deny);
+    lua_settop(L, top);
+    if (rc != 0)
+        return c.nomem ? PBCONV_NOMEM : PBCONV_BAD;
+    return deny ? PBCONV_DENY : PBCONV_OK;
+}

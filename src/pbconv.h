@@ -1,0 +1,86 @@
+/* pbconv.h — protobuf-c ext_proc messages <-> Lua values, as docs/lua-api.md describes.
+ * No gRPC here and no knowledge of scripts or streams: the server (script.c) and the
+ * test module for busted specs drive the same conversions.
+ *
+ * Functions that push Lua values may raise Lua errors (memory); call them under a
+ * protected call. */
+#ifndef LUACALLOUT_PBCONV_H
+#define LUACALLOUT_PBCONV_H
+
+#include <stddef.h>
+
+#include <lua.h>
+
+#include "envoy/service/ext_proc/v3/external_processor.pb-c.h"
+
+#include "arena.h"
+
+typedef Envoy__Service__ExtProc__V3__ProcessingRequest pbconv_request;
+typedef Envoy__Service__ExtProc__V3__ProcessingResponse pbconv_response;
+
+enum pbconv_phase {
+    PBCONV_REQUEST_HEADERS,
+    PBCONV_RESPONSE_HEADERS,
+    PBCONV_REQUEST_BODY,
+    PBCONV_RESPONSE_BODY,
+    PBCONV_REQUEST_TRAILERS,
+    PBCONV_RESPONSE_TRAILERS,
+    PBCONV_PHASE_COUNT
+};
+
+/* "request_headers", ... — the value of ctx.phase. */
+const char *pbconv_phase_name(enum pbconv_phase phase);
+/* "on_request_headers", ... — the global the script defines for that phase. */
+const char *pbconv_handler_name(enum pbconv_phase phase);
+/* The phase a request carries; -1 when its oneof is not set. */
+int pbconv_phase_of(const pbconv_request *req, enum pbconv_phase *phase);
+
+/* Registers what the pushed objects need (the headers metatable) in L's registry.
+ * Call once per lua_State before pushing anything. May raise. */
+void pbconv_open(lua_State *L);
+
+/* Pushes the handler's first argument for req's phase: a headers object for headers and
+ * trailers phases, a body object for body phases. May raise.
+ * stack before: ...   after: ... object */
+void pbconv_push_input(lua_State *L, const pbconv_request *req, enum pbconv_phase phase);
+
+/* Pushes a headers object for `map` (NULL = no headers). end_of_stream < 0 leaves the
+ * field out (trailers have none). May raise. stack: ... -> ... headers */
+void pbconv_push_headers(lua_State *L, const Envoy__Config__Core__V3__HeaderMap *map,
+                         int end_of_stream);
+
+/* Pushes {body = <bytes>, end_of_stream = <bool>}; body NULL = empty. May raise.
+ * stack: ... -> ... body */
+void pbconv_push_body(lua_State *L, const Envoy__Service__ExtProc__V3__HttpBody *body);
+
+/* Makes *resp the "continue unchanged" answer for the phase: its oneof set to an empty
+ * message of the phase's type (Envoy rejects a ProcessingResponse with nothing set).
+ * 0, or -1 when the arena is out of memory. */
+int pbconv_empty_response(pbconv_response *resp, enum pbconv_phase phase, struct arena *a);
+
+enum pbconv_status {
+    PBCONV_OK,     /* *resp is ready to pack */
+    PBCONV_DENY,   /* the handler asked to fail the stream: see deny_message */
+    PBCONV_BAD,    /* the value breaks the contract: see err */
+    PBCONV_NOMEM,  /* the arena ran out of memory */
+};
+
+struct pbconv_result {
+    /* PBCONV_DENY: the message, pointing into a Lua string or static text. */
+    const char *deny_message;
+    size_t deny_len;
+};
+
+/* Validates the handler's return value at stack index idx (nil or a table) for `phase`
+ * and builds the ProcessingResponse in *resp (which it initialises) from arena memory.
+ *
+ * Strings and bytes in *resp point straight into Lua strings reachable from the value at
+ * idx: keep that value on the stack, untouched, until *resp has been packed.
+ * On PBCONV_BAD, err holds e.g. "on_request_headers returned a bad table: unknown key
+ * 'ad'" (no source location: the caller knows the handler). Does not call Lua code and
+ * leaves the stack as it found it; may raise only if the Lua stack cannot grow. */
+enum pbconv_status pbconv_to_response(lua_State *L, int idx, enum pbconv_phase phase,
+                                      struct arena *a, pbconv_response *resp,
+                                      struct pbconv_result *res, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,952 @@
+/* test_pbconv.c — the Lua contract (docs/lua-api.md) end to end through script.h: build
+ * a ProcessingRequest with protobuf-c, pack it, script_handle() it with a small script,
+ * unpack the reply and look at every field. Plus direct checks of pbconv and the arena. */
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <grpc/status.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "arena.h"
+#include "log.h"
+#include "pbconv.h"
+#include "script.h"
+
+static int passed;
+
+#define CHECK(cond)                                                                    \
+    do {                                                                               \
+        if (cond) {                                                                    \
+            passed++;                                                                  \
+        } else {                                                                       \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
+            fprintf(stderr, "%d passed, 1 failed\n", passed);                          \
+            exit(1);                                                                   \
+        }                                                                              \
+    } while (0)
+#define CHECK_STR(a, b) CHECK((a) != NULL && strcmp((a), (b)) == 0)
+#define CHECK_BYTES(bd, s, n) CHECK((bd).len == (n) && memcmp((bd).data, (s), (n)) == 0)
+
+typedef Envoy__Service__ExtProc__V3__ProcessingRequest Req;
+typedef Envoy__Service__ExtProc__V3__ProcessingResponse Resp;
+typedef Envoy__Config__Core__V3__HeaderValue HeaderValue;
+typedef Envoy__Config__Core__V3__HeaderValueOption HeaderValueOption;
+typedef Envoy__Service__ExtProc__V3__HeaderMutation HeaderMutation;
+typedef Envoy__Service__ExtProc__V3__CommonResponse CommonResponse;
+
+#define RESP(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_##x
+
+/* ---- scripts ---------------------------------------------------------------------------- */
+
+static char tmpdir[] = "/tmp/test_pbconv.XXXXXX";
+static int nscripts;
+static char last_path[256];
+
+/* Writes src to a fresh file; its path is left in last_path. */
+static const char *write_script(const char *src)
+{
+    snprintf(last_path, sizeof last_path, "%s/s%d.lua", tmpdir, ++nscripts);
+    FILE *f = fopen(last_path, "w");
+    CHECK(f != NULL);
+    CHECK(fputs(src, f) >= 0);
+    CHECK(fclose(f) == 0);
+    return last_path;
+}
+
+static struct script *load(const char *src)
+{
+    char err[512] = "";
+    struct script *s = script_open(write_script(src), err, sizeof err);
+    if (s == NULL)
+        fprintf(stderr, "script_open: %s\n", err);
+    CHECK(s != NULL);
+    return s;
+}
+
+/* ---- requests --------------------------------------------------------------------------- */
+
+struct req {
+    enum pbconv_phase phase;
+    const char *const *kv;  /* name, value, name, value, ... */
+    size_t n;               /* number of headers */
+    bool old_value;         /* send values in `value`, not `raw_value` */
+    bool eos;
+    const char *body;
+    size_t body_len;
+    bool observe;
+    bool extras;            /* metadata_context, attributes, protocol_config */
+};
+
+static uint8_t wire[1 << 16];
+
+/* Packs the request described by r into wire; returns its length. */
+static size_t build(const struct req *r)
+{
+    Req req = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
+    Envoy__Service__ExtProc__V3__HttpHeaders hh = ENVOY__SERVICE__EXT_PROC__V3__HTTP_HEADERS__INIT;
+    Envoy__Service__ExtProc__V3__HttpBody hb = ENVOY__SERVICE__EXT_PROC__V3__HTTP_BODY__INIT;
+    Envoy__Service__ExtProc__V3__HttpTrailers ht = ENVOY__SERVICE__EXT_PROC__V3__HTTP_TRAILERS__INIT;
+    Envoy__Config__Core__V3__HeaderMap map = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
+    HeaderValue hv[16];
+    HeaderValue *hvp[16];
+    CHECK(r->n <= 16);
+    for (size_t i = 0; i < r->n; i++) {
+        envoy__config__core__v3__header_value__init(&hv[i]);
+        hv[i].key = (char *)r->kv[2 * i];
+        if (r->old_value) {
+            hv[i].value = (char *)r->kv[2 * i + 1];
+        } else {
+            hv[i].raw_value.data = (uint8_t *)r->kv[2 * i + 1];
+            hv[i].raw_value.len = strlen(r->kv[2 * i + 1]);
+        }
+        hvp[i] = &hv[i];
+    }
+    map.n_headers = r->n;
+    map.headers = hvp;
+    switch (r->phase) {
+    case PBCONV_REQUEST_HEADERS:
+    case PBCONV_RESPONSE_HEADERS:
+        hh.headers = &map;
+        hh.end_of_stream = r->eos;
+        req.request_case = r->phase == PBCONV_REQUEST_HEADERS ? 2 : 3;
+        req.request_headers = &hh;
+        break;
+    case PBCONV_REQUEST_BODY:
+    case PBCONV_RESPONSE_BODY:
+        hb.body.data = (uint8_t *)r->body;
+        hb.body.len = r->body_len;
+        hb.end_of_stream = r->eos;
+        req.request_case = r->phase == PBCONV_REQUEST_BODY ? 4 : 5;
+        req.request_body = &hb;
+        break;
+    default:
+        ht.trailers = &map;
+        req.request_case = r->phase == PBCONV_REQUEST_TRAILERS ? 6 : 7;
+        req.request_trailers = &ht;
+        break;
+    }
+    req.observability_mode = r->observe;
+
+    Google__Protobuf__Value v = GOOGLE__PROTOBUF__VALUE__INIT;
+    v.kind_case = GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE;
+    v.string_value = "v";
+    Google__Protobuf__Struct__FieldsEntry fe = GOOGLE__PROTOBUF__STRUCT__FIELDS_ENTRY__INIT;
+    fe.key = "f";
+    fe.value = &v;
+    Google__Protobuf__Struct__FieldsEntry *fep = &fe;
+    Google__Protobuf__Struct st = GOOGLE__PROTOBUF__STRUCT__INIT;
+    st.n_fields = 1;
+    st.fields = &fep;
+    Envoy__Config__Core__V3__Metadata__FilterMetadataEntry me =
+        ENVOY__CONFIG__CORE__V3__METADATA__FILTER_METADATA_ENTRY__INIT;
+    me.key = "envoy.filters.http.ext_proc";
+    me.value = &st;
+    Envoy__Config__Core__V3__Metadata__FilterMetadataEntry *mep = &me;
+    Envoy__Config__Core__V3__Metadata md = ENVOY__CONFIG__CORE__V3__METADATA__INIT;
+    md.n_filter_metadata = 1;
+    md.filter_metadata = &mep;
+    Envoy__Service__ExtProc__V3__ProcessingRequest__AttributesEntry ae =
+        ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__ATTRIBUTES_ENTRY__INIT;
+    ae.key = "envoy.filters.http.ext_proc";
+    ae.value = &st;
+    Envoy__Service__ExtProc__V3__ProcessingRequest__AttributesEntry *aep = &ae;
+    Envoy__Service__ExtProc__V3__ProtocolConfiguration pc =
+        ENVOY__SERVICE__EXT_PROC__V3__PROTOCOL_CONFIGURATION__INIT;
+    pc.request_body_mode = ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__BUFFERED;
+    if (r->extras) {
+        req.metadata_context = &md;
+        req.n_attributes = 1;
+        req.attributes = &aep;
+        req.protocol_config = &pc;
+    }
+    size_t len = protobuf_c_message_get_packed_size(&req.base);
+    CHECK(len <= sizeof wire);
+    CHECK(protobuf_c_message_pack(&req.base, wire) == len);
+    return len;
+}
+
+static Resp *last_resp;
+static struct script_reply reply;
+
+static void free_last(void)
+{
+    if (last_resp != NULL)
+        protobuf_c_message_free_unpacked(&last_resp->base, NULL);
+    last_resp = NULL;
+}
+
+/* Sends raw bytes; returns the unpacked response when the outcome is SCRIPT_RESPOND. */
+static Resp *send_bytes(struct script_stream *st, const uint8_t *msg, size_t len)
+{
+    free_last();
+    script_handle(st, msg, len, &reply);
+    if (reply.outcome == SCRIPT_RESPOND) {
+        CHECK(reply.data != NULL && reply.len > 0);
+        last_resp = envoy__service__ext_proc__v3__processing_response__unpack(NULL, reply.len,
+                                                                               reply.data);
+        CHECK(last_resp != NULL);
+    }
+    return last_resp;
+}
+
+static Resp *send(struct script_stream *st, const struct req *r)
+{
+    size_t len = build(r);
+    return send_bytes(st, wire, len);
+}
+
+/* The CommonResponse of a headers or body reply (NULL when it has none). */
+static CommonResponse *common(const Resp *r)
+{
+    switch (r->response_case) {
+    case RESP(REQUEST_HEADERS): return r->request_headers->response;
+    case RESP(RESPONSE_HEADERS): return r->response_headers->response;
+    case RESP(REQUEST_BODY): return r->request_body->response;
+    case RESP(RESPONSE_BODY): return r->response_body->response;
+    default: return NULL;
+    }
+}
+
+/* The value of set header `name` in hm, as a NUL-terminated copy (static buffer). */
+static const char *set_value(const HeaderMutation *hm, const char *name)
+{
+    static char buf[1024];
+    if (hm == NULL)
+        return NULL;
+    for (size_t i = 0; i < hm->n_set_headers; i++) {
+        const HeaderValue *h = hm->set_headers[i]->header;
+        if (strcmp(h->key, name) == 0) {
+            CHECK(h->raw_value.len < sizeof buf);
+            memcpy(buf, h->raw_value.data, h->raw_value.len);
+            buf[h->raw_value.len] = '\0';
+            return buf;
+        }
+    }
+    return NULL;
+}
+
+static bool reply_is(const uint8_t *bytes, size_t n)
+{
+    return reply.outcome == SCRIPT_RESPOND && reply.len == n && memcmp(reply.data, bytes, n) == 0;
+}
+
+/* Checks a failure reply: status and exact message. */
+static void check_fail(int status, const char *message, int line)
+{
+    if (reply.outcome != SCRIPT_FAIL || reply.status != status ||
+        strcmp(reply.message, message) != 0) {
+        fprintf(stderr, "line %d: expected status %d \"%s\", got outcome %d status %d \"%s\"\n",
+                line, status, message, reply.outcome, reply.status,
+                reply.message ? reply.message : "(null)");
+    }
+    CHECK(reply.outcome == SCRIPT_FAIL);
+    CHECK(reply.status == status);
+    CHECK_STR(reply.message, message);
+}
+#define CHECK_FAIL(status, message) check_fail(status, message, __LINE__)
+
+/* ---- tests ------------------------------------------------------------------------------ */
+
+static const char *const no_headers[] = {NULL};
+
+static void test_basic_example(void)
+{
+    const char *src = getenv("LUACALLOUT_SRC");
+    char path[1024], err[512];
+    snprintf(path, sizeof path, "%s/examples/basic.lua", src ? src : ".");
+    struct script *s = script_open(path, err, sizeof err);
+    if (s == NULL)
+        fprintf(stderr, "%s\n", err);
+    CHECK(s != NULL);
+    struct script_stream *st = script_stream_open(s, 1);
+    CHECK(st != NULL);
+
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK(r != NULL && r->response_case == RESP(REQUEST_HEADERS));
+    CommonResponse *cr = common(r);
+    CHECK(cr != NULL && cr->clear_route_cache);
+    CHECK(cr->status == ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE);
+    CHECK(cr->body_mutation == NULL);
+    HeaderMutation *hm = cr->header_mutation;
+    CHECK(hm != NULL && hm->n_set_headers == 3);
+    const char *want[] = {":authority", "service-extensions.com", ":path", "/",
+                          "header-request", "request"};
+    for (size_t i = 0; i < 3; i++) {
+        HeaderValueOption *o = hm->set_headers[i];
+        CHECK_STR(o->header->key, want[2 * i]);
+        CHECK_BYTES(o->header->raw_value, want[2 * i + 1], strlen(want[2 * i + 1]));
+        CHECK(o->header->value == NULL || o->header->value[0] == '\0'); /* raw_value only */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+        CHECK(o->append == NULL && o->append_action == 0);  /* as the Python SDK sends */
+#pragma GCC diagnostic pop
+    }
+    CHECK(hm->n_remove_headers == 1);
+    CHECK_STR(hm->remove_headers[0], "foo");
+
+    /* {add={{"hello","service-extensions"}}}: exact bytes, every length prefix included */
+    static const uint8_t rh[] = {
+        0x12, 0x23, 0x0a, 0x21, 0x12, 0x1f, 0x0a, 0x1d, 0x0a, 0x1b, 0x0a, 0x05, 'h', 'e', 'l',
+        'l', 'o', 0x1a, 0x12, 's', 'e', 'r', 'v', 'i', 'c', 'e', '-', 'e', 'x', 't', 'e', 'n',
+        's', 'i', 'o', 'n', 's'};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    CHECK(reply_is(rh, sizeof rh));
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "x", .body_len = 1});
+    CHECK(r != NULL && r->response_case == RESP(REQUEST_BODY));
+    cr = common(r);
+    CHECK(cr != NULL && cr->body_mutation != NULL && cr->header_mutation == NULL);
+    CHECK(cr->body_mutation->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_BODY);
+    CHECK_BYTES(cr->body_mutation->body, "replaced-body", 13);
+    CHECK(!cr->clear_route_cache);
+
+    /* {clear_body=true}: 22 06 0a 04 1a 02 10 01 */
+    static const uint8_t cb[] = {0x22, 0x06, 0x0a, 0x04, 0x1a, 0x02, 0x10, 0x01};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY});
+    CHECK(reply_is(cb, sizeof cb));
+
+    /* no trailer handlers: the empty response of the phase's own type */
+    static const uint8_t rqt[] = {0x2a, 0x00}, rst[] = {0x32, 0x00};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(rqt, 2));
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(rst, 2));
+    script_stream_close(st);
+    script_close(s);
+}
+
+/* nil, {}, a missing handler, a handler that is not a function, and flags that are off
+ * all mean "continue": the empty message of the phase's type, nothing more. */
+static void test_empty_results(void)
+{
+    static const char *const srcs[] = {
+        "function on_request_headers() end function on_response_headers() return nil end\n"
+        "function on_request_body() return {} end function on_response_body() end\n"
+        "function on_request_trailers() return {} end function on_response_trailers() end\n",
+        "on_request_headers = 5 on_request_body = 'x'\n",
+        "function on_request_headers() return {clear_route_cache = false, add = {}, remove = {},"
+        " status = 'CONTINUE'} end\n"
+        "function on_request_body() return {clear_body = false, deny = false} end\n"
+        "function on_request_trailers() return {add = {}, remove = {}} end\n",
+    };
+    for (size_t k = 0; k < sizeof srcs / sizeof srcs[0]; k++) {
+        struct script *s = load(srcs[k]);
+        struct script_stream *st = script_stream_open(s, 2);
+        for (int p = 0; p < PBCONV_PHASE_COUNT; p++) {
+            send(st, &(struct req){.phase = (enum pbconv_phase)p, .kv = no_headers});
+            const uint8_t want[] = {(uint8_t)((p + 1) << 3 | 2), 0x00};
+            CHECK(reply_is(want, 2));
+        }
+        script_stream_close(st);
+        script_close(s);
+    }
+}
+
+static void test_headers_object(void)
+{
+    struct script *s = load(
+        "function on_request_headers(h, ctx)\n"
+        "  local names = {}\n"
+        "  for i, p in ipairs(h) do names[i] = p[1] .. '=' .. p[2] end\n"
+        "  return { add = {\n"
+        "    {'n', #h}, {'list', table.concat(names, ';')},\n"
+        "    {'get', h:get('X-FOO')}, {'get-miss', tostring(h:get('nope'))},\n"
+        "    {'all', table.concat(h:get_all('x-Foo'), ',')}, {'all-miss', #h:get_all('nope')},\n"
+        "    {'has', tostring(h:has('X-Foo'))}, {'has-miss', tostring(h:has('nope'))},\n"
+        "    {'hasv', tostring(h:has('x-foo', 'b'))}, {'hasv-miss', tostring(h:has('x-foo', 'B'))},\n"
+        "    {'eos', tostring(h.end_of_stream)}, {'type', type(h.get)},\n"
+        "  } }\n"
+        "end\n"
+        "function on_request_trailers(t)\n"
+        "  return { add = { {'n', #t}, {'v', t:get('T')}, {'eos', tostring(t.end_of_stream)} } }\n"
+        "end\n");
+    struct script_stream *st = script_stream_open(s, 3);
+    static const char *const kv[] = {"x-foo", "a", "X-Up", "u", "x-foo", "b", "other", "o"};
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kv, .n = 4, .eos = true});
+    CHECK(r != NULL);
+    HeaderMutation *hm = common(r)->header_mutation;
+    CHECK_STR(set_value(hm, "n"), "4");
+    CHECK_STR(set_value(hm, "list"), "x-foo=a;x-up=u;x-foo=b;other=o"); /* order, dups, lower */
+    CHECK_STR(set_value(hm, "get"), "a");
+    CHECK_STR(set_value(hm, "get-miss"), "nil");
+    CHECK_STR(set_value(hm, "all"), "a,b");
+    CHECK_STR(set_value(hm, "all-miss"), "0");
+    CHECK_STR(set_value(hm, "has"), "true");
+    CHECK_STR(set_value(hm, "has-miss"), "false");
+    CHECK_STR(set_value(hm, "hasv"), "true");
+    CHECK_STR(set_value(hm, "hasv-miss"), "false");
+    CHECK_STR(set_value(hm, "eos"), "true");
+    CHECK_STR(set_value(hm, "type"), "function");
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kv, .n = 1});
+    CHECK_STR(set_value(common(r)->header_mutation, "eos"), "false");
+
+    /* older Envoys put the value in `value`; it is used when raw_value is empty */
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kv, .n = 4, .old_value = true});
+    CHECK_STR(set_value(common(r)->header_mutation, "list"), "x-foo=a;x-up=u;x-foo=b;other=o");
+
+    /* both set: raw_value wins */
+    Req req = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
+    Envoy__Service__ExtProc__V3__HttpHeaders hh = ENVOY__SERVICE__EXT_PROC__V3__HTTP_HEADERS__INIT;
+    Envoy__Config__Core__V3__HeaderMap map = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
+    HeaderValue hv = ENVOY__CONFIG__CORE__V3__HEADER_VALUE__INIT, *hvp = &hv;
+    hv.key = "x-foo";
+    hv.value = "old";
+    hv.raw_value.data = (uint8_t *)"raw";
+    hv.raw_value.len = 3;
+    map.n_headers = 1;
+    map.headers = &hvp;
+    hh.headers = &map;
+    req.request_case = 2;
+    req.request_headers = &hh;
+    size_t len = protobuf_c_message_pack(&req.base, wire);
+    r = send_bytes(st, wire, len);
+    CHECK_STR(set_value(common(r)->header_mutation, "get"), "raw");
+
+    /* trailers: same object, no end_of_stream */
+    static const char *const tkv[] = {"t", "tv"};
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = tkv, .n = 1});
+    CHECK(r != NULL && r->response_case == RESP(REQUEST_TRAILERS));
+    hm = r->request_trailers->header_mutation;
+    CHECK_STR(set_value(hm, "n"), "1");
+    CHECK_STR(set_value(hm, "v"), "tv");
+    CHECK_STR(set_value(hm, "eos"), "nil");
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_binary_body(void)
+{
+    struct script *s = load(
+        "function on_request_body(b)\n"
+        "  return { body = b.body .. '\\0z', add = { {'len', #b.body},\n"
+        "           {'eos', tostring(b.end_of_stream)} } }\n"
+        "end\n"
+        "function on_response_body(b) return { body = '' } end\n");
+    struct script_stream *st = script_stream_open(s, 4);
+    static const char body[] = {'a', 0, 'b', 0, (char)0xff, 0};
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = body,
+                                     .body_len = sizeof body, .eos = true});
+    CHECK(r != NULL);
+    CommonResponse *cr = common(r);
+    static const char want[] = {'a', 0, 'b', 0, (char)0xff, 0, 0, 'z'};
+    CHECK_BYTES(cr->body_mutation->body, want, sizeof want);
+    CHECK_STR(set_value(cr->header_mutation, "len"), "6");
+    CHECK_STR(set_value(cr->header_mutation, "eos"), "true");
+
+    /* an empty replacement body is still a replacement: body_mutation { body: "" } */
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY});
+    cr = common(r);
+    CHECK(cr != NULL && cr->body_mutation != NULL);
+    CHECK(cr->body_mutation->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_BODY);
+    CHECK(cr->body_mutation->body.len == 0);
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_ctx_state(void)
+{
+    struct script *s = load(
+        "function on_request_headers(h, ctx)\n"
+        "  ctx.state.n = (ctx.state.n or 0) + 1\n"
+        "  return { add = { {'n', ctx.state.n}, {'phase', ctx.phase}, {'id', ctx.stream_id} } }\n"
+        "end\n"
+        "function on_response_headers(h, ctx)\n"
+        "  return { add = { {'n', ctx.state.n or 'none'}, {'phase', ctx.phase} } }\n"
+        "end\n");
+    struct script_stream *a = script_stream_open(s, 41), *b = script_stream_open(s, 42);
+    CHECK(a != NULL && b != NULL);
+    const struct req rq = {.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers};
+    const struct req rs = {.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers};
+    Resp *r = send(a, &rq);
+    CHECK_STR(set_value(common(r)->header_mutation, "n"), "1");
+    CHECK_STR(set_value(common(r)->header_mutation, "phase"), "request_headers");
+    CHECK_STR(set_value(common(r)->header_mutation, "id"), "41");
+    r = send(a, &rq);
+    CHECK_STR(set_value(common(r)->header_mutation, "n"), "2");
+    r = send(b, &rs);  /* b has its own, empty state */
+    CHECK_STR(set_value(common(r)->header_mutation, "n"), "none");
+    CHECK_STR(set_value(common(r)->header_mutation, "phase"), "response_headers");
+    r = send(b, &rq);
+    CHECK_STR(set_value(common(r)->header_mutation, "n"), "1");
+    CHECK_STR(set_value(common(r)->header_mutation, "id"), "42");
+    r = send(a, &rs);  /* a request phase left data for a response phase */
+    CHECK_STR(set_value(common(r)->header_mutation, "n"), "2");
+    script_stream_close(a);
+    script_stream_close(b);
+    /* a new stream after close starts empty even if it reuses the registry slot */
+    struct script_stream *c = script_stream_open(s, 43);
+    r = send(c, &rs);
+    CHECK_STR(set_value(common(r)->header_mutation, "n"), "none");
+    script_stream_close(c);
+    script_close(s);
+}
+
+static void test_add_forms(void)
+{
+    struct script *s = load(
+        "function on_request_headers()\n"
+        "  return { add = { zeta = '1', alpha = '2', mid = 3, f = 2.5, g = 10 / 2, big = 2^70,\n"
+        "           h = 2^53 } }\n"
+        "end\n"
+        "function on_response_headers()\n"
+        "  return { add = { {'z', '1'}, {'a', '2'}, {'z', '3'}, {'m', -7} } }\n"
+        "end\n");
+    struct script_stream *st = script_stream_open(s, 5);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    HeaderMutation *hm = common(r)->header_mutation;
+    static const char *const sorted[] = {"alpha", "2", "big", "1.1805916207174e+21", "f", "2.5",
+                                         "g", "5", "h", "9007199254740992", "mid", "3",
+                                         "zeta", "1"};
+    CHECK(hm->n_set_headers == 7);
+    for (size_t i = 0; i < 7; i++) {
+        CHECK_STR(hm->set_headers[i]->header->key, sorted[2 * i]);
+        CHECK_BYTES(hm->set_headers[i]->header->raw_value, sorted[2 * i + 1],
+                    strlen(sorted[2 * i + 1]));
+    }
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    hm = common(r)->header_mutation;
+    static const char *const listed[] = {"z", "1", "a", "2", "z", "3", "m", "-7"};
+    CHECK(hm->n_set_headers == 4);
+    for (size_t i = 0; i < 4; i++) {
+        CHECK_STR(hm->set_headers[i]->header->key, listed[2 * i]);
+        CHECK_BYTES(hm->set_headers[i]->header->raw_value, listed[2 * i + 1],
+                    strlen(listed[2 * i + 1]));
+    }
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_return_keys(void)
+{
+    struct script *s = load(
+        "function on_request_headers()\n"
+        "  return { status = 'CONTINUE_AND_REPLACE', body = 'new', remove = {'a', 'b'} }\n"
+        "end\n"
+        "function on_response_headers() return { clear_route_cache = true } end\n"
+        "function on_request_body()\n"
+        "  return { status = 'CONTINUE_AND_REPLACE', add = { x = 'y' }, clear_route_cache = true,"
+        " clear_body = true }\n"
+        "end\n"
+        "function on_response_body() return { remove = {'gone'} } end\n"
+        "function on_request_trailers() return { add = { {'t', 'v'} }, remove = {'r'} } end\n"
+        "function on_response_trailers() return { immediate = {} } end\n");
+    struct script_stream *st = script_stream_open(s, 6);
+
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CommonResponse *cr = common(r);
+    CHECK(cr->status == ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE_AND_REPLACE);
+    CHECK_BYTES(cr->body_mutation->body, "new", 3);
+    CHECK(cr->header_mutation->n_set_headers == 0 && cr->header_mutation->n_remove_headers == 2);
+    CHECK_STR(cr->header_mutation->remove_headers[0], "a");
+    CHECK_STR(cr->header_mutation->remove_headers[1], "b");
+    CHECK(!cr->clear_route_cache);
+
+    /* {clear_route_cache=true} sets only that flag: 12 04 0a 02 28 01 */
+    static const uint8_t crc[] = {0x12, 0x04, 0x0a, 0x02, 0x28, 0x01};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    CHECK(reply_is(crc, sizeof crc));
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    cr = common(r);
+    CHECK(r->response_case == RESP(REQUEST_BODY));
+    CHECK(cr->status == ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE_AND_REPLACE);
+    CHECK(cr->clear_route_cache);
+    CHECK(cr->body_mutation->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_CLEAR_BODY);
+    CHECK(cr->body_mutation->clear_body);
+    CHECK_STR(set_value(cr->header_mutation, "x"), "y");
+
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY});
+    cr = common(r);
+    CHECK(r->response_case == RESP(RESPONSE_BODY));
+    CHECK(cr->body_mutation == NULL && cr->header_mutation->n_remove_headers == 1);
+    CHECK_STR(cr->header_mutation->remove_headers[0], "gone");
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(REQUEST_TRAILERS));
+    HeaderMutation *hm = r->request_trailers->header_mutation;
+    CHECK(hm != NULL);
+    CHECK_STR(set_value(hm, "t"), "v");
+    CHECK(hm->n_remove_headers == 1);
+    CHECK_STR(hm->remove_headers[0], "r");
+
+    /* immediate = {} in a trailers phase: status 200, nothing else: 3a 05 0a 03 08 c8 01 */
+    static const uint8_t imm[] = {0x3a, 0x05, 0x0a, 0x03, 0x08, 0xc8, 0x01};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(imm, sizeof imm));
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_immediate_and_deny(void)
+{
+    struct script *s = load(
+        "function on_request_headers(h)\n"
+        "  if h:has('deny-true') then return { deny = true } end\n"
+        "  if h:has('deny') then return { deny = h:get('deny') } end\n"
+        "  if h:has('map') then return { immediate = { status = 302.0, headers = { location = '/x',"
+        " b = 1 } } } end\n"
+        "  return { immediate = { status = 403, headers = { {'x-why', 'no'}, {'x-n', 2} },\n"
+        "    body = 'de\\0nied', details = 'blocked_by_lua', grpc_status = 7 } }\n"
+        "end\n"
+        "function on_request_body() return { deny = 'body no' } end\n");
+    struct script_stream *st = script_stream_open(s, 7);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK(r != NULL && r->response_case == RESP(IMMEDIATE_RESPONSE));
+    Envoy__Service__ExtProc__V3__ImmediateResponse *ir = r->immediate_response;
+    CHECK(ir->status != NULL && ir->status->code == 403);
+    CHECK(ir->headers != NULL && ir->headers->n_set_headers == 2 && ir->headers->n_remove_headers == 0);
+    CHECK_STR(ir->headers->set_headers[0]->header->key, "x-why");
+    CHECK_STR(set_value(ir->headers, "x-why"), "no");
+    CHECK_STR(set_value(ir->headers, "x-n"), "2");
+    CHECK_BYTES(ir->body, "de\0nied", 7);
+    CHECK_STR(ir->details, "blocked_by_lua");
+    CHECK(ir->grpc_status != NULL && ir->grpc_status->status == 7);
+    CHECK(r->dynamic_metadata == NULL && r->mode_override == NULL);
+
+    static const char *const map[] = {"map", "1"};
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = map, .n = 1});
+    ir = r->immediate_response;
+    CHECK(ir->status->code == 302);
+    CHECK(ir->headers->n_set_headers == 2);
+    CHECK_STR(ir->headers->set_headers[0]->header->key, "b"); /* map form: sorted */
+    CHECK_STR(ir->headers->set_headers[1]->header->key, "location");
+    CHECK(ir->grpc_status == NULL && ir->body.len == 0);
+    CHECK(ir->details == NULL || ir->details[0] == '\0');
+
+    static const char *const deny[] = {"deny", "go away"};
+    CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = deny, .n = 1}) == NULL);
+    CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "go away");
+    static const char *const deny_true[] = {"deny-true", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = deny_true, .n = 1});
+    CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "Callout DENIED.");
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "body no");
+    script_stream_close(st);
+    script_close(s);
+}
+
+/* A script whose on_request_headers (defined on line 1) returns `expr`; the expected
+ * message is "<path>:1: on_request_headers returned ...". */
+static void check_bad_return(const char *expr, enum pbconv_phase phase, const char *detail,
+                             int line)
+{
+    char src[1024], want[1024];
+    snprintf(src, sizeof src, "function %s() return %s end\n", pbconv_handler_name(phase), expr);
+    struct script *s = load(src);
+    snprintf(want, sizeof want, "%s:1: %s %s", last_path, pbconv_handler_name(phase), detail);
+    struct script_stream *st = script_stream_open(s, 8);
+    send(st, &(struct req){.phase = phase, .kv = no_headers});
+    check_fail(GRPC_STATUS_INTERNAL, want, line);
+    script_stream_close(st);
+    script_close(s);
+}
+#define BAD(expr, phase, detail) check_bad_return(expr, phase, detail, __LINE__)
+#define BADT(expr, detail) BAD(expr, PBCONV_REQUEST_HEADERS, "returned a bad table: " detail)
+
+static void test_bad_returns(void)
+{
+    BAD("'x'", PBCONV_REQUEST_HEADERS, "returned a string, expected a table or nil");
+    BAD("42", PBCONV_REQUEST_BODY, "returned a number, expected a table or nil");
+    BAD("true", PBCONV_RESPONSE_TRAILERS, "returned a boolean, expected a table or nil");
+    BADT("{ ad = {} }", "unknown key 'ad'");
+    BADT("{ {'a', 'b'} }", "unknown key [1]");
+    BADT("{ [true] = 1 }", "unknown key of type boolean");
+    BADT("{ add = 'x' }", "'add' must be a table, got string");
+    BADT("{ remove = 'x' }", "'remove' must be a table, got string");
+    BADT("{ clear_route_cache = 1 }", "'clear_route_cache' must be a boolean, got number");
+    BADT("{ status = 1 }", "'status' must be a string, got number");
+    BADT("{ status = 'STOP' }",
+         "bad value for 'status': 'STOP' (expected \"CONTINUE\" or \"CONTINUE_AND_REPLACE\")");
+    BADT("{ deny = 5 }", "'deny' must be a string or true, got number");
+    BADT("{ immediate = true }", "'immediate' must be a table, got boolean");
+    BADT("{ body = 'x' }", "'body' in a headers response needs status = \"CONTINUE_AND_REPLACE\"");
+    BADT("{ body = 'x', status = 'CONTINUE' }",
+         "'body' in a headers response needs status = \"CONTINUE_AND_REPLACE\"");
+    BADT("{ clear_body = true }", "'clear_body' is not allowed in request_headers");
+    BAD("{ body = 'x' }", PBCONV_REQUEST_TRAILERS,
+        "returned a bad table: 'body' is not allowed in request_trailers");
+    BAD("{ clear_route_cache = true }", PBCONV_RESPONSE_TRAILERS,
+        "returned a bad table: 'clear_route_cache' is not allowed in response_trailers");
+    BAD("{ status = 'CONTINUE' }", PBCONV_REQUEST_TRAILERS,
+        "returned a bad table: 'status' is not allowed in request_trailers");
+    BAD("{ body = 'x', clear_body = true }", PBCONV_REQUEST_BODY,
+        "returned a bad table: 'body' and 'clear_body' cannot be combined");
+    BAD("{ body = 1 }", PBCONV_REQUEST_BODY,
+        "returned a bad table: 'body' must be a string, got number");
+    BADT("{ deny = 'no', add = {} }", "'deny' cannot be combined with 'add'");
+    BADT("{ immediate = {}, clear_route_cache = true }",
+         "'immediate' cannot be combined with 'clear_route_cache'");
+    BADT("{ immediate = { status = 42 } }",
+         "bad value for 'immediate.status': 42 (expected an HTTP status 100-599)");
+    BADT("{ immediate = { status = 600 } }",
+         "bad value for 'immediate.status': 600 (expected an HTTP status 100-599)");
+    BADT("{ immediate = { status = 200.5 } }",
+         "bad value for 'immediate.status': 200.5 (expected an HTTP status 100-599)");
+    BADT("{ immediate = { status = '403' } }", "'immediate.status' must be a number, got string");
+    BADT("{ immediate = { grpc_status = -1 } }",
+         "bad value for 'immediate.grpc_status': -1 (expected a non-negative integer)");
+    BADT("{ immediate = { stauts = 403 } }", "unknown key 'immediate.stauts'");
+    BADT("{ immediate = { body = {} } }", "'immediate.body' must be a string, got table");
+    BADT("{ immediate = { details = 'a\\0b' } }", "'immediate.details' contains a NUL byte");
+    BADT("{ immediate = { headers = { {'a', {}} } } }",
+         "'immediate.headers': value of 'a' is a table, expected a string or number");
+    BADT("{ add = { {'a', 'b'}, c = 'd' } }",
+         "'add' mixes {name, value} pairs with name = value entries");
+    BADT("{ add = { [1] = {'a', 'b'}, [3] = {'c', 'd'} } }",
+         "'add' is not a list: its keys are not 1..n");
+    BADT("{ add = { 'a' } }", "'add' entry 1 is a string, expected a {name, value} pair");
+    BADT("{ add = { {'a'} } }", "'add' entry 1 is not a {name, value} pair");
+    BADT("{ add = { {1, 'b'} } }", "'add' entry 1: the name is a number, expected a string");
+    BADT("{ add = { {'', 'b'} } }", "'add' entry 1: empty header name");
+    BADT("{ add = { {'a\\0b', 'c'} } }", "'add': header name 'a' contains a NUL byte");
+    BADT("{ add = { a = true } }", "'add': value of 'a' is a boolean, expected a string or number");
+    BADT("{ add = { a = 0/0 } }", "'add': value of 'a' is not a finite number");
+    BADT("{ add = { [2.5] = 'x' } }",
+         "'add' has a key of type number; expected a list of {name, value} pairs or a map of "
+         "name = value");
+    BADT("{ remove = { 1 } }", "'remove' entry 1: the name is a number, expected a string");
+    BADT("{ remove = { x = 'y' } }", "'remove' must be a list of header names");
+}
+
+static void test_lua_errors(void)
+{
+    char want[512];
+    struct script *s = load(
+        "function on_request_headers(h)\n"
+        "  if h:has('table') then error({}) end\n"
+        "  if h:has('tostring') then error(setmetatable({}, {__tostring = function() return 'custom' end})) end\n"
+        "  if h:has('level0') then error('bare', 0) end\n"
+        "  if h:has('index') then local t = nil; return t.x end\n"
+        "  error('boom')\n"
+        "end\n"
+        "function on_request_body() return { ad = 1 } end\n");
+    const char *path = last_path;
+    struct script_stream *st = script_stream_open(s, 9);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    snprintf(want, sizeof want, "%s:6: boom", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+    CHECK(strstr(reply.message, "traceback") == NULL);
+
+    static const char *const t[] = {"table", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = t, .n = 1});
+    snprintf(want, sizeof want, "%s:2: (error object is a table value)", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+
+    static const char *const ts[] = {"tostring", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = ts, .n = 1});
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, "custom");
+
+    static const char *const l0[] = {"level0", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = l0, .n = 1});
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, "bare");
+
+    static const char *const ix[] = {"index", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = ix, .n = 1});
+    snprintf(want, sizeof want, "%s:5: attempt to index a nil value (local 't')", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+
+    /* the bad-table message points at the line where the handler is defined */
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    snprintf(want, sizeof want, "%s:8: on_request_body returned a bad table: unknown key 'ad'", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+
+    /* a failure ends one message, not the script: the next trailer still works */
+    static const uint8_t rqt[] = {0x2a, 0x00};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(rqt, 2));
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_malformed(void)
+{
+    struct script *s = load("function on_request_headers() error('must not run') end\n");
+    struct script_stream *st = script_stream_open(s, 10);
+    static const uint8_t truncated[] = {0x12, 0x05, 0x0a};  /* length 5, 1 byte follows */
+    CHECK(send_bytes(st, truncated, sizeof truncated) == NULL);
+    CHECK_FAIL(GRPC_STATUS_INVALID_ARGUMENT, "malformed ProcessingRequest");
+    static const uint8_t badwire[] = {0x17};  /* wire type 7 does not exist */
+    send_bytes(st, badwire, sizeof badwire);
+    CHECK_FAIL(GRPC_STATUS_INVALID_ARGUMENT, "malformed ProcessingRequest");
+    send_bytes(st, (const uint8_t *)"", 0);  /* valid, but no phase set */
+    CHECK_FAIL(GRPC_STATUS_INVALID_ARGUMENT, "ProcessingRequest carries no headers, body or trailers");
+    static const uint8_t only_obs[] = {0x50, 0x01};  /* observability_mode = true, no phase */
+    send_bytes(st, only_obs, sizeof only_obs);
+    CHECK(reply.outcome == SCRIPT_FAIL && reply.status == GRPC_STATUS_INVALID_ARGUMENT);
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_observability_and_extras(void)
+{
+    struct script *s = load(
+        "function on_request_headers(h, ctx)\n"
+        "  ctx.state.seen = (ctx.state.seen or 0) + 1\n"
+        "  if h:has('fail') then error('logged only') end\n"
+        "  if h:has('bad') then return { nope = 1 } end\n"
+        "  if h:has('deny') then return { deny = 'x' } end\n"
+        "  return { add = { {'seen', ctx.state.seen} } }\n"
+        "end\n");
+    struct script_stream *st = script_stream_open(s, 11);
+    CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true}) == NULL);
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    static const char *const kf[] = {"fail", "1"}, *const kb[] = {"bad", "1"}, *const kd[] = {"deny", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kf, .n = 1, .observe = true});
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kb, .n = 1, .observe = true});
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kd, .n = 1, .observe = true});
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    /* the handler did run each time; metadata, attributes and protocol_config are accepted */
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .extras = true});
+    CHECK(r != NULL);
+    CHECK_STR(set_value(common(r)->header_mutation, "seen"), "5");
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_open_errors(void)
+{
+    char err[512], want[600];
+    const char *p = write_script("local x = = 1\n");
+    CHECK(script_open(p, err, sizeof err) == NULL);
+    snprintf(want, sizeof want, "%s:1:", p);
+    CHECK(strncmp(err, want, strlen(want)) == 0);
+
+    p = write_script("local a = 1\nerror('top level')\n");
+    CHECK(script_open(p, err, sizeof err) == NULL);
+    snprintf(want, sizeof want, "%s:2: top level", p);
+    CHECK_STR(err, want);
+
+    /* bytecode is refused: text mode only */
+    p = write_script("\x1bLua");
+    CHECK(script_open(p, err, sizeof err) == NULL);
+    CHECK(strstr(err, "binary") != NULL);
+
+    CHECK(script_open("/nonexistent/x.lua", err, sizeof err) == NULL);
+    CHECK(strstr(err, "/nonexistent/x.lua") != NULL);
+}
+
+/* pbconv directly: the stack is left as found, on success and on error. */
+static void test_pbconv_stack(void)
+{
+    lua_State *L = luaL_newstate();
+    luaL_openlibs(L);
+    pbconv_open(L);
+    struct arena a;
+    arena_init(&a, 64);  /* tiny first chunk: the response must span several */
+    pbconv_response resp;
+    struct pbconv_result res;
+    char err[256];
+    CHECK(luaL_dostring(L, "return { add = { {'a', 'b'}, {'c', 1} }, remove = {'x'} }") == LUA_OK);
+    lua_pushinteger(L, 99);  /* something above the value: idx need not be the top */
+    CHECK(pbconv_to_response(L, -2, PBCONV_RESPONSE_HEADERS, &a, &resp, &res, err, sizeof err)
+          == PBCONV_OK);
+    CHECK(lua_gettop(L) == 2 && lua_tointeger(L, 2) == 99);
+    CHECK(resp.response_case == RESP(RESPONSE_HEADERS));
+    CHECK(resp.response_headers->response->header_mutation->n_set_headers == 2);
+    uint8_t buf[256];
+    size_t n = protobuf_c_message_pack(&resp.base, buf);
+    CHECK(n == protobuf_c_message_get_packed_size(&resp.base) && n > 0);
+    lua_settop(L, 0);
+    arena_reset(&a);
+
+    CHECK(luaL_dostring(L, "return { immediate = { headers = { {'a', 'b'}, {'c'} } } }") == LUA_OK);
+    CHECK(pbconv_to_response(L, 1, PBCONV_REQUEST_HEADERS, &a, &resp, &res, err, sizeof err)
+          == PBCONV_BAD);
+    CHECK_STR(err, "on_request_headers returned a bad table: 'immediate.headers' entry 2 is not "
+                   "a {name, value} pair");
+    CHECK(lua_gettop(L) == 1);
+    lua_pop(L, 1);
+
+    lua_pushstring(L, "why");
+    lua_setglobal(L, "why");
+    CHECK(luaL_dostring(L, "return { deny = why }") == LUA_OK);
+    CHECK(pbconv_to_response(L, 1, PBCONV_REQUEST_BODY, &a, &resp, &res, err, sizeof err)
+          == PBCONV_DENY);
+    CHECK(res.deny_len == 3 && memcmp(res.deny_message, "why", 3) == 0);
+    CHECK(lua_gettop(L) == 1);
+    lua_pop(L, 1);
+
+    /* pushing: headers with uppercase names are folded; the object has the methods */
+    Envoy__Config__Core__V3__HeaderMap map = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
+    HeaderValue hv = ENVOY__CONFIG__CORE__V3__HEADER_VALUE__INIT, *hvp = &hv;
+    hv.key = "Content-Type";
+    hv.value = "text/plain";
+    map.n_headers = 1;
+    map.headers = &hvp;
+    pbconv_push_headers(L, &map, 1);
+    lua_setglobal(L, "h");
+    CHECK(luaL_dostring(L, "return h[1][1] .. '|' .. h:get('CONTENT-TYPE') .. '|' .. "
+                           "tostring(h.end_of_stream)") == LUA_OK);
+    CHECK_STR(lua_tostring(L, -1), "content-type|text/plain|true");
+    lua_pop(L, 1);
+    arena_destroy(&a);
+    lua_close(L);
+}
+
+static void test_arena(void)
+{
+    struct arena a;
+    arena_init(&a, 100);
+    char *p = arena_alloc(&a, 1), *q = arena_alloc(&a, 3);
+    CHECK(p != NULL && q != NULL && p != q);
+    CHECK((uintptr_t)q % _Alignof(max_align_t) == 0);
+    char *big = arena_alloc(&a, 100000);  /* larger than any chunk so far */
+    CHECK(big != NULL);
+    memset(big, 0xab, 100000);
+    int *z = arena_calloc(&a, 10, sizeof *z);
+    CHECK(z != NULL && z[0] == 0 && z[9] == 0);
+    CHECK(arena_calloc(&a, SIZE_MAX / 2, 4) == NULL);
+    CHECK(arena_alloc(&a, SIZE_MAX - 3) == NULL);
+    arena_reset(&a);
+    /* after the reset one chunk holds what the last round needed */
+    char *r = arena_alloc(&a, 100000);
+    CHECK(r != NULL);
+    arena_reset(&a);
+    CHECK(arena_alloc(&a, 100000) == r);
+    /* as a protobuf-c allocator */
+    ProtobufCAllocator pa = arena_pb_allocator(&a);
+    static const uint8_t msg[] = {0x22, 0x03, 0x0a, 0x01, 'x'};  /* request_body { body: "x" } */
+    Req *req = envoy__service__ext_proc__v3__processing_request__unpack(&pa, sizeof msg, msg);
+    CHECK(req != NULL && req->request_case == 4 && req->request_body->body.len == 1);
+    envoy__service__ext_proc__v3__processing_request__free_unpacked(req, &pa);  /* a no-op */
+    arena_destroy(&a);
+}
+
+int main(void)
+{
+    if (getenv("TEST_VERBOSE") == NULL)
+        log_set_level((enum log_level)(LOG_ERROR + 1));  /* expected errors stay quiet */
+    CHECK(mkdtemp(tmpdir) != NULL);
+    test_arena();
+    test_pbconv_stack();
+    test_basic_example();
+    test_empty_results();
+    test_headers_object();
+    test_binary_body();
+    test_ctx_state();
+    test_add_forms();
+    test_return_keys();
+    test_immediate_and_deny();
+    test_bad_returns();
+    test_lua_errors();
+    test_malformed();
+    test_observability_and_extras();
+    test_open_errors();
+    free_last();
+    for (int i = 1; i <= nscripts; i++) {
+        char p[256];
+        snprintf(p, sizeof p, "%s/s%d.lua", tmpdir, i);
+        unlink(p);
+    }
+    rmdir(tmpdir);
+    printf("%d passed, 0 failed\n", passed);
+    return 0;
+}
