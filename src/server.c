@@ -10,6 +10,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/support/log.h>
+#include <grpc/support/sync.h>
 #include <grpc/support/time.h>
 #include <netdb.h>
 #include <pthread.h>
@@ -189,6 +190,17 @@ static void teardown(struct server *srv, int grace_ms)
             grpc_completion_queue_next(srv->shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
                                        NULL);
         }
+        /* Cancelled calls still deliver their last events, and a stream may answer one
+         * with a final batch: keep every queue open until the last stream is freed. */
+        gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                             gpr_time_from_millis(10000, GPR_TIMESPAN));
+        while (stream_live_count() > 0 &&
+               gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), deadline) < 0)
+            gpr_sleep_until(gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(5, GPR_TIMESPAN)));
+        if (stream_live_count() > 0)
+            log_error("shutdown: %ld streams still open after cancellation",
+                      stream_live_count());
         grpc_server_destroy(srv->grpc);
     }
     for (int i = 0; i < srv->nworkers; i++) {

@@ -44,6 +44,9 @@ struct stream {
 };
 
 static _Atomic uint64_t next_stream_id = 1;
+static _Atomic long live_streams;
+
+long stream_live_count(void) { return atomic_load(&live_streams); }
 
 static void stream_free(struct stream *s)
 {
@@ -60,6 +63,7 @@ static void stream_free(struct stream *s)
         script_stream_close(s->script);
     grpc_call_unref(s->call);
     free(s);
+    atomic_fetch_sub(&live_streams, 1);
 }
 
 /* Every completion ends here: a stream lives exactly as long as its batches. */
@@ -231,6 +235,7 @@ void stream_start(grpc_call *call, struct script *script)
         grpc_call_unref(call);
         return;
     }
+    atomic_fetch_add(&live_streams, 1);
     s->call = call;
     s->id = atomic_fetch_add(&next_stream_id, 1);
     s->script = script_stream_open(script, s->id);

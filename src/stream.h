@@ -11,6 +11,10 @@ struct script;
  * every later event of the call arrives on that queue and is handled by the same worker. */
 void stream_start(grpc_call *call, struct script *script);
 
+/* Streams started and not yet freed, across all workers. A stream may still start
+ * batches until it is freed, so its worker's queue must stay open until this is 0. */
+long stream_live_count(void);
+
 /* Answers a call to any other method with UNIMPLEMENTED; takes ownership of `call`. */
 void stream_reject_unknown(grpc_call *call, const grpc_slice *method);
 
