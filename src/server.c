@@ -171,7 +171,7 @@ static int add_port(struct server *srv, const char *what, const char *address,
         explain_listen_failure(what, address, err, errlen);
         return -1;
     }
-    log_info("%s listening on %s", what, address);
+    log_info("%s listening on %s (port %d)", what, address, port);
     return 0;
 }
 
