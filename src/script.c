@@ -299,6 +299,8 @@ static int pack(struct script *s, const pbconv_response *resp, struct script_rep
     reply->outcome = SCRIPT_RESPOND;
     reply->data = s->out;
     reply->len = protobuf_c_message_pack(&resp->base, s->out);
+    reply->count = 1;
+    reply->lens = &reply->len;
     return 0;
 }
 

@@ -22,15 +22,20 @@ struct script_stream *script_stream_open(struct script *s, uint64_t id);
 void script_stream_close(struct script_stream *st);
 
 enum script_outcome {
-    SCRIPT_RESPOND,      /* send reply.data/len as the next message */
-    SCRIPT_NO_RESPONSE,  /* nothing to send (observability mode) */
+    SCRIPT_RESPOND,      /* send the reply's messages, in order */
+    SCRIPT_NO_RESPONSE,  /* nothing to send (observability mode, a held body chunk) */
     SCRIPT_FAIL,         /* end the stream with reply.status / reply.message */
 };
 
 struct script_reply {
     enum script_outcome outcome;
-    const uint8_t *data;  /* packed ProcessingResponse; valid until the next script_handle */
+    /* SCRIPT_RESPOND: `count` packed ProcessingResponse messages back to back in data
+     * (`len` bytes in all; lens[i] each). One request usually gets one answer; a
+     * FULL_DUPLEX_STREAMED body chunk may get several. Valid until the next script_handle. */
+    const uint8_t *data;
     size_t len;
+    size_t count;
+    const size_t *lens;
     int status;           /* a grpc_status_code when outcome == SCRIPT_FAIL */
     const char *message;  /* NUL-terminated; valid until the next script_handle */
 };

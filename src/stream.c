@@ -163,7 +163,8 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
 
     switch (reply.outcome) {
     case SCRIPT_RESPOND:
-        enqueue(s, reply.data, reply.len);
+        for (size_t i = 0, at = 0; i < reply.count; at += reply.lens[i], i++)
+            enqueue(s, reply.data + at, reply.lens[i]);
         break;
     case SCRIPT_NO_RESPONSE:
         break;

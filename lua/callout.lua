@@ -1,0 +1,1 @@
+-- the callout module: being written
