@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "tls.h"
 
 #define REQUEST_MAX 8192        /* request line + headers */
@@ -237,11 +238,20 @@ static void serve(struct admin *a, int fd, const char *peer)
         }
     }
 
+    /* GET /metrics is the one path with a body: the counters, for Prometheus. */
+    char body[4096];
+    size_t blen = 0;
+    if (status[0] == '2' && strcmp(target, "/metrics") == 0) {
+        blen = metrics_render(body, sizeof body);
+        extra = "Content-Type: text/plain; version=0.0.4\r\n";
+    }
     char resp[256];
     int rlen = snprintf(resp, sizeof resp,
-                        "HTTP/1.1 %s\r\n%sContent-Length: 0\r\nConnection: close\r\n\r\n",
-                        status, extra);
+                        "HTTP/1.1 %s\r\n%sContent-Length: %zu\r\nConnection: close\r\n\r\n",
+                        status, extra, blen);
     int werr = conn_write_all(&c, resp, (size_t)rlen);
+    if (!werr && blen && strcmp(method, "GET") == 0)
+        werr = conn_write_all(&c, body, blen);
     log_debug("health check: %s %s %s -> %.3s%s", peer, method[0] ? method : "-",
               target[0] ? target : "-", status, werr ? " (write failed)" : "");
     if (c.tls == NULL && status[0] != '2' && !werr)

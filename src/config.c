@@ -44,6 +44,8 @@ static const struct flag flags[] = {
     {"cert_chain_path", FLAG_STRING, AT(cert_chain_path), "PATH",
      "PEM certificate chain for TLS (default: an ephemeral self-signed one)"},
     {"private_key_path", FLAG_STRING, AT(private_key_path), "PATH", "PEM private key for TLS"},
+    {"watch", FLAG_BOOL, AT(watch), "",
+     "reload when the script or a .lua file beside it changes (inotify)"},
     {"threads", FLAG_INT, AT(threads), "N", "worker threads (default: number of cores)"},
     {"log_level", FLAG_LEVEL, AT(log_level), "LEVEL", "debug, info, warn or error (default info)"},
     {"help", FLAG_HELP, 0, "", "print this help and exit"},

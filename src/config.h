@@ -19,6 +19,7 @@ struct config {
     const char *private_key_path;
     int threads;
     enum log_level log_level;
+    bool watch;                     /* reload when the script's folder changes */
 };
 
 enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };

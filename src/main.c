@@ -14,8 +14,13 @@
 #include "log.h"
 #include "server.h"
 #include "tls.h"
+#include "watch.h"
 
 #define SHUTDOWN_GRACE_MS 5000
+/* Quiet time after a file event before reloading: one reload per save or ConfigMap swap. */
+#define WATCH_SETTLE_MS 200
+
+static void reload(void *srv) { server_reload(srv); }
 
 int main(int argc, char **argv)
 {
@@ -70,19 +75,27 @@ int main(int argc, char **argv)
         }
     }
 
+    struct watch *watch = NULL;
+    if (cfg.watch) {
+        watch = watch_start(cfg.script_path, WATCH_SETTLE_MS, reload, srv, err, sizeof err);
+        if (!watch)
+            log_error("--watch: %s; reload with SIGHUP instead", err);
+    }
+
     for (;;) {
         int sig = 0;
         if (sigwait(&waited, &sig) != 0)
             continue;
         if (sig == SIGHUP) {
-            log_warn("SIGHUP received: script reload is not implemented yet; still serving %s",
-                     cfg.script_path);
+            log_info("SIGHUP received: reloading %s", cfg.script_path);
+            server_reload(srv);
             continue;
         }
         log_info("signal %d received: shutting down", sig);
         break;
     }
 
+    watch_stop(watch);
     if (admin)
         admin_stop(admin);
     server_stop(srv, SHUTDOWN_GRACE_MS);

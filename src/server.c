@@ -19,14 +19,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
 #include "script.h"
 #include "stream.h"
 #include "tag.h"
 #include "tls.h"
+#include "vm.h"
 
 #define PROCESS_METHOD "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 /* Requests kept posted per worker: enough that a burst of new streams never waits for a
@@ -51,11 +54,14 @@ struct worker {
     pthread_t thread;
     bool running;
     grpc_completion_queue *cq;
-    struct script *script;
+    struct vm *current;              /* new streams start here; owned by the worker thread */
+    _Atomic(struct vm *) pending;    /* a reloaded generation, adopted at the next call */
     struct call_request requests[REQUESTS_PER_WORKER + 1];
 };
 
 struct server {
+    const char *script_path;
+    pthread_mutex_t reload_lock;     /* one reload at a time */
     grpc_server *grpc;
     void *process_method;
     grpc_completion_queue *shutdown_cq;
@@ -88,10 +94,16 @@ static void on_new_call(struct tag *tag, bool ok)
     struct call_request *r = container_of(tag, struct call_request, tag);
     struct worker *w = r->worker;
     if (ok) {
-        if (r->generic)
+        if (r->generic) {
             stream_reject_unknown(r->call, &r->details.method);
-        else
-            stream_start(r->call, w->script);
+        } else {
+            struct vm *next = atomic_exchange(&w->pending, NULL);
+            if (next) {
+                vm_retire(w->current);
+                w->current = next;
+            }
+            stream_start(r->call, w->current);
+        }
     }
     grpc_metadata_array_destroy(&r->metadata);
     if (r->generic)
@@ -213,8 +225,10 @@ static void teardown(struct server *srv, int grace_ms)
         else
             worker_main(w);   /* never started: drain the queue here */
         grpc_completion_queue_destroy(w->cq);
-        if (w->script)
-            script_close(w->script);
+    }
+    for (int i = 0; i < srv->nworkers; i++) {
+        vm_free(srv->workers[i].current);
+        vm_free(atomic_exchange(&srv->workers[i].pending, NULL));
     }
     if (srv->shutdown_cq) {
         grpc_completion_queue_shutdown(srv->shutdown_cq);
@@ -224,8 +238,73 @@ static void teardown(struct server *srv, int grace_ms)
         grpc_completion_queue_destroy(srv->shutdown_cq);
     }
     free(srv->workers);
+    pthread_mutex_destroy(&srv->reload_lock);
     free(srv);
     grpc_shutdown();
+}
+
+static uint64_t now_us(int clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* Loads the script once per worker (each worker gets a VM of its own) and records the
+ * generation in the metrics. NULL on the first failure, with "file:line: msg" in err. */
+static struct vm **load_generation(struct server *srv, uint64_t generation, char *err,
+                                   size_t errlen)
+{
+    uint64_t t0 = now_us(CLOCK_MONOTONIC);
+    struct vm **vms = calloc((size_t)srv->nworkers, sizeof *vms);
+    if (!vms) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    for (int i = 0; i < srv->nworkers; i++) {
+        struct script *script = script_open(srv->script_path, err, errlen);
+        vms[i] = script ? vm_new(script, generation) : NULL;
+        if (!vms[i]) {
+            if (script) {
+                script_close(script);
+                snprintf(err, errlen, "out of memory");
+            }
+            while (i-- > 0)
+                vm_free(vms[i]);
+            free(vms);
+            return NULL;
+        }
+    }
+    atomic_store(&metrics.script_generation, generation);
+    atomic_store(&metrics.script_loaded_unix_ms, now_us(CLOCK_REALTIME) / 1000u);
+    atomic_store(&metrics.script_load_us, now_us(CLOCK_MONOTONIC) - t0);
+    return vms;
+}
+
+int server_reload(struct server *srv)
+{
+    char err[1024];
+    pthread_mutex_lock(&srv->reload_lock);
+    uint64_t generation = atomic_load(&metrics.script_generation) + 1;
+    struct vm **vms = load_generation(srv, generation, err, sizeof err);
+    if (!vms) {
+        pthread_mutex_unlock(&srv->reload_lock);
+        atomic_fetch_add(&metrics.reload_failures_total, 1);
+        log_error("reload of %s failed, still serving generation %llu: %s", srv->script_path,
+                  (unsigned long long)(generation - 1), err);
+        return -1;
+    }
+    /* Hand each worker its new VM; a generation a worker never adopted (two reloads
+     * between its calls) has had no stream, so it can be freed from here. */
+    for (int i = 0; i < srv->nworkers; i++)
+        vm_free(atomic_exchange(&srv->workers[i].pending, vms[i]));
+    free(vms);
+    atomic_fetch_add(&metrics.reloads_total, 1);
+    pthread_mutex_unlock(&srv->reload_lock);
+    log_info("reloaded %s: generation %llu serves new streams (loaded in %llu us)",
+             srv->script_path, (unsigned long long)generation,
+             (unsigned long long)atomic_load(&metrics.script_load_us));
+    return 0;
 }
 
 /* grpc's own log lines go through ours at debug level: its errors for conditions we
@@ -255,15 +334,16 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
         goto fail;
     }
 
-    /* Each worker loads the script into its own VM; the first failure is the user's
-     * script error, reported as file:line: msg. */
+    srv->script_path = cfg->script_path;
+    pthread_mutex_init(&srv->reload_lock, NULL);
+    struct vm **vms = load_generation(srv, 1, err, errlen);
+    if (!vms)
+        goto fail;
     for (int i = 0; i < srv->nworkers; i++) {
-        struct worker *w = &srv->workers[i];
-        w->srv = srv;
-        w->script = script_open(cfg->script_path, err, errlen);
-        if (!w->script)
-            goto fail;
+        srv->workers[i].srv = srv;
+        srv->workers[i].current = vms[i];
     }
+    free(vms);
 
     grpc_arg args[] = {
         /* A second server on the same port must fail, not silently share it. */

@@ -16,8 +16,10 @@
 #include <string.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "script.h"
 #include "tag.h"
+#include "vm.h"
 
 struct pending_send {
     grpc_byte_buffer *payload;
@@ -26,6 +28,7 @@ struct pending_send {
 
 struct stream {
     grpc_call *call;
+    struct vm *vm;                /* the script generation this stream started on */
     struct script_stream *script;
     uint64_t id;
 
@@ -61,9 +64,13 @@ static void stream_free(struct stream *s)
     grpc_slice_unref(s->status_details);
     if (s->script)
         script_stream_close(s->script);
+    vm_release(s->vm);
+    if (s->status_sent && s->status != GRPC_STATUS_OK)
+        atomic_fetch_add(&metrics.stream_errors_total, 1);
     grpc_call_unref(s->call);
     free(s);
     atomic_fetch_sub(&live_streams, 1);
+    atomic_fetch_sub(&metrics.streams_active, 1);
 }
 
 /* Every completion ends here: a stream lives exactly as long as its batches. */
@@ -157,6 +164,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
     grpc_slice flat = grpc_byte_buffer_reader_readall(&reader);
     grpc_byte_buffer_reader_destroy(&reader);
 
+    atomic_fetch_add(&metrics.messages_total, 1);
     struct script_reply reply;
     script_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
     grpc_slice_unref(flat);
@@ -227,7 +235,7 @@ static void on_close(struct tag *tag, bool ok)
     batch_done(s);
 }
 
-void stream_start(grpc_call *call, struct script *script)
+void stream_start(grpc_call *call, struct vm *vm)
 {
     struct stream *s = calloc(1, sizeof *s);
     if (!s) {
@@ -237,9 +245,13 @@ void stream_start(grpc_call *call, struct script *script)
         return;
     }
     atomic_fetch_add(&live_streams, 1);
+    atomic_fetch_add(&metrics.streams_total, 1);
+    atomic_fetch_add(&metrics.streams_active, 1);
     s->call = call;
+    s->vm = vm;
+    vm_acquire(vm);
     s->id = atomic_fetch_add(&next_stream_id, 1);
-    s->script = script_stream_open(script, s->id);
+    s->script = script_stream_open(vm->script, s->id);
     s->status_details = grpc_empty_slice();
     s->recv_tag.done = on_recv;
     s->send_tag.done = on_send;

@@ -5,11 +5,12 @@
 
 #include <grpc/grpc.h>
 
-struct script;
+struct vm;
 
 /* Takes ownership of `call`, which was requested on the calling worker's completion queue;
- * every later event of the call arrives on that queue and is handled by the same worker. */
-void stream_start(grpc_call *call, struct script *script);
+ * every later event of the call arrives on that queue and is handled by the same worker.
+ * The stream runs on `vm` (the worker's current script generation) until it ends. */
+void stream_start(grpc_call *call, struct vm *vm);
 
 /* Streams started and not yet freed, across all workers. A stream may still start
  * batches until it is freed, so its worker's queue must stay open until this is 0. */
