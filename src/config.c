@@ -46,6 +46,8 @@ static const struct flag flags[] = {
     {"private_key_path", FLAG_STRING, AT(private_key_path), "PATH", "PEM private key for TLS"},
     {"watch", FLAG_BOOL, AT(watch), "",
      "reload when the script or a .lua file beside it changes (inotify)"},
+    {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
+     "benchmark baseline: answer every message with a fixed response, no Lua"},
     {"threads", FLAG_INT, AT(threads), "N", "worker threads (default: number of cores)"},
     {"log_level", FLAG_LEVEL, AT(log_level), "LEVEL", "debug, info, warn or error (default info)"},
     {"help", FLAG_HELP, 0, "", "print this help and exit"},

@@ -20,6 +20,7 @@ struct config {
     int threads;
     enum log_level log_level;
     bool watch;                     /* reload when the script's folder changes */
+    bool bench_echo;                /* fixed answers, no Lua: the benchmark's baseline */
 };
 
 enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };

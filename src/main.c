@@ -13,6 +13,7 @@
 #include "config.h"
 #include "log.h"
 #include "server.h"
+#include "stream.h"
 #include "tls.h"
 #include "watch.h"
 
@@ -57,6 +58,7 @@ int main(int argc, char **argv)
                      "for localhost, SHA-256 fingerprint %s", id.fingerprint);
     }
 
+    stream_set_bench_echo(cfg.bench_echo);
     struct server *srv = server_start(&cfg, need_tls ? &id : NULL, err, sizeof err);
     if (!srv) {
         fprintf(stderr, "luacallout: %s\n", err);

@@ -4,6 +4,7 @@
 #define LUACALLOUT_STREAM_H
 
 #include <grpc/grpc.h>
+#include <stdbool.h>
 
 struct vm;
 
@@ -15,6 +16,10 @@ void stream_start(grpc_call *call, struct vm *vm);
 /* Streams started and not yet freed, across all workers. A stream may still start
  * batches until it is freed, so its worker's queue must stay open until this is 0. */
 long stream_live_count(void);
+
+/* --bench_echo: answer every message with a fixed response, bypassing decoding and Lua
+ * (the baseline of scripts/bench). Set before the server starts. */
+void stream_set_bench_echo(bool on);
 
 /* Answers a call to any other method with UNIMPLEMENTED; takes ownership of `call`. */
 void stream_reject_unknown(grpc_call *call, const grpc_slice *method);
