@@ -26,8 +26,9 @@ void pbreflect_push(lua_State *L, const ProtobufCMessage *msg);
  * Lua strings reachable from idx. Strict: an unknown field name, a wrong type, an unknown
  * enum name, an out-of-range integer, two members of one oneof -> -1 with err naming the
  * path, e.g. "response.request_headers.response.header_mutation.set_headers[1].header:
- * unknown field 'kye'". `path` is the prefix for messages ("response"). Does not call Lua
- * code; stack unchanged. */
+ * unknown field 'kye'". `path` is the prefix for messages ("response"). string fields
+ * must be valid UTF-8 without NUL (bytes fields take anything); enums take any int32
+ * number (proto3 enums are open). Does not call Lua code; stack unchanged. */
 int pbreflect_from_lua(lua_State *L, int idx, const ProtobufCMessageDescriptor *desc,
                        const char *path, struct arena *a, ProtobufCMessage **out, char *err,
                        size_t errlen);

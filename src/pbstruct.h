@@ -8,6 +8,7 @@
 #ifndef LUACALLOUT_PBSTRUCT_H
 #define LUACALLOUT_PBSTRUCT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <lua.h>
@@ -29,12 +30,17 @@ int pbstruct_is_null(lua_State *L, int idx);
  * Value, allocated in the arena; strings point into Lua strings reachable from idx (keep
  * it on the stack until packed). 0 on success; -1 with a message in err naming the path
  * of the offending entry, e.g. "dynamic_metadata.ns.list[2]: a function cannot be
- * converted to a protobuf Value" (`path` is the prefix to use). Rejects non-string keys,
- * functions/userdata/threads, NaN/inf, cycles (depth over 100). Does not call Lua code;
- * stack unchanged. */
+ * converted to a protobuf Value" (`path` is the prefix to use; NULL or "" for none).
+ * Rejects non-string keys, functions/userdata/threads, NaN/inf, cycles (depth over 100),
+ * strings and keys that are not valid UTF-8 or contain NUL (Envoy's parser would reject
+ * the whole message). Does not call Lua code; stack unchanged. */
 int pbstruct_from_lua(lua_State *L, int idx, const char *path, struct arena *a,
                       Google__Protobuf__Struct **out, char *err, size_t errlen);
 int pbstruct_value_from_lua(lua_State *L, int idx, const char *path, struct arena *a,
                             Google__Protobuf__Value **out, char *err, size_t errlen);
+
+/* Whether s[0..len) is valid UTF-8 (no overlongs, surrogates or code points past
+ * U+10FFFF): Envoy's parser rejects a message whose string fields are not. */
+bool pbstruct_utf8_valid(const char *s, size_t len);
 
 #endif
