@@ -18,6 +18,8 @@
 
 #include <lauxlib.h>
 
+#include "pbstruct.h"
+
 typedef Envoy__Config__Core__V3__HeaderValue HeaderValue;
 typedef Envoy__Config__Core__V3__HeaderValueOption HeaderValueOption;
 typedef Envoy__Config__Core__V3__HeaderMap HeaderMap;
@@ -33,9 +35,13 @@ typedef Envoy__Service__ExtProc__V3__BodyMutation BodyMutation;
 typedef Envoy__Service__ExtProc__V3__ImmediateResponse ImmediateResponse;
 typedef Envoy__Service__ExtProc__V3__GrpcStatus GrpcStatus;
 typedef Envoy__Type__V3__HttpStatus HttpStatus;
+typedef Envoy__Service__ExtProc__V3__StreamedBodyResponse StreamedBodyResponse;
+typedef Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode ProcessingMode;
 
 #define RESP(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_##x
 #define REQ(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_##x
+#define PROCESSING_MODE(x) \
+    ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__##x
 
 /* ---- phases --------------------------------------------------------------------------- */
 
@@ -265,6 +271,115 @@ void pbconv_push_input(lua_State *L, const pbconv_request *req, enum pbconv_phas
     }
 }
 
+
+/* ---- inputs: what ctx learns from each message ---------------------------------------- */
+
+/* Merges the Struct `st` into tbl[key] key by key (a later message's value for a key wins),
+ * or stores it as tbl[key] when that is not a table yet.
+ * stack before/after: unchanged (tbl is an absolute index). */
+static void merge_namespace(lua_State *L, int tbl, const char *key,
+                            const Google__Protobuf__Struct *st)
+{
+    luaL_checkstack(L, 4, "merging ctx tables");
+    lua_pushstring(L, key);
+    if (lua_rawget(L, tbl) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_pushstring(L, key);
+        pbstruct_push(L, st);
+        lua_rawset(L, tbl);
+        return;
+    }
+    size_t n = st != NULL ? st->n_fields : 0;
+    for (size_t i = 0; i < n; i++) {
+        const Google__Protobuf__Struct__FieldsEntry *fe = st->fields[i];
+        lua_pushstring(L, fe->key != NULL ? fe->key : "");
+        pbstruct_push_value(L, fe->value);
+        lua_rawset(L, -3);
+    }
+    lua_pop(L, 1);
+}
+
+/* Pushes ctx[name] when it is a table, else makes a new empty one ctx[name] and pushes
+ * that (a script may have replaced or cleared it). stack: ... -> ... table */
+static void ctx_table(lua_State *L, int ctx, const char *name)
+{
+    lua_pushstring(L, name);
+    if (lua_rawget(L, ctx) == LUA_TTABLE)
+        return;
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushstring(L, name);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, ctx);
+}
+
+static void push_body_mode(lua_State *L, int mode)
+{
+    const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+        &envoy__extensions__filters__http__ext_proc__v3__processing_mode__body_send_mode__descriptor,
+        mode);
+    if (v != NULL)
+        lua_pushstring(L, v->name);
+    else
+        lua_pushinteger(L, mode);  /* a mode newer than our protos */
+}
+
+void pbconv_update_ctx(lua_State *L, int ctx, const pbconv_request *req)
+{
+    const Envoy__Config__Core__V3__Metadata *md = req->metadata_context;
+    if (req->n_attributes == 0 && (md == NULL || md->n_filter_metadata == 0) &&
+        req->protocol_config == NULL)
+        return;  /* the common case: nothing to build */
+    ctx = lua_absindex(L, ctx);
+    luaL_checkstack(L, 8, "updating ctx");
+    if (req->n_attributes > 0) {
+        ctx_table(L, ctx, "attributes");
+        int t = lua_gettop(L);
+        for (size_t i = 0; i < req->n_attributes; i++)
+            merge_namespace(L, t, req->attributes[i]->key != NULL ? req->attributes[i]->key : "",
+                            req->attributes[i]->value);
+        lua_pop(L, 1);
+    }
+    if (md != NULL && md->n_filter_metadata > 0) {
+        ctx_table(L, ctx, "metadata");
+        int t = lua_gettop(L);
+        for (size_t i = 0; i < md->n_filter_metadata; i++)
+            merge_namespace(L, t, md->filter_metadata[i]->key != NULL ? md->filter_metadata[i]->key : "",
+                            md->filter_metadata[i]->value);
+        lua_pop(L, 1);
+    }
+    if (req->protocol_config != NULL) {
+        lua_pushliteral(L, "protocol_config");
+        if (lua_rawget(L, ctx) == LUA_TNIL) {
+            const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc = req->protocol_config;
+            lua_createtable(L, 0, 3);
+            push_body_mode(L, pc->request_body_mode);
+            lua_setfield(L, -2, "request_body_mode");
+            push_body_mode(L, pc->response_body_mode);
+            lua_setfield(L, -2, "response_body_mode");
+            lua_pushboolean(L, pc->send_body_without_waiting_for_header_response);
+            lua_setfield(L, -2, "send_body_without_waiting_for_header_response");
+            lua_pushliteral(L, "protocol_config");
+            lua_pushvalue(L, -2);
+            lua_rawset(L, ctx);
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+}
+
+bool pbconv_full_duplex(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
+                        enum pbconv_phase phase)
+{
+    if (pc == NULL)
+        return false;
+    if (phase == PBCONV_REQUEST_BODY)
+        return pc->request_body_mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED);
+    if (phase == PBCONV_RESPONSE_BODY)
+        return pc->response_body_mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED);
+    return false;
+}
+
 /* ---- outputs: the response ------------------------------------------------------------ */
 
 /* Sets resp's oneof to the phase's own response type. cr (headers and body phases) and
@@ -333,9 +448,11 @@ struct conv {
     lua_State *L;
     struct arena *a;
     enum pbconv_phase phase;
+    const struct pbconv_in *in;
     char *err;
     size_t errlen;
     bool nomem;
+    Google__Protobuf__BoolValue *append_true;  /* shared by every APPEND_IF_EXISTS_OR_ADD entry */
 };
 
 static int bad(struct conv *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -488,8 +605,91 @@ static int cmp_option_key(const void *a, const void *b)
 /* Reads the `add` forms at idx: a list of {name, value} pairs (order kept) or a
  * name = value map (sorted by name so the wire bytes do not depend on table order).
  * stack before/after: unchanged on success. */
-static int read_header_set(struct conv *c, int idx, const char *what, HeaderValueOption ***out,
-                           size_t *n_out)
+
+/* Reads the string at idx as a value name of enum d. `what` names the key for errors.
+ * Numbers are refused: the contract speaks names. */
+static int read_enum(struct conv *c, int idx, const char *what, const ProtobufCEnumDescriptor *d,
+                     int *out)
+{
+    lua_State *L = c->L;
+    if (lua_type(L, idx) != LUA_TSTRING)
+        return bad(c, "'%s' must be a string, got %s", what, luaL_typename(L, idx));
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    const ProtobufCEnumValue *v =
+        strlen(s) == len ? protobuf_c_enum_descriptor_get_value_by_name(d, s) : NULL;
+    if (v == NULL) {
+        char names[256];
+        size_t at = 0;
+        names[0] = '\0';
+        for (unsigned i = 0; i < d->n_values && at < sizeof names; i++) {
+            int n = snprintf(names + at, sizeof names - at, "%s%s",
+                             i == 0 ? "" : i + 1 == d->n_values ? " or " : ", ", d->values[i].name);
+            if (n < 0)
+                break;
+            at += (size_t)n;
+        }
+        return bad(c, "bad value for '%s': '%.64s' (expected %s)", what, s, names);
+    }
+    *out = v->value;
+    return 0;
+}
+
+#define APPEND_ACTION(x) ENVOY__CONFIG__CORE__V3__HEADER_VALUE_OPTION__HEADER_APPEND_ACTION__##x
+
+/* Sets an entry's append action. Stock Envoy's ext_proc reads only the deprecated `append`
+ * flag (envoy issue 36982), so APPEND_IF_EXISTS_OR_ADD also sets append = true. */
+static int set_append_action(struct conv *c, HeaderValueOption *o, int action)
+{
+    o->append_action = (Envoy__Config__Core__V3__HeaderValueOption__HeaderAppendAction)action;
+    if (action != APPEND_ACTION(APPEND_IF_EXISTS_OR_ADD))
+        return 0;
+    if (c->append_true == NULL) {
+        c->append_true = arena_alloc(c->a, sizeof *c->append_true);
+        if (c->append_true == NULL)
+            return nomem(c);
+        google__protobuf__bool_value__init(c->append_true);
+        c->append_true->value = 1;
+    }
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+    o->append = c->append_true;
+#pragma GCC diagnostic pop
+    return 0;
+}
+
+/* Checks that the pair at idx has no keys besides 1, 2 and append_action.
+ * stack before/after: unchanged on success. */
+static int check_pair_keys(struct conv *c, int idx, const char *what, size_t entry)
+{
+    lua_State *L = c->L;
+    lua_pushnil(L);
+    while (lua_next(L, idx) != 0) {
+        lua_pop(L, 1);
+        if (lua_isinteger(L, -1)) {
+            lua_Integer k = lua_tointeger(L, -1);
+            if (k == 1 || k == 2)
+                continue;
+        } else if (lua_type(L, -1) == LUA_TSTRING) {
+            size_t len;
+            const char *k = lua_tolstring(L, -1, &len);
+            if (len == 13 && memcmp(k, "append_action", 13) == 0)
+                continue;
+        }
+        char kb[128];
+        describe_key(L, -1, "", kb, sizeof kb);
+        return bad(c, "'%s' entry %zu has an unknown key %s (a pair takes {name, value, "
+                      "append_action = ...})", what, entry, kb);
+    }
+    return 0;
+}
+
+/* Reads the `add` forms at idx: a list of {name, value} pairs (order kept), each with an
+ * optional append_action, or a name = value map (sorted by name so the wire bytes do not
+ * depend on table order). `action` (-1: none) applies to every entry without its own.
+ * stack before/after: unchanged on success. */
+static int read_header_set(struct conv *c, int idx, const char *what, int action,
+                           HeaderValueOption ***out, size_t *n_out)
 {
     lua_State *L = c->L;
     size_t nint = 0, nstr = 0;
@@ -532,13 +732,29 @@ static int read_header_set(struct conv *c, int idx, const char *what, HeaderValu
             if (lua_rawgeti(L, idx, (lua_Integer)i + 1) != LUA_TTABLE)
                 return bad(c, "'%s' entry %zu is a %s, expected a {name, value} pair", what,
                            i + 1, luaL_typename(L, -1));
-            if (lua_rawlen(L, -1) != 2)
+            int pair = lua_gettop(L);
+            if (lua_rawlen(L, pair) != 2)
                 return bad(c, "'%s' entry %zu is not a {name, value} pair", what, i + 1);
-            lua_rawgeti(L, -1, 1);
-            lua_rawgeti(L, -2, 2);
+            if (check_pair_keys(c, pair, what, i + 1) != 0)
+                return -1;
+            lua_rawgeti(L, pair, 1);
+            lua_rawgeti(L, pair, 2);
             if (header_value(c, &hvs[i], -2, -1, what, i + 1) != 0)
                 return -1;
-            lua_pop(L, 3);
+            lua_pop(L, 2);
+            int own = action;
+            lua_pushliteral(L, "append_action");
+            if (lua_rawget(L, pair) != LUA_TNIL) {
+                char key[96];
+                snprintf(key, sizeof key, "%s[%zu].append_action", what, i + 1);
+                if (read_enum(c, -1, key,
+                              &envoy__config__core__v3__header_value_option__header_append_action__descriptor,
+                              &own) != 0)
+                    return -1;
+            }
+            lua_pop(L, 2);
+            if (own >= 0 && set_append_action(c, &opts[i], own) != 0)
+                return -1;
         }
     } else {
         size_t i = 0;
@@ -548,6 +764,8 @@ static int read_header_set(struct conv *c, int idx, const char *what, HeaderValu
             if (header_value(c, &hvs[i], -2, -1, what, i + 1) != 0)
                 return -1;
             lua_pop(L, 1);
+            if (action >= 0 && set_append_action(c, &opts[i], action) != 0)
+                return -1;
             i++;
         }
         if (i == n)
@@ -591,16 +809,31 @@ static int read_names(struct conv *c, int idx, const char *what, char ***out, si
     return 0;
 }
 
-/* A HeaderMutation from the `add`/`remove` values in slots add/remove (0 = absent);
- * *out stays NULL when both are empty, so no empty message is sent. */
-static int header_mutation(struct conv *c, int add, const char *add_what, int remove,
-                           HeaderMutation **out)
+/* The append action in slot idx (0 or nil: none) -> *action (-1 = none). */
+static int list_action(struct conv *c, int idx, const char *what, int *action)
+{
+    *action = -1;
+    if (idx == 0 || lua_isnil(c->L, idx))
+        return 0;
+    return read_enum(c, idx, what,
+                     &envoy__config__core__v3__header_value_option__header_append_action__descriptor,
+                     action);
+}
+
+/* A HeaderMutation from the `add`/`remove` values in slots add/remove (0 = absent), with
+ * the whole-list append action in slot action (0 = absent); *out stays NULL when both
+ * lists are empty, so no empty message is sent. */
+static int header_mutation(struct conv *c, int add, const char *add_what, int action,
+                           const char *action_what, int remove, HeaderMutation **out)
 {
     HeaderValueOption **set = NULL;
     char **rm = NULL;
     size_t nset = 0, nrm = 0;
+    int act;
     *out = NULL;
-    if (add != 0 && read_header_set(c, add, add_what, &set, &nset) != 0)
+    if (list_action(c, action, action_what, &act) != 0)
+        return -1;
+    if (add != 0 && read_header_set(c, add, add_what, act, &set, &nset) != 0)
         return -1;
     if (remove != 0 && read_names(c, remove, "remove", &rm, &nrm) != 0)
         return -1;
@@ -637,11 +870,11 @@ static int read_integer(struct conv *c, int idx, const char *what, lua_Integer m
     return 0;
 }
 
-enum { I_STATUS, I_HEADERS, I_BODY, I_DETAILS, I_GRPC_STATUS, I_COUNT };
-static const char *const imm_keys[I_COUNT] = {"status", "headers", "body", "details",
-                                              "grpc_status"};
+enum { I_STATUS, I_HEADERS, I_APPEND_ACTION, I_BODY, I_DETAILS, I_GRPC_STATUS, I_COUNT };
+static const char *const imm_keys[I_COUNT] = {"status", "headers", "append_action", "body",
+                                              "details", "grpc_status"};
 static const int imm_types[I_COUNT] = {LUA_TNUMBER, LUA_TTABLE, LUA_TSTRING, LUA_TSTRING,
-                                       LUA_TNUMBER};
+                                       LUA_TSTRING, LUA_TNUMBER};
 
 /* `immediate = {...}` at t -> resp.immediate_response.
  * stack before: ...   after: ... + I_COUNT slots (the caller restores the top). */
@@ -665,15 +898,17 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
     envoy__service__ext_proc__v3__immediate_response__init(ir);
     envoy__type__v3__http_status__init(hs);
     lua_Integer code = 200;
+    /* Envoy turns a status under 200 into 200 without a word: refuse it instead */
     if (!lua_isnil(L, slot + I_STATUS) &&
-        read_integer(c, slot + I_STATUS, "immediate.status", 100, 599, "an HTTP status 100-599",
-                     &code) != 0)
+        read_integer(c, slot + I_STATUS, "immediate.status", 200, 599,
+                     "an HTTP status 200-599", &code) != 0)
         return -1;
     /* StatusCode is an enum in the proto, but any int32 is valid on the wire */
     hs->code = (Envoy__Type__V3__StatusCode)code;
     ir->status = hs;
-    if (!lua_isnil(L, slot + I_HEADERS) &&
-        header_mutation(c, slot + I_HEADERS, "immediate.headers", 0, &ir->headers) != 0)
+    if (header_mutation(c, lua_isnil(L, slot + I_HEADERS) ? 0 : slot + I_HEADERS,
+                        "immediate.headers", slot + I_APPEND_ACTION, "immediate.append_action",
+                        0, &ir->headers) != 0)
         return -1;
     if (!lua_isnil(L, slot + I_BODY)) {
         size_t len;
@@ -690,8 +925,8 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
     }
     if (!lua_isnil(L, slot + I_GRPC_STATUS)) {
         lua_Integer g;
-        if (read_integer(c, slot + I_GRPC_STATUS, "immediate.grpc_status", 0, UINT32_MAX,
-                         "a non-negative integer", &g) != 0)
+        if (read_integer(c, slot + I_GRPC_STATUS, "immediate.grpc_status", 0, 16,
+                         "a gRPC status code 0-16", &g) != 0)
             return -1;
         GrpcStatus *gs = arena_alloc(c->a, sizeof *gs);
         if (gs == NULL)
@@ -705,70 +940,207 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
     return 0;
 }
 
-enum { K_ADD, K_REMOVE, K_CLEAR_ROUTE_CACHE, K_BODY, K_CLEAR_BODY, K_STATUS, K_IMMEDIATE,
-       K_DENY, K_COUNT };
+/* `mode_override = { field = "NAME", ... }` at t: every ProcessingMode field by its
+ * enum value name, found through the descriptor so a proto update needs no code here. */
+static int mode_override(struct conv *c, int t, ProcessingMode **out)
+{
+    lua_State *L = c->L;
+    const ProtobufCMessageDescriptor *d =
+        &envoy__extensions__filters__http__ext_proc__v3__processing_mode__descriptor;
+    ProcessingMode *pm = arena_alloc(c->a, sizeof *pm);
+    if (pm == NULL)
+        return nomem(c);
+    envoy__extensions__filters__http__ext_proc__v3__processing_mode__init(pm);
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        /* stack: ... key value */
+        const ProtobufCFieldDescriptor *f = NULL;
+        if (lua_type(L, -2) == LUA_TSTRING) {
+            size_t len;
+            const char *k = lua_tolstring(L, -2, &len);
+            if (strlen(k) == len)
+                f = protobuf_c_message_descriptor_get_field_by_name(d, k);
+        }
+        if (f == NULL || f->type != PROTOBUF_C_TYPE_ENUM) {
+            char kb[128];
+            describe_key(L, -2, "mode_override.", kb, sizeof kb);
+            return bad(c, "unknown key %s", kb);
+        }
+        char what[96];
+        snprintf(what, sizeof what, "mode_override.%s", f->name);
+        int v;
+        if (read_enum(c, -1, what, f->descriptor, &v) != 0)
+            return -1;
+        *(int *)((char *)pm + f->offset) = v;
+        lua_pop(L, 1);
+    }
+    *out = pm;
+    return 0;
+}
+
+/* `override_message_timeout` at idx: seconds (>= 1 ms, at most Duration's range). */
+static int message_timeout(struct conv *c, int idx, Google__Protobuf__Duration **out)
+{
+    lua_State *L = c->L;
+    double v = (double)lua_tonumber(L, idx);
+    if (!(v >= 0.001 && v <= 315576000000.0)) {
+        char num[48];
+        if (format_number(L, idx, num, sizeof num) < 0)
+            snprintf(num, sizeof num, "%s", "not a finite number");
+        return bad(c, "bad value for 'override_message_timeout': %s (expected a number of "
+                      "seconds from 0.001 to 315576000000)", num);
+    }
+    Google__Protobuf__Duration *d = arena_alloc(c->a, sizeof *d);
+    if (d == NULL)
+        return nomem(c);
+    google__protobuf__duration__init(d);
+    double whole = floor(v);
+    long long nanos = llround((v - whole) * 1e9);
+    d->seconds = (int64_t)whole;
+    if (nanos >= 1000000000) {
+        d->seconds++;
+        nanos -= 1000000000;
+    }
+    d->nanos = (int32_t)nanos;
+    *out = d;
+    return 0;
+}
+
+/* Kinds of answer: the phase kinds, plus a body chunk in FULL_DUPLEX_STREAMED mode. */
+#define KIND_STREAM 8
+#define KIND_ANY (KIND_ALL | KIND_STREAM)
+#define MUTATION 1  /* flag: cannot be combined with `immediate` */
+
+enum { K_ADD, K_REMOVE, K_APPEND_ACTION, K_CLEAR_ROUTE_CACHE, K_BODY, K_CLEAR_BODY, K_STATUS,
+       K_CHUNKS, K_END_OF_STREAM, K_IMMEDIATE, K_DENY, K_DYNAMIC_METADATA, K_MODE_OVERRIDE,
+       K_OVERRIDE_MESSAGE_TIMEOUT, K_COUNT };
 static const struct {
     const char *name;
     int type;       /* LUA_TNONE: checked by hand */
-    unsigned kinds; /* phase kinds that accept the key */
+    unsigned kinds; /* answer kinds that accept the key */
+    unsigned flags;
 } top[K_COUNT] = {
-    [K_ADD] = {"add", LUA_TTABLE, KIND_ALL},
-    [K_REMOVE] = {"remove", LUA_TTABLE, KIND_ALL},
-    [K_CLEAR_ROUTE_CACHE] = {"clear_route_cache", LUA_TBOOLEAN, KIND_HEADERS | KIND_BODY},
-    [K_BODY] = {"body", LUA_TSTRING, KIND_HEADERS | KIND_BODY},
-    [K_CLEAR_BODY] = {"clear_body", LUA_TBOOLEAN, KIND_BODY},
-    [K_STATUS] = {"status", LUA_TSTRING, KIND_HEADERS | KIND_BODY},
-    [K_IMMEDIATE] = {"immediate", LUA_TTABLE, KIND_ALL},
-    [K_DENY] = {"deny", LUA_TNONE, KIND_ALL},
+    [K_ADD] = {"add", LUA_TTABLE, KIND_ALL, MUTATION},
+    [K_REMOVE] = {"remove", LUA_TTABLE, KIND_ALL, MUTATION},
+    [K_APPEND_ACTION] = {"append_action", LUA_TSTRING, KIND_ALL, MUTATION},
+    [K_CLEAR_ROUTE_CACHE] = {"clear_route_cache", LUA_TBOOLEAN,
+                             KIND_HEADERS | KIND_BODY | KIND_STREAM, MUTATION},
+    [K_BODY] = {"body", LUA_TSTRING, KIND_HEADERS | KIND_BODY | KIND_STREAM, MUTATION},
+    [K_CLEAR_BODY] = {"clear_body", LUA_TBOOLEAN, KIND_BODY, MUTATION},
+    [K_STATUS] = {"status", LUA_TSTRING, KIND_HEADERS | KIND_BODY, MUTATION},
+    [K_CHUNKS] = {"chunks", LUA_TTABLE, KIND_STREAM, MUTATION},
+    [K_END_OF_STREAM] = {"end_of_stream", LUA_TBOOLEAN, KIND_STREAM, MUTATION},
+    [K_IMMEDIATE] = {"immediate", LUA_TTABLE, KIND_ANY, 0},
+    [K_DENY] = {"deny", LUA_TNONE, KIND_ANY, 0},
+    [K_DYNAMIC_METADATA] = {"dynamic_metadata", LUA_TTABLE, KIND_ANY, 0},
+    [K_MODE_OVERRIDE] = {"mode_override", LUA_TTABLE, KIND_ANY, 0},
+    [K_OVERRIDE_MESSAGE_TIMEOUT] = {"override_message_timeout", LUA_TNUMBER, KIND_ANY, 0},
 };
 
-/* The return table at t, its values moved to slots slot..slot+K_COUNT-1. */
-static int convert(struct conv *c, int t, int slot, pbconv_response *resp,
-                   struct pbconv_result *res, bool *deny)
+/* One streamed body response: {request_body|response_body: {response: {body_mutation:
+ * {streamed_response: {body, end_of_stream}}}}}. */
+static int streamed(struct conv *c, pbconv_response *resp, const uint8_t *data, size_t len,
+                    bool eos)
+{
+    CommonResponse *cr = arena_alloc(c->a, sizeof *cr);
+    BodyMutation *bm = arena_alloc(c->a, sizeof *bm);
+    StreamedBodyResponse *sr = arena_alloc(c->a, sizeof *sr);
+    if (cr == NULL || bm == NULL || sr == NULL)
+        return nomem(c);
+    envoy__service__ext_proc__v3__common_response__init(cr);
+    envoy__service__ext_proc__v3__body_mutation__init(bm);
+    envoy__service__ext_proc__v3__streamed_body_response__init(sr);
+    sr->body.data = (uint8_t *)data;
+    sr->body.len = len;
+    sr->end_of_stream = eos;
+    bm->mutation_case = ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_STREAMED_RESPONSE;
+    bm->streamed_response = sr;
+    cr->body_mutation = bm;
+    envoy__service__ext_proc__v3__processing_response__init(resp);
+    return set_phase(resp, c->phase, cr, NULL, c->a) == 0 ? 0 : nomem(c);
+}
+
+/* The answer to a FULL_DUPLEX_STREAMED body chunk (docs/streaming.md): `body` (one chunk),
+ * `chunks` (a list, possibly empty) or neither (the incoming chunk, unchanged); then
+ * `end_of_stream` for the last one. An ending body always ends: with nothing to emit, one
+ * empty chunk carries end_of_stream. */
+static int stream_answer(struct conv *c, int slot, const bool *on, const bool *present,
+                         pbconv_response **out, size_t *n_out)
 {
     lua_State *L = c->L;
-    const char *names[K_COUNT];
-    for (int k = 0; k < K_COUNT; k++)
-        names[k] = top[k].name;
-    if (scan_keys(c, t, names, K_COUNT, slot, "") != 0)
-        return -1;
-
-    enum kind kind = phases[c->phase].kind;
-    bool on[K_COUNT];  /* present and not false: `clear_body = false` means "off" */
-    for (int k = 0; k < K_COUNT; k++) {
-        int ty = lua_type(L, slot + k);
-        on[k] = false;
-        if (ty == LUA_TNIL)
-            continue;
-        if (!(top[k].kinds & kind))
-            return bad(c, "'%s' is not allowed in %s", top[k].name, phases[c->phase].name);
-        if (k == K_DENY ? ty != LUA_TSTRING && ty != LUA_TBOOLEAN : ty != top[k].type)
-            return bad(c, "'%s' must be %s%s, got %s", top[k].name, k == K_DENY ? "" : "a ",
-                       k == K_DENY ? "a string or true" : lua_typename(L, top[k].type),
-                       lua_typename(L, ty));
-        on[k] = ty != LUA_TBOOLEAN || lua_toboolean(L, slot + k);
+    const struct pbconv_in *in = c->in;
+    if (on[K_BODY] && present[K_CHUNKS])
+        return bad(c, "'body' and 'chunks' cannot be combined");
+    bool eos = in->end_of_stream;
+    if (present[K_END_OF_STREAM]) {
+        eos = lua_toboolean(L, slot + K_END_OF_STREAM);
+        if (in->end_of_stream && !eos)
+            return bad(c, "bad value for 'end_of_stream': false, but this is the last chunk "
+                          "of the body (a body must end)");
     }
-
-    if (on[K_DENY]) {
-        for (int k = 0; k < K_COUNT; k++)
-            if (k != K_DENY && on[k])
-                return bad(c, "'deny' cannot be combined with '%s'", top[k].name);
-        if (lua_type(L, slot + K_DENY) == LUA_TSTRING) {
-            res->deny_message = lua_tolstring(L, slot + K_DENY, &res->deny_len);
-        } else {
-            res->deny_message = "Callout DENIED.";
-            res->deny_len = strlen(res->deny_message);
+    size_t n = 1;
+    int chunks = slot + K_CHUNKS;
+    if (present[K_CHUNKS]) {
+        size_t count = 0;
+        lua_pushnil(L);
+        while (lua_next(L, chunks) != 0) {
+            lua_pop(L, 1);
+            if (!lua_isinteger(L, -1))
+                return bad(c, "'chunks' must be a list of strings");
+            count++;
         }
-        *deny = true;
+        if (lua_rawlen(L, chunks) != count)
+            return bad(c, "'chunks' must be a list of strings");
+        for (size_t i = 1; i <= count; i++) {
+            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
+            lua_pop(L, 1);
+            if (ty != LUA_TSTRING)
+                return bad(c, "'chunks' entry %zu is a %s, expected a string", i,
+                           lua_typename(L, ty));
+        }
+        n = count;
+    }
+    size_t total = n == 0 && eos ? 1 : n;
+    *n_out = total;
+    if (total == 0)
         return 0;
+    pbconv_response *resps = arena_alloc(c->a, total * sizeof *resps);
+    if (resps == NULL)
+        return nomem(c);
+    *out = resps;
+    for (size_t i = 0; i < total; i++) {
+        const uint8_t *data = NULL;
+        size_t len = 0;
+        if (n == 0) {
+            /* the closing empty chunk */
+        } else if (present[K_CHUNKS]) {
+            lua_rawgeti(L, chunks, (lua_Integer)i + 1);
+            data = (const uint8_t *)lua_tolstring(L, -1, &len);  /* anchored by chunks */
+            lua_pop(L, 1);
+        } else if (on[K_BODY]) {
+            data = (const uint8_t *)lua_tolstring(L, slot + K_BODY, &len);
+        } else {
+            data = in->chunk;
+            len = in->chunk_len;
+        }
+        if (data == NULL)
+            data = (const uint8_t *)"";  /* never a NULL pointer, even with length 0 */
+        if (streamed(c, &resps[i], data, len, i + 1 == total ? eos : false) != 0)
+            return -1;
     }
-    if (on[K_IMMEDIATE]) {
-        for (int k = 0; k < K_COUNT; k++)
-            if (k != K_IMMEDIATE && on[k])
-                return bad(c, "'immediate' cannot be combined with '%s'", top[k].name);
-        return immediate(c, slot + K_IMMEDIATE, resp);
+    if (on[K_CLEAR_ROUTE_CACHE]) {
+        CommonResponse *cr = c->phase == PBCONV_REQUEST_BODY ? resps[0].request_body->response
+                                                             : resps[0].response_body->response;
+        cr->clear_route_cache = 1;
     }
+    return 0;
+}
 
+/* The answer of a headers, body (not full duplex) or trailers phase: one response. */
+static int phase_answer(struct conv *c, int slot, const bool *on, pbconv_response *resp)
+{
+    lua_State *L = c->L;
+    enum kind kind = phases[c->phase].kind;
     Envoy__Service__ExtProc__V3__CommonResponse__ResponseStatus status =
         ENVOY__SERVICE__EXT_PROC__V3__COMMON_RESPONSE__RESPONSE_STATUS__CONTINUE;
     if (on[K_STATUS]) {
@@ -787,6 +1159,7 @@ static int convert(struct conv *c, int t, int slot, pbconv_response *resp,
 
     HeaderMutation *hm;
     if (header_mutation(c, on[K_ADD] ? slot + K_ADD : 0, "add",
+                        on[K_APPEND_ACTION] ? slot + K_APPEND_ACTION : 0, "append_action",
                         on[K_REMOVE] ? slot + K_REMOVE : 0, &hm) != 0)
         return -1;
 
@@ -824,34 +1197,159 @@ static int convert(struct conv *c, int t, int slot, pbconv_response *resp,
     return 0;
 }
 
-enum pbconv_status pbconv_to_response(lua_State *L, int idx, enum pbconv_phase phase,
-                                      struct arena *a, pbconv_response *resp,
-                                      struct pbconv_result *res, char *err, size_t errlen)
+/* The return table at t, its values moved to slots slot..slot+K_COUNT-1. */
+static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_t *n,
+                   struct pbconv_result *res, bool *deny)
+{
+    lua_State *L = c->L;
+    const char *names[K_COUNT];
+    for (int k = 0; k < K_COUNT; k++)
+        names[k] = top[k].name;
+    if (scan_keys(c, t, names, K_COUNT, slot, "") != 0)
+        return -1;
+
+    unsigned kind = c->in->full_duplex ? KIND_STREAM : phases[c->phase].kind;
+    bool on[K_COUNT];       /* present and not false: `clear_body = false` means "off" */
+    bool present[K_COUNT];  /* present at all (`end_of_stream = false` means something) */
+    for (int k = 0; k < K_COUNT; k++) {
+        int ty = lua_type(L, slot + k);
+        on[k] = present[k] = false;
+        if (ty == LUA_TNIL)
+            continue;
+        if (!(top[k].kinds & kind)) {
+            if (kind == KIND_STREAM)
+                return bad(c, "'%s' is not allowed in %s in FULL_DUPLEX_STREAMED mode "
+                              "(see docs/streaming.md)", top[k].name, phases[c->phase].name);
+            if (top[k].kinds == KIND_STREAM)
+                return bad(c, "'%s' is allowed only in body phases in FULL_DUPLEX_STREAMED "
+                              "mode, not in %s", top[k].name, phases[c->phase].name);
+            return bad(c, "'%s' is not allowed in %s", top[k].name, phases[c->phase].name);
+        }
+        if (k == K_DENY ? ty != LUA_TSTRING && ty != LUA_TBOOLEAN : ty != top[k].type)
+            return bad(c, "'%s' must be %s%s, got %s", top[k].name, k == K_DENY ? "" : "a ",
+                       k == K_DENY ? "a string or true" : lua_typename(L, top[k].type),
+                       lua_typename(L, ty));
+        present[k] = true;
+        on[k] = ty != LUA_TBOOLEAN || lua_toboolean(L, slot + k);
+    }
+
+    if (on[K_DENY]) {
+        for (int k = 0; k < K_COUNT; k++)
+            if (k != K_DENY && on[k])
+                return bad(c, "'deny' cannot be combined with '%s'", top[k].name);
+        if (lua_type(L, slot + K_DENY) == LUA_TSTRING) {
+            res->deny_message = lua_tolstring(L, slot + K_DENY, &res->deny_len);
+        } else {
+            res->deny_message = "Callout DENIED.";
+            res->deny_len = strlen(res->deny_message);
+        }
+        *deny = true;
+        return 0;
+    }
+
+    pbconv_response *resps = NULL;
+    if (on[K_IMMEDIATE]) {
+        for (int k = 0; k < K_COUNT; k++)
+            if ((top[k].flags & MUTATION) && present[k] && (on[k] || k == K_END_OF_STREAM))
+                return bad(c, "'immediate' cannot be combined with '%s'", top[k].name);
+        resps = arena_alloc(c->a, sizeof *resps);
+        if (resps == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__processing_response__init(resps);
+        if (immediate(c, slot + K_IMMEDIATE, resps) != 0)
+            return -1;
+        *n = 1;
+    } else if (kind == KIND_STREAM) {
+        if (stream_answer(c, slot, on, present, &resps, n) != 0)
+            return -1;
+    } else {
+        resps = arena_alloc(c->a, sizeof *resps);
+        if (resps == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__processing_response__init(resps);
+        if (phase_answer(c, slot, on, resps) != 0)
+            return -1;
+        *n = 1;
+    }
+    *out = resps;
+
+    /* ProcessingResponse-level keys ride on the first message sent */
+    static const int extras[] = {K_DYNAMIC_METADATA, K_MODE_OVERRIDE, K_OVERRIDE_MESSAGE_TIMEOUT};
+    for (size_t i = 0; i < sizeof extras / sizeof extras[0]; i++)
+        if (present[extras[i]] && *n == 0)
+            return bad(c, "'%s' needs a message to travel with, and this answer sends none "
+                          "(chunks = {} without end_of_stream)", top[extras[i]].name);
+    if (present[K_DYNAMIC_METADATA]) {
+        char sub[512];
+        if (pbstruct_from_lua(L, slot + K_DYNAMIC_METADATA, "dynamic_metadata", c->a,
+                              &resps[0].dynamic_metadata, sub, sizeof sub) != 0)
+            return bad(c, "%s", sub);
+    }
+    if (present[K_MODE_OVERRIDE] &&
+        mode_override(c, slot + K_MODE_OVERRIDE, &resps[0].mode_override) != 0)
+        return -1;
+    if (present[K_OVERRIDE_MESSAGE_TIMEOUT] &&
+        message_timeout(c, slot + K_OVERRIDE_MESSAGE_TIMEOUT, &resps[0].override_message_timeout) != 0)
+        return -1;
+    return 0;
+}
+
+enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbconv_in *in,
+                                       struct arena *a, pbconv_response **out, size_t *n,
+                                       struct pbconv_result *res, char *err, size_t errlen)
 {
     idx = lua_absindex(L, idx);
-    envoy__service__ext_proc__v3__processing_response__init(resp);
     memset(res, 0, sizeof *res);
+    *out = NULL;
+    *n = 0;
     if (errlen > 0)
         err[0] = '\0';
 
     int type = lua_type(L, idx);
-    if (type == LUA_TNIL)
-        return pbconv_empty_response(resp, phase, a) == 0 ? PBCONV_OK : PBCONV_NOMEM;
-    if (type != LUA_TTABLE) {
+    if (type != LUA_TNIL && type != LUA_TTABLE) {
         snprintf(err, errlen, "%s returned a %s, expected a table or nil",
-                 phases[phase].handler, lua_typename(L, type));
+                 phases[in->phase].handler, lua_typename(L, type));
         return PBCONV_BAD;
     }
-
     /* the top-level slots, the immediate slots, and a few working values on top */
     luaL_checkstack(L, K_COUNT + I_COUNT + 8, "converting a handler result");
     int top = lua_gettop(L);
-    lua_settop(L, top + K_COUNT);
-    struct conv c = {.L = L, .a = a, .phase = phase, .err = err, .errlen = errlen};
+    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in, .err = err, .errlen = errlen};
     bool deny = false;
-    int rc = convert(&c, idx, top + 1, resp, res, &deny);
+    int rc;
+    if (type == LUA_TNIL) {
+        /* nil is {}: every key absent (built without a table: the common case) */
+        bool none[K_COUNT] = {false};
+        if (in->full_duplex) {
+            rc = stream_answer(&c, 0, none, none, out, n);
+        } else {
+            *out = arena_alloc(a, sizeof **out);
+            rc = *out != NULL && pbconv_empty_response(*out, in->phase, a) == 0 ? 0 : nomem(&c);
+            *n = 1;
+        }
+    } else {
+        lua_settop(L, top + K_COUNT);
+        rc = convert(&c, idx, top + 1, out, n, res, &deny);
+    }
     lua_settop(L, top);
-    if (rc != 0)
+    if (rc != 0) {
+        *out = NULL;
+        *n = 0;
         return c.nomem ? PBCONV_NOMEM : PBCONV_BAD;
+    }
     return deny ? PBCONV_DENY : PBCONV_OK;
+}
+
+enum pbconv_status pbconv_to_response(lua_State *L, int idx, enum pbconv_phase phase,
+                                      struct arena *a, pbconv_response *resp,
+                                      struct pbconv_result *res, char *err, size_t errlen)
+{
+    struct pbconv_in in = {.phase = phase};
+    pbconv_response *out;
+    size_t n;
+    envoy__service__ext_proc__v3__processing_response__init(resp);
+    enum pbconv_status st = pbconv_to_responses(L, idx, &in, a, &out, &n, res, err, errlen);
+    if (st == PBCONV_OK && n == 1)
+        *resp = out[0];
+    return st;
 }

@@ -7,6 +7,7 @@
 #ifndef LUACALLOUT_PBCONV_H
 #define LUACALLOUT_PBCONV_H
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include <lua.h>
@@ -53,6 +54,18 @@ void pbconv_push_headers(lua_State *L, const Envoy__Config__Core__V3__HeaderMap 
  * stack: ... -> ... body */
 void pbconv_push_body(lua_State *L, const Envoy__Service__ExtProc__V3__HttpBody *body);
 
+/* Merges what req carries besides its phase into the ctx table at index ctx:
+ * `attributes` and `metadata_context.filter_metadata` key by key into ctx.attributes[ns]
+ * and ctx.metadata[ns] (both tables must exist), and protocol_config into
+ * ctx.protocol_config when that is still nil. Builds nothing when req carries none of
+ * them (the common case). May raise. stack before/after: unchanged. */
+void pbconv_update_ctx(lua_State *L, int ctx, const pbconv_request *req);
+
+/* Whether body chunks of `phase` travel in FULL_DUPLEX_STREAMED mode according to the
+ * protocol_config of a request (false for other phases or without a protocol_config). */
+bool pbconv_full_duplex(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
+                        enum pbconv_phase phase);
+
 /* Makes *resp the "continue unchanged" answer for the phase: its oneof set to an empty
  * message of the phase's type (Envoy rejects a ProcessingResponse with nothing set).
  * 0, or -1 when the arena is out of memory. */
@@ -70,6 +83,25 @@ struct pbconv_result {
     const char *deny_message;
     size_t deny_len;
 };
+
+/* What a response answers. For a body chunk in FULL_DUPLEX_STREAMED mode, full_duplex is
+ * set and chunk/chunk_len/end_of_stream describe the incoming chunk: the answer is then a
+ * sequence of streamed body responses (see docs/streaming.md). */
+struct pbconv_in {
+    enum pbconv_phase phase;
+    bool full_duplex;
+    const uint8_t *chunk;
+    size_t chunk_len;
+    bool end_of_stream;
+};
+
+/* Validates the handler's return value at idx (nil or a table) for in->phase and builds
+ * the messages to send: *out is an arena array of *n ProcessingResponses (*n is 1 except
+ * in FULL_DUPLEX_STREAMED mode, where it may be 0 or several). Same contract as
+ * pbconv_to_response otherwise. */
+enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbconv_in *in,
+                                       struct arena *a, pbconv_response **out, size_t *n,
+                                       struct pbconv_result *res, char *err, size_t errlen);
 
 /* Validates the handler's return value at stack index idx (nil or a table) for `phase`
  * and builds the ProcessingResponse in *resp (which it initialises) from arena memory.

@@ -21,8 +21,10 @@
 #include <lualib.h>
 
 #include "arena.h"
+#include "calloutlib.h"
 #include "log.h"
 #include "pbconv.h"
+#include "pbreflect.h"
 
 /* Longest gRPC status message we send; longer Lua errors are cut. */
 #define MESSAGE_MAX 2048
@@ -30,16 +32,23 @@
 struct script {
     lua_State *L;
     struct arena arena;   /* the decoded request and the response structs of one call */
-    uint8_t *out;         /* packed response, reused across calls */
+    uint8_t *out;         /* packed responses, reused across calls */
     size_t out_cap;
+    size_t *lens;         /* length of each packed response */
+    size_t lens_cap;
+    uint64_t current_stream;  /* the stream whose handler runs, 0 outside handlers */
     size_t errmsg_len;    /* set by msghandler: length of the message before the traceback */
+    bool denied;          /* set by msghandler: the error came from callout.deny_callout */
     char message[MESSAGE_MAX];
 };
 
 struct script_stream {
     struct script *s;
     uint64_t id;
-    int ctx_ref;  /* the ctx table, in the registry */
+    int ctx_ref;           /* the ctx table, in the registry */
+    bool have_config;      /* a protocol_config arrived: the body modes below are known */
+    bool full_duplex[2];   /* request, response body in FULL_DUPLEX_STREAMED mode */
+    bool observing;        /* the value of ctx.observability_mode */
 };
 
 /* The script a lua_State belongs to lives in the state's extra space, so the message
@@ -50,6 +59,15 @@ static struct script *script_of(lua_State *L) { return *(struct script **)lua_ge
  * first part in script_of(L)->errmsg_len. */
 static int msghandler(lua_State *L)
 {
+    const char *deny;
+    size_t deny_len;
+    if (calloutlib_is_deny(L, 1, &deny, &deny_len)) {
+        /* callout.deny_callout(msg): the message alone, as the status text */
+        script_of(L)->denied = true;
+        lua_pushlstring(L, deny, strnlen(deny, deny_len));
+        script_of(L)->errmsg_len = lua_rawlen(L, -1);
+        return 1;
+    }
     const char *msg = lua_tostring(L, 1);
     if (msg == NULL) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
@@ -81,6 +99,7 @@ static int docall(lua_State *L, int narg, int nres)
 {
     int base = lua_gettop(L) - narg;
     script_of(L)->errmsg_len = SIZE_MAX;
+    script_of(L)->denied = false;
     lua_pushcfunction(L, msghandler);
     lua_insert(L, base);
     int status = lua_pcall(L, narg, nres, base);
@@ -127,6 +146,30 @@ static int open_state(lua_State *L)
         lua_pop(L, 1);
     }
     pbconv_open(L);
+    calloutlib_open(L, &script_of(L)->current_stream);
+    return 0;
+}
+
+/* Puts the script's own folder first on package.path, so `require "helper"` finds
+ * helper.lua next to the script whatever the server's working directory. Runs under
+ * docall. stack before: path   after: (empty) */
+static int add_script_dir(lua_State *L)
+{
+    size_t len;
+    const char *path = lua_tolstring(L, 1, &len);
+    const char *slash = memrchr(path, '/', len);
+    if (slash == NULL)
+        lua_pushliteral(L, ".");
+    else if (slash == path)
+        lua_pushliteral(L, "");  /* a script in / : "/?.lua" */
+    else
+        lua_pushlstring(L, path, (size_t)(slash - path));
+    const char *dir = lua_tostring(L, -1);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "path");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
+    lua_setfield(L, -3, "path");
+    lua_settop(L, 0);
     return 0;
 }
 
@@ -149,6 +192,11 @@ struct script *script_open(const char *path, char *err, size_t errlen)
 
     lua_pushcfunction(L, open_state);
     int status = docall(L, 0, 0);
+    if (status == LUA_OK) {
+        lua_pushcfunction(L, add_script_dir);
+        lua_pushstring(L, path);
+        status = docall(L, 1, 0);
+    }
     if (status == LUA_OK) {
         /* text only: crafted bytecode can crash the VM */
         status = luaL_loadfilex(L, path, "t");
@@ -176,6 +224,7 @@ void script_close(struct script *s)
     lua_close(s->L);
     arena_destroy(&s->arena);
     free(s->out);
+    free(s->lens);
     free(s);
 }
 
@@ -184,11 +233,17 @@ void script_close(struct script *s)
 static int new_ctx(lua_State *L)
 {
     lua_Integer id = lua_tointeger(L, 1);
-    lua_createtable(L, 0, 3);
+    lua_createtable(L, 0, 7);
     lua_newtable(L);
     lua_setfield(L, -2, "state");
     lua_pushinteger(L, id);
     lua_setfield(L, -2, "stream_id");
+    lua_newtable(L);
+    lua_setfield(L, -2, "attributes");
+    lua_newtable(L);
+    lua_setfield(L, -2, "metadata");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "observability_mode");
     lua_pushinteger(L, luaL_ref(L, LUA_REGISTRYINDEX));
     return 1;
 }
@@ -211,6 +266,9 @@ struct script_stream *script_stream_open(struct script *s, uint64_t id)
     st->s = s;
     st->id = id;
     st->ctx_ref = (int)lua_tointeger(L, -1);
+    st->have_config = false;
+    st->full_duplex[0] = st->full_duplex[1] = false;
+    st->observing = false;
     lua_pop(L, 1);
     return st;
 }
@@ -228,46 +286,133 @@ struct call {
     struct script_stream *st;
     const pbconv_request *req;
     enum pbconv_phase phase;
-    pbconv_response *resp;
+    const char *handler;       /* the global that ran, for log lines */
+    pbconv_response *resps;    /* the messages to send (arena) */
+    size_t n;
     struct pbconv_result res;
     enum pbconv_status status;
     char err[1152];  /* PBCONV_BAD: "file:line: on_x returned a bad table: ..." */
 };
 
-/* The protected part of script_handle: calls the phase's handler and converts its result
- * into c->resp. The result is returned so it stays on the stack, anchoring the strings
- * c->resp points to, until the response has been packed.
+/* Whether a process() response answers a message of `phase`: its own type, or an
+ * immediate response (Envoy accepts one in every phase). */
+static int check_raw_response(const pbconv_response *resp, enum pbconv_phase phase,
+                              char *err, size_t errlen)
+{
+    static const int own[PBCONV_PHASE_COUNT] = {
+        [PBCONV_REQUEST_HEADERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_HEADERS,
+        [PBCONV_RESPONSE_HEADERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_HEADERS,
+        [PBCONV_REQUEST_BODY] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_BODY,
+        [PBCONV_RESPONSE_BODY] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_BODY,
+        [PBCONV_REQUEST_TRAILERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_TRAILERS,
+        [PBCONV_RESPONSE_TRAILERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_TRAILERS,
+    };
+    int set = (int)resp->response_case;
+    if (set == own[phase] ||
+        set == ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE)
+        return 0;
+    const char *name = pbconv_phase_name(phase);
+    if (set == ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE__NOT_SET) {
+        snprintf(err, errlen, "response: none of the 'response' oneof is set (a %s message "
+                 "needs response.%s or response.immediate_response)", name, name);
+        return -1;
+    }
+    const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(
+        &envoy__service__ext_proc__v3__processing_response__descriptor, (unsigned)set);
+    snprintf(err, errlen, "response.%s does not answer a %s message (expected response.%s "
+             "or response.immediate_response)", f != NULL ? f->name : "?", name, name);
+    return -1;
+}
+
+/* The protected part of script_handle: updates ctx, calls process() or the phase's
+ * handler, and converts its result into c->resps. The result is returned so it stays on
+ * the stack, anchoring the strings c->resps point to, until the responses are packed.
  * stack before: lightuserdata(call)   after: result (nil when there is no handler) */
 static int run_handler(lua_State *L)
 {
     struct call *c = lua_touserdata(L, 1);
-    struct arena *a = &c->st->s->arena;
+    struct script_stream *st = c->st;
+    struct arena *a = &st->s->arena;
+    const pbconv_request *req = c->req;
     lua_settop(L, 0);
-    /* raw lookup: a "strict" metatable on _G must not turn a missing handler into an error */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-    lua_pushstring(L, pbconv_handler_name(c->phase));
-    if (lua_rawget(L, 1) != LUA_TFUNCTION) {
-        c->status = pbconv_empty_response(c->resp, c->phase, a) == 0 ? PBCONV_OK : PBCONV_NOMEM;
-        lua_pushnil(L);
-        return 1;
-    }
-    lua_replace(L, 1);   /* handler */
-    lua_pushvalue(L, 1); /* handler handler: the copy names the handler in errors */
-    pbconv_push_input(L, c->req, c->phase);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, c->st->ctx_ref);
+
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->ctx_ref);  /* 1: ctx */
+    pbconv_update_ctx(L, 1, req);
     lua_pushliteral(L, "phase");
     lua_pushstring(L, pbconv_phase_name(c->phase));
-    lua_rawset(L, -3);
-    lua_call(L, 2, 1);   /* handler result */
+    lua_rawset(L, 1);
+    if ((bool)req->observability_mode != st->observing) {
+        st->observing = req->observability_mode;
+        lua_pushliteral(L, "observability_mode");
+        lua_pushboolean(L, st->observing);
+        lua_rawset(L, 1);
+    }
+
+    struct pbconv_in in = {.phase = c->phase};
+    if (c->phase == PBCONV_REQUEST_BODY || c->phase == PBCONV_RESPONSE_BODY) {
+        const Envoy__Service__ExtProc__V3__HttpBody *b =
+            c->phase == PBCONV_REQUEST_BODY ? req->request_body : req->response_body;
+        in.full_duplex = st->full_duplex[c->phase == PBCONV_RESPONSE_BODY];
+        if (b != NULL) {
+            in.chunk = b->body.data;
+            in.chunk_len = b->body.len;
+            in.end_of_stream = b->end_of_stream;
+        }
+    }
+
+    /* raw lookups: a "strict" metatable on _G must not turn a missing handler into an error */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);  /* 2: _G */
+    bool raw = true;
+    c->handler = "process";
+    lua_pushliteral(L, "process");
+    if (lua_rawget(L, 2) != LUA_TFUNCTION) {
+        lua_pop(L, 1);
+        raw = false;
+        c->handler = pbconv_handler_name(c->phase);
+        lua_pushstring(L, c->handler);
+        if (lua_rawget(L, 2) != LUA_TFUNCTION) {
+            lua_settop(L, 0);
+            lua_pushnil(L);
+            c->status = pbconv_to_responses(L, 1, &in, a, &c->resps, &c->n, &c->res, c->err,
+                                            sizeof c->err);
+            return 1;
+        }
+    }
+    lua_replace(L, 2);    /* ctx handler: the handler stays to name itself in errors */
+    lua_pushvalue(L, 2);
+    if (raw)
+        pbreflect_push(L, &req->base);
+    else
+        pbconv_push_input(L, req, c->phase);
+    lua_pushvalue(L, 1);
+    lua_call(L, 2, 1);    /* ctx handler result */
 
     char detail[1024];
-    c->status = pbconv_to_response(L, 2, c->phase, a, c->resp, &c->res, detail, sizeof detail);
+    if (raw && !lua_isnil(L, 3)) {
+        ProtobufCMessage *m = NULL;
+        char sub[960];
+        if (pbreflect_from_lua(L, 3, &envoy__service__ext_proc__v3__processing_response__descriptor,
+                               "response", a, &m, sub, sizeof sub) != 0 ||
+            check_raw_response((pbconv_response *)m, c->phase, sub, sizeof sub) != 0) {
+            c->status = PBCONV_BAD;
+            snprintf(detail, sizeof detail, "process returned a bad response: %s", sub);
+        } else {
+            c->status = PBCONV_OK;
+            c->resps = (pbconv_response *)m;
+            c->n = 1;
+        }
+    } else {
+        c->status = pbconv_to_responses(L, 3, &in, a, &c->resps, &c->n, &c->res, detail,
+                                        sizeof detail);
+    }
     if (c->status == PBCONV_BAD) {
         lua_Debug ar;
-        lua_pushvalue(L, 1);
+        lua_pushvalue(L, 2);
         lua_getinfo(L, ">S", &ar);
         snprintf(c->err, sizeof c->err, "%s:%d: %s", ar.short_src, ar.linedefined, detail);
     }
+    lua_replace(L, 1);
+    lua_settop(L, 1);
     return 1;
 }
 
@@ -280,10 +425,23 @@ static void fail(struct script *s, struct script_reply *reply, int status, const
     reply->message = s->message;
 }
 
-/* Packs resp into s->out. 0, or -1 when the buffer cannot grow. */
-static int pack(struct script *s, const pbconv_response *resp, struct script_reply *reply)
+/* Packs the n responses back to back into s->out. 0, or -1 when a buffer cannot grow. */
+static int pack(struct script *s, const pbconv_response *resps, size_t n,
+                struct script_reply *reply)
 {
-    size_t need = protobuf_c_message_get_packed_size(&resp->base);
+    if (n > s->lens_cap) {
+        size_t cap = s->lens_cap * 2 > n ? s->lens_cap * 2 : n < 4 ? 4 : n;
+        size_t *p = realloc(s->lens, cap * sizeof *p);
+        if (p == NULL)
+            return -1;
+        s->lens = p;
+        s->lens_cap = cap;
+    }
+    size_t need = 0;
+    for (size_t i = 0; i < n; i++) {
+        s->lens[i] = protobuf_c_message_get_packed_size(&resps[i].base);
+        need += s->lens[i];
+    }
     if (need > s->out_cap || s->out == NULL) {
         size_t cap = s->out_cap * 2;
         if (cap < need)
@@ -296,11 +454,15 @@ static int pack(struct script *s, const pbconv_response *resp, struct script_rep
         s->out = p;
         s->out_cap = cap;
     }
+    size_t at = 0;
+    for (size_t i = 0; i < n; i++)
+        at += protobuf_c_message_pack(&resps[i].base, s->out + at);
+    assert(at == need);
     reply->outcome = SCRIPT_RESPOND;
     reply->data = s->out;
-    reply->len = protobuf_c_message_pack(&resp->base, s->out);
-    reply->count = 1;
-    reply->lens = &reply->len;
+    reply->len = at;
+    reply->count = n;
+    reply->lens = s->lens;
     return 0;
 }
 
@@ -327,19 +489,34 @@ void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
         fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, m, sizeof m - 1);
         goto done;
     }
+    /* Envoy sends protocol_config with the first message; the body modes never change on
+     * a stream (mode_override cannot switch into or out of FULL_DUPLEX_STREAMED) */
+    if (req->protocol_config != NULL && !st->have_config) {
+        st->have_config = true;
+        st->full_duplex[0] = pbconv_full_duplex(req->protocol_config, PBCONV_REQUEST_BODY);
+        st->full_duplex[1] = pbconv_full_duplex(req->protocol_config, PBCONV_RESPONSE_BODY);
+    }
 
-    pbconv_response resp;
-    struct call c = {.st = st, .req = req, .phase = phase, .resp = &resp};
+    struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
     lua_pushcfunction(L, run_handler);
     lua_pushlightuserdata(L, &c);
+    s->current_stream = st->id;
     int status = docall(L, 1, 1);
+    s->current_stream = 0;
     bool observe = req->observability_mode;
     if (status != LUA_OK) {
         size_t mlen;
         const char *e = docall_error(L, &mlen);
-        log_error("stream %" PRIu64 ": %s failed: %s", st->id, pbconv_handler_name(phase), e);
-        if (!observe)
-            fail(s, reply, GRPC_STATUS_INTERNAL, e, mlen);
+        if (s->denied) {
+            log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
+                     (int)mlen, e);
+            if (!observe)
+                fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, e, mlen);
+        } else {
+            log_error("stream %" PRIu64 ": %s failed: %s", st->id, c.handler, e);
+            if (!observe)
+                fail(s, reply, GRPC_STATUS_INTERNAL, e, mlen);
+        }
     } else if (c.status == PBCONV_BAD) {
         log_error("stream %" PRIu64 ": %s", st->id, c.err);
         if (!observe)
@@ -351,9 +528,12 @@ void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
     } else if (observe) {
         /* Envoy does not wait for an answer in observability mode */
     } else if (c.status == PBCONV_DENY) {
-        log_info("stream %" PRIu64 ": %s denied the request", st->id, pbconv_handler_name(phase));
+        log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
+                 (int)c.res.deny_len, c.res.deny_message);
         fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, c.res.deny_message, c.res.deny_len);
-    } else if (pack(s, &resp, reply) != 0) {
+    } else if (c.n == 0) {
+        reply->outcome = SCRIPT_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */
+    } else if (pack(s, c.resps, c.n, reply) != 0) {
         log_error("stream %" PRIu64 ": out of memory packing the response", st->id);
         fail(s, reply, GRPC_STATUS_INTERNAL, "out of memory", strlen("out of memory"));
     }

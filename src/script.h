@@ -11,8 +11,9 @@
 struct script;
 struct script_stream;
 
-/* Creates a VM, loads `path` in text mode with chunk name "@path", runs its top level
- * under a protected call. NULL on failure with "file:line: msg" in err. */
+/* Creates a VM, puts the script's folder first on package.path, loads `path` in text mode
+ * with chunk name "@path", runs its top level under a protected call. NULL on failure with
+ * "file:line: msg" in err. */
 struct script *script_open(const char *path, char *err, size_t errlen);
 void script_close(struct script *s);
 
@@ -40,10 +41,12 @@ struct script_reply {
     const char *message;  /* NUL-terminated; valid until the next script_handle */
 };
 
-/* Decodes one ProcessingRequest, calls the script's handler for its phase, validates and
- * encodes what the handler returned. Never raises: every failure becomes SCRIPT_FAIL
- * (INVALID_ARGUMENT for an undecodable message, INTERNAL for a Lua error or a bad return
- * table, PERMISSION_DENIED for `deny`), logged with the stream id. */
+/* Decodes one ProcessingRequest, updates ctx from it, calls the script's process() or
+ * else its handler for the phase, validates and encodes what it returned (several messages
+ * for a FULL_DUPLEX_STREAMED body chunk, none when it holds the chunk or in observability
+ * mode). Never raises: every failure becomes SCRIPT_FAIL (INVALID_ARGUMENT for an
+ * undecodable message, INTERNAL for a Lua error or a bad return value, PERMISSION_DENIED
+ * for `deny` or callout.deny_callout), logged with the stream id. */
 void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
                    struct script_reply *reply);
 

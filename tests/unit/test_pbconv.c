@@ -30,7 +30,7 @@ static int passed;
         }                                                                              \
     } while (0)
 #define CHECK_STR(a, b) CHECK((a) != NULL && strcmp((a), (b)) == 0)
-#define CHECK_BYTES(bd, s, n) CHECK((bd).len == (n) && memcmp((bd).data, (s), (n)) == 0)
+#define CHECK_BYTES(bd, s, n) CHECK((bd).len == (n) && ((n) == 0 || memcmp((bd).data, (s), (n)) == 0))
 
 typedef Envoy__Service__ExtProc__V3__ProcessingRequest Req;
 typedef Envoy__Service__ExtProc__V3__ProcessingResponse Resp;
@@ -80,6 +80,12 @@ struct req {
     size_t body_len;
     bool observe;
     bool extras;            /* metadata_context, attributes, protocol_config */
+    /* beyond `extras`: one attribute and one filter_metadata entry, each {ns, key, value}
+     * (a string value), and a protocol_config with these body modes when config is set */
+    const char *attr[3];
+    const char *meta[3];
+    bool config;
+    int req_mode, resp_mode;
 };
 
 static uint8_t wire[1 << 16];
@@ -162,6 +168,41 @@ static size_t build(const struct req *r)
         req.metadata_context = &md;
         req.n_attributes = 1;
         req.attributes = &aep;
+        req.protocol_config = &pc;
+    }
+
+    Google__Protobuf__Value av = GOOGLE__PROTOBUF__VALUE__INIT, mv = GOOGLE__PROTOBUF__VALUE__INIT;
+    Google__Protobuf__Struct__FieldsEntry afe = GOOGLE__PROTOBUF__STRUCT__FIELDS_ENTRY__INIT,
+                                          mfe = GOOGLE__PROTOBUF__STRUCT__FIELDS_ENTRY__INIT;
+    Google__Protobuf__Struct__FieldsEntry *afep = &afe, *mfep = &mfe;
+    Google__Protobuf__Struct ast = GOOGLE__PROTOBUF__STRUCT__INIT, mst = GOOGLE__PROTOBUF__STRUCT__INIT;
+    if (r->attr[0] != NULL) {
+        av.kind_case = GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE;
+        av.string_value = (char *)r->attr[2];
+        afe.key = (char *)r->attr[1];
+        afe.value = &av;
+        ast.n_fields = 1;
+        ast.fields = &afep;
+        ae.key = (char *)r->attr[0];
+        ae.value = &ast;
+        req.n_attributes = 1;
+        req.attributes = &aep;
+    }
+    if (r->meta[0] != NULL) {
+        mv.kind_case = GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE;
+        mv.string_value = (char *)r->meta[2];
+        mfe.key = (char *)r->meta[1];
+        mfe.value = &mv;
+        mst.n_fields = 1;
+        mst.fields = &mfep;
+        me.key = (char *)r->meta[0];
+        me.value = &mst;
+        req.metadata_context = &md;
+    }
+    if (r->config) {
+        pc.request_body_mode = r->req_mode;
+        pc.response_body_mode = r->resp_mode;
+        pc.send_body_without_waiting_for_header_response = 1;
         req.protocol_config = &pc;
     }
     size_t len = protobuf_c_message_get_packed_size(&req.base);
@@ -683,14 +724,14 @@ static void test_bad_returns(void)
     BADT("{ immediate = {}, clear_route_cache = true }",
          "'immediate' cannot be combined with 'clear_route_cache'");
     BADT("{ immediate = { status = 42 } }",
-         "bad value for 'immediate.status': 42 (expected an HTTP status 100-599)");
+         "bad value for 'immediate.status': 42 (expected an HTTP status 200-599)");
     BADT("{ immediate = { status = 600 } }",
-         "bad value for 'immediate.status': 600 (expected an HTTP status 100-599)");
+         "bad value for 'immediate.status': 600 (expected an HTTP status 200-599)");
     BADT("{ immediate = { status = 200.5 } }",
-         "bad value for 'immediate.status': 200.5 (expected an HTTP status 100-599)");
+         "bad value for 'immediate.status': 200.5 (expected an HTTP status 200-599)");
     BADT("{ immediate = { status = '403' } }", "'immediate.status' must be a number, got string");
     BADT("{ immediate = { grpc_status = -1 } }",
-         "bad value for 'immediate.grpc_status': -1 (expected a non-negative integer)");
+         "bad value for 'immediate.grpc_status': -1 (expected a gRPC status code 0-16)");
     BADT("{ immediate = { stauts = 403 } }", "unknown key 'immediate.stauts'");
     BADT("{ immediate = { body = {} } }", "'immediate.body' must be a string, got table");
     BADT("{ immediate = { details = 'a\\0b' } }", "'immediate.details' contains a NUL byte");
@@ -712,6 +753,802 @@ static void test_bad_returns(void)
          "name = value");
     BADT("{ remove = { 1 } }", "'remove' entry 1: the name is a number, expected a string");
     BADT("{ remove = { x = 'y' } }", "'remove' must be a list of header names");
+}
+
+/* ---- the whole protocol (issue 3) ------------------------------------------------------- */
+
+#define BODY_MODE(x) ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__##x
+#define HDR_MODE(x) ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__HEADER_SEND_MODE__##x
+#define ACTION(x) ENVOY__CONFIG__CORE__V3__HEADER_VALUE_OPTION__HEADER_APPEND_ACTION__##x
+
+/* Message i of the last reply (several in FULL_DUPLEX_STREAMED mode), unpacked; freed by
+ * the next call with the same slot. */
+static Resp *nth(size_t i)
+{
+    static Resp *held[8];
+    CHECK(i < 8);
+    CHECK(reply.outcome == SCRIPT_RESPOND && i < reply.count);
+    size_t at = 0;
+    for (size_t k = 0; k < i; k++)
+        at += reply.lens[k];
+    if (held[i] != NULL)
+        protobuf_c_message_free_unpacked(&held[i]->base, NULL);
+    held[i] = envoy__service__ext_proc__v3__processing_response__unpack(NULL, reply.lens[i],
+                                                                         reply.data + at);
+    CHECK(held[i] != NULL);
+    return held[i];
+}
+
+/* The append flag and action of set header `name` in hm: -1 when append is unset. */
+static int append_of(const HeaderMutation *hm, const char *name, int *action)
+{
+    for (size_t i = 0; i < hm->n_set_headers; i++) {
+        const HeaderValueOption *o = hm->set_headers[i];
+        if (strcmp(o->header->key, name) != 0)
+            continue;
+        *action = (int)o->append_action;
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+        return o->append == NULL ? -1 : (int)o->append->value;
+#pragma GCC diagnostic pop
+    }
+    CHECK(!"header not found");
+    return -2;
+}
+#define CHECK_APPEND(hm, name, want_append, want_action)                                  \
+    do {                                                                                  \
+        int act_ = -1;                                                                    \
+        CHECK(append_of(hm, name, &act_) == (want_append));                               \
+        CHECK(act_ == (want_action));                                                     \
+    } while (0)
+
+static void test_append_actions(void)
+{
+    struct script *s = load(
+        "function on_request_headers()\n"
+        "  return { add = { {'a', '1', append_action = 'APPEND_IF_EXISTS_OR_ADD'},\n"
+        "                   {'b', '2', append_action = 'ADD_IF_ABSENT'},\n"
+        "                   {'c', '3', append_action = 'OVERWRITE_IF_EXISTS_OR_ADD'},\n"
+        "                   {'d', '4', append_action = 'OVERWRITE_IF_EXISTS'},\n"
+        "                   {'e', '5'} } }\n"
+        "end\n"
+        "function on_response_headers()\n"
+        "  return { append_action = 'APPEND_IF_EXISTS_OR_ADD',\n"
+        "           add = { {'x', '1'}, {'y', '2', append_action = 'OVERWRITE_IF_EXISTS'} } }\n"
+        "end\n"
+        "function on_request_body() return { append_action = 'ADD_IF_ABSENT', add = { m = 1, n = 2 } } end\n"
+        "function on_response_body() return { append_action = 'OVERWRITE_IF_EXISTS' } end\n"
+        "function on_request_trailers() return { add = { {'t', 'v', append_action = 'APPEND_IF_EXISTS_OR_ADD'} },"
+        " append_action = 'ADD_IF_ABSENT' } end\n"
+        "function on_response_trailers()\n"
+        "  return { immediate = { status = 201, append_action = 'ADD_IF_ABSENT',\n"
+        "    headers = { {'i', '1'}, {'j', '2', append_action = 'APPEND_IF_EXISTS_OR_ADD'} } } }\n"
+        "end\n");
+    struct script_stream *st = script_stream_open(s, 20);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    HeaderMutation *hm = common(r)->header_mutation;
+    CHECK(hm->n_set_headers == 5);
+    /* append = true only with APPEND_IF_EXISTS_OR_ADD (whose enum value is 0) */
+    CHECK_APPEND(hm, "a", 1, ACTION(APPEND_IF_EXISTS_OR_ADD));
+    CHECK_APPEND(hm, "b", -1, ACTION(ADD_IF_ABSENT));
+    CHECK_APPEND(hm, "c", -1, ACTION(OVERWRITE_IF_EXISTS_OR_ADD));
+    CHECK_APPEND(hm, "d", -1, ACTION(OVERWRITE_IF_EXISTS));
+    CHECK_APPEND(hm, "e", -1, 0);
+    CHECK(ACTION(APPEND_IF_EXISTS_OR_ADD) == 0 && ACTION(OVERWRITE_IF_EXISTS) == 3);
+
+    /* the list's action applies to entries without their own */
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    hm = common(r)->header_mutation;
+    CHECK_APPEND(hm, "x", 1, ACTION(APPEND_IF_EXISTS_OR_ADD));
+    CHECK_APPEND(hm, "y", -1, ACTION(OVERWRITE_IF_EXISTS));
+
+    /* map form: the list's action for all */
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    hm = common(r)->header_mutation;
+    CHECK_APPEND(hm, "m", -1, ACTION(ADD_IF_ABSENT));
+    CHECK_APPEND(hm, "n", -1, ACTION(ADD_IF_ABSENT));
+
+    /* an action without `add` is accepted and sends nothing */
+    static const uint8_t rsb[] = {0x22, 0x00};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY});
+    CHECK(reply_is(rsb, 2));
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK_APPEND(r->request_trailers->header_mutation, "t", 1, ACTION(APPEND_IF_EXISTS_OR_ADD));
+
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(IMMEDIATE_RESPONSE));
+    CHECK(r->immediate_response->status->code == 201);
+    hm = r->immediate_response->headers;
+    CHECK_APPEND(hm, "i", -1, ACTION(ADD_IF_ABSENT));
+    CHECK_APPEND(hm, "j", 1, ACTION(APPEND_IF_EXISTS_OR_ADD));
+
+    /* the exact wire bytes of {'a','1',append_action='APPEND_IF_EXISTS_OR_ADD'}: append
+     * (field 2) = BoolValue{true}, and append_action 0 is proto3's default, so absent */
+    script_stream_close(st);
+    script_close(s);
+    s = load("function on_request_trailers() return { add = { {'a', '1', append_action ="
+             " 'APPEND_IF_EXISTS_OR_ADD'} } } end\n"
+             "function on_response_trailers() return { add = { {'a', '1', append_action ="
+             " 'ADD_IF_ABSENT'} } } end\n");
+    st = script_stream_open(s, 21);
+    static const uint8_t app[] = {0x2a, 0x10, 0x0a, 0x0e, 0x0a, 0x0c, 0x0a, 0x06, 0x0a, 0x01,
+                                  'a', 0x1a, 0x01, '1', 0x12, 0x02, 0x08, 0x01};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(app, sizeof app));
+    static const uint8_t abs_[] = {0x32, 0x0e, 0x0a, 0x0c, 0x0a, 0x0a, 0x0a, 0x06, 0x0a, 0x01,
+                                   'a', 0x1a, 0x01, '1', 0x18, 0x01};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(abs_, sizeof abs_));
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_mode_override_and_timeout(void)
+{
+    struct script *s = load(
+        "function on_request_headers()\n"
+        "  return { mode_override = { request_header_mode = 'SEND', response_header_mode = 'SKIP',\n"
+        "    request_body_mode = 'STREAMED', response_body_mode = 'BUFFERED_PARTIAL',\n"
+        "    request_trailer_mode = 'DEFAULT', response_trailer_mode = 'SEND' },\n"
+        "    override_message_timeout = 1.5, add = { {'k', 'v'} } }\n"
+        "end\n"
+        "function on_response_headers() return { mode_override = { response_body_mode = 'FULL_DUPLEX_STREAMED' },"
+        " override_message_timeout = 2 } end\n"
+        "function on_request_body() return { override_message_timeout = 0.001, mode_override = {} } end\n"
+        "function on_response_body() return { override_message_timeout = 3600.25, immediate = { status = 500 } } end\n"
+        "function on_request_trailers() return { mode_override = { response_body_mode = 'BUFFERED' } } end\n");
+    struct script_stream *st = script_stream_open(s, 22);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(REQUEST_HEADERS));
+    CHECK_STR(set_value(common(r)->header_mutation, "k"), "v");
+    Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode *pm = r->mode_override;
+    CHECK(pm != NULL);
+    CHECK(pm->request_header_mode == HDR_MODE(SEND));
+    CHECK(pm->response_header_mode == HDR_MODE(SKIP));
+    CHECK(pm->request_body_mode == BODY_MODE(STREAMED));
+    CHECK(pm->response_body_mode == BODY_MODE(BUFFERED_PARTIAL));
+    CHECK(pm->request_trailer_mode == HDR_MODE(DEFAULT));
+    CHECK(pm->response_trailer_mode == HDR_MODE(SEND));
+    CHECK(r->override_message_timeout != NULL);
+    CHECK(r->override_message_timeout->seconds == 1 && r->override_message_timeout->nanos == 500000000);
+    CHECK(r->dynamic_metadata == NULL);
+
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    CHECK(r->mode_override->response_body_mode == BODY_MODE(FULL_DUPLEX_STREAMED));
+    CHECK(r->mode_override->request_body_mode == BODY_MODE(NONE));
+    CHECK(r->override_message_timeout->seconds == 2 && r->override_message_timeout->nanos == 0);
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    CHECK(r->response_case == RESP(REQUEST_BODY));
+    CHECK(r->override_message_timeout->seconds == 0 && r->override_message_timeout->nanos == 1000000);
+    /* mode_override = {} is sent: an all-default ProcessingMode */
+    CHECK(r->mode_override != NULL && r->mode_override->request_body_mode == 0);
+
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY});
+    CHECK(r->response_case == RESP(IMMEDIATE_RESPONSE));
+    CHECK(r->immediate_response->status->code == 500);
+    CHECK(r->override_message_timeout->seconds == 3600 && r->override_message_timeout->nanos == 250000000);
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(REQUEST_TRAILERS));
+    CHECK(r->mode_override->response_body_mode == BODY_MODE(BUFFERED));
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_dynamic_metadata(void)
+{
+    struct script *s = load(
+        "function on_request_headers()\n"
+        "  return { dynamic_metadata = { ['my.ns'] = { s = 'v', n = 1.5, i = 3, t = true, f = false,\n"
+        "    list = { 1, 'two', { x = 'y' } }, none = callout.null, nested = { deep = { k = 'v' } } } } }\n"
+        "end\n"
+        "function on_response_headers() return { dynamic_metadata = {}, immediate = { status = 404 } } end\n"
+        "function on_request_trailers() return { dynamic_metadata = { a = { b = 'c' } } } end\n"
+        "function on_request_body() return { dynamic_metadata = { a = 'x' }, deny = 'no' } end\n");
+    struct script_stream *st = script_stream_open(s, 23);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(REQUEST_HEADERS));
+    Google__Protobuf__Struct *dm = r->dynamic_metadata;
+    CHECK(dm != NULL && dm->n_fields == 1);
+    CHECK_STR(dm->fields[0]->key, "my.ns");
+    Google__Protobuf__Value *ns = dm->fields[0]->value;
+    CHECK(ns->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_STRUCT_VALUE);
+    int seen = 0;
+    for (size_t i = 0; i < ns->struct_value->n_fields; i++) {
+        const char *k = ns->struct_value->fields[i]->key;
+        Google__Protobuf__Value *v = ns->struct_value->fields[i]->value;
+        if (strcmp(k, "s") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_STRING_VALUE);
+            CHECK_STR(v->string_value, "v");
+        } else if (strcmp(k, "n") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_NUMBER_VALUE && v->number_value == 1.5);
+        } else if (strcmp(k, "i") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_NUMBER_VALUE && v->number_value == 3);
+        } else if (strcmp(k, "t") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_BOOL_VALUE && v->bool_value);
+        } else if (strcmp(k, "f") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_BOOL_VALUE && !v->bool_value);
+        } else if (strcmp(k, "none") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_NULL_VALUE);
+        } else if (strcmp(k, "list") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_LIST_VALUE);
+            CHECK(v->list_value->n_values == 3);
+            CHECK(v->list_value->values[0]->number_value == 1);
+            CHECK_STR(v->list_value->values[1]->string_value, "two");
+            CHECK(v->list_value->values[2]->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_STRUCT_VALUE);
+        } else if (strcmp(k, "nested") == 0) {
+            CHECK(v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_STRUCT_VALUE);
+            CHECK_STR(v->struct_value->fields[0]->key, "deep");
+        } else {
+            CHECK(!"unexpected key");
+        }
+        seen++;
+    }
+    CHECK(seen == 8);
+
+    /* with an immediate response; an empty table is an empty (present) Struct */
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(IMMEDIATE_RESPONSE) && r->immediate_response->status->code == 404);
+    CHECK(r->dynamic_metadata != NULL && r->dynamic_metadata->n_fields == 0);
+    static const uint8_t imm[] = {0x3a, 0x05, 0x0a, 0x03, 0x08, 0x94, 0x03, 0x42, 0x00};
+    CHECK(reply_is(imm, sizeof imm));
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
+    CHECK(r->response_case == RESP(REQUEST_TRAILERS) && r->dynamic_metadata->n_fields == 1);
+
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    char want[512];
+    snprintf(want, sizeof want, "%s:7: on_request_body returned a bad table: 'deny' cannot be "
+             "combined with 'dynamic_metadata'", last_path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+    script_stream_close(st);
+    script_close(s);
+}
+
+static void test_immediate_every_phase(void)
+{
+    struct script *s = load(
+        "local function imm(h, ctx)\n"
+        "  return { immediate = { status = 599, headers = { {'x-phase', ctx.phase} },\n"
+        "    append_action = 'OVERWRITE_IF_EXISTS_OR_ADD', body = 'b:' .. ctx.phase,\n"
+        "    details = 'd_' .. ctx.phase, grpc_status = 16 } }\n"
+        "end\n"
+        "on_request_headers, on_response_headers, on_request_body = imm, imm, imm\n"
+        "on_response_body, on_request_trailers, on_response_trailers = imm, imm, imm\n");
+    struct script_stream *st = script_stream_open(s, 24);
+    for (int p = 0; p < PBCONV_PHASE_COUNT; p++) {
+        Resp *r = send(st, &(struct req){.phase = (enum pbconv_phase)p, .kv = no_headers});
+        CHECK(r != NULL && r->response_case == RESP(IMMEDIATE_RESPONSE));
+        Envoy__Service__ExtProc__V3__ImmediateResponse *ir = r->immediate_response;
+        const char *name = pbconv_phase_name((enum pbconv_phase)p);
+        char b[64];
+        CHECK(ir->status->code == 599);
+        CHECK_STR(set_value(ir->headers, "x-phase"), name);
+        CHECK_APPEND(ir->headers, "x-phase", -1, ACTION(OVERWRITE_IF_EXISTS_OR_ADD));
+        snprintf(b, sizeof b, "b:%s", name);
+        CHECK_BYTES(ir->body, b, strlen(b));
+        snprintf(b, sizeof b, "d_%s", name);
+        CHECK_STR(ir->details, b);
+        CHECK(ir->grpc_status != NULL && ir->grpc_status->status == 16);
+    }
+    /* the same in a FULL_DUPLEX_STREAMED body phase */
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .config = true,
+                                     .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    CHECK(reply.count == 1 && r->response_case == RESP(IMMEDIATE_RESPONSE));
+    script_stream_close(st);
+    script_close(s);
+}
+
+/* ctx.attributes, ctx.metadata, ctx.protocol_config and ctx.observability_mode. */
+static void test_ctx_inputs(void)
+{
+    struct script *s = load(
+        "local function dump(t)\n"
+        "  if type(t) ~= 'table' then return tostring(t) end\n"
+        "  local keys = {}\n"
+        "  for k in pairs(t) do keys[#keys + 1] = k end\n"
+        "  table.sort(keys)\n"
+        "  local out = {}\n"
+        "  for _, k in ipairs(keys) do out[#out + 1] = k .. '=' .. dump(t[k]) end\n"
+        "  return '{' .. table.concat(out, ',') .. '}'\n"
+        "end\n"
+        "local function echo(h, ctx)\n"
+        "  return { add = { {'attr', dump(ctx.attributes)}, {'meta', dump(ctx.metadata)},\n"
+        "    {'pc', dump(ctx.protocol_config)}, {'obs', tostring(ctx.observability_mode)} } }\n"
+        "end\n"
+        "function on_request_headers(h, ctx) ctx.state.n = (ctx.state.n or 0) + 1 return echo(h, ctx) end\n"
+        "on_response_headers, on_request_trailers = echo, echo\n");
+    struct script_stream *st = script_stream_open(s, 25);
+    /* nothing sent: empty tables, no protocol_config */
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    HeaderMutation *hm = common(r)->header_mutation;
+    CHECK_STR(set_value(hm, "attr"), "{}");
+    CHECK_STR(set_value(hm, "meta"), "{}");
+    CHECK_STR(set_value(hm, "pc"), "nil");
+    CHECK_STR(set_value(hm, "obs"), "false");
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers,
+                               .attr = {"envoy.filters.http.ext_proc", "request.path", "/p"},
+                               .meta = {"ns1", "k", "v1"}, .config = true,
+                               .req_mode = BODY_MODE(STREAMED),
+                               .resp_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    hm = common(r)->header_mutation;
+    CHECK_STR(set_value(hm, "attr"), "{envoy.filters.http.ext_proc={request.path=/p}}");
+    CHECK_STR(set_value(hm, "meta"), "{ns1={k=v1}}");
+    CHECK_STR(set_value(hm, "pc"), "{request_body_mode=STREAMED,response_body_mode="
+                                   "FULL_DUPLEX_STREAMED,send_body_without_waiting_for_header_response=true}");
+
+    /* merged per namespace, key by key; protocol_config stays the first one */
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers,
+                               .attr = {"envoy.filters.http.ext_proc", "response.code", "200"},
+                               .meta = {"ns2", "k", "v2"}, .config = true,
+                               .req_mode = BODY_MODE(BUFFERED)});
+    hm = common(r)->header_mutation;
+    CHECK_STR(set_value(hm, "attr"), "{envoy.filters.http.ext_proc={request.path=/p,response.code=200}}");
+    CHECK_STR(set_value(hm, "meta"), "{ns1={k=v1},ns2={k=v2}}");
+    CHECK_STR(set_value(hm, "pc"), "{request_body_mode=STREAMED,response_body_mode="
+                                   "FULL_DUPLEX_STREAMED,send_body_without_waiting_for_header_response=true}");
+    /* a later value for the same key wins */
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers,
+                               .meta = {"ns1", "k", "v3"}});
+    CHECK_STR(set_value(r->request_trailers->header_mutation, "meta"), "{ns1={k=v3},ns2={k=v2}}");
+
+    /* observability mode: the handler runs, ctx says so; the next message sees false again */
+    CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true}) == NULL);
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
+    CHECK_STR(set_value(common(r)->header_mutation, "obs"), "false");
+    script_stream_close(st);
+    script_close(s);
+
+    s = load("function on_request_headers(h, ctx)\n"
+             "  ctx.state.obs = tostring(ctx.observability_mode)\n"
+             "  ctx.attributes = nil; ctx.metadata = 5\n"
+             "end\n"
+             "function on_response_headers(h, ctx)\n"
+             "  return { add = { {'obs', ctx.state.obs}, {'a', ctx.attributes.ns.k},\n"
+             "                   {'m', ctx.metadata.ns.k} } }\n"
+             "end\n");
+    st = script_stream_open(s, 26);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true});
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    /* a script that cleared ctx.attributes/metadata gets fresh tables */
+    r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers,
+                               .attr = {"ns", "k", "av"}, .meta = {"ns", "k", "mv"}});
+    hm = common(r)->header_mutation;
+    CHECK_STR(set_value(hm, "obs"), "true");
+    CHECK_STR(set_value(hm, "a"), "av");
+    CHECK_STR(set_value(hm, "m"), "mv");
+    script_stream_close(st);
+    script_close(s);
+}
+
+/* The body of streamed response i of the last reply, and its end_of_stream. */
+static void check_streamed(size_t i, enum pbconv_phase phase, const char *body, bool eos)
+{
+    Resp *r = nth(i);
+    Envoy__Service__ExtProc__V3__BodyResponse *b;
+    if (phase == PBCONV_REQUEST_BODY) {
+        CHECK(r->response_case == RESP(REQUEST_BODY));
+        b = r->request_body;
+    } else {
+        CHECK(r->response_case == RESP(RESPONSE_BODY));
+        b = r->response_body;
+    }
+    CHECK(b->response != NULL && b->response->body_mutation != NULL);
+    CHECK(b->response->header_mutation == NULL);
+    CHECK(b->response->status == 0);
+    Envoy__Service__ExtProc__V3__BodyMutation *bm = b->response->body_mutation;
+    CHECK(bm->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_STREAMED_RESPONSE);
+    CHECK_BYTES(bm->streamed_response->body, body, strlen(body));
+    CHECK(bm->streamed_response->end_of_stream == eos);
+}
+
+static void test_full_duplex(void)
+{
+    struct script *s = load(
+        "function on_request_headers() end\n"
+        "function on_request_body(b, ctx)\n"
+        "  local cmd = b.body:match('^(%a+)')\n"
+        "  if cmd == 'nil' then return nil end\n"
+        "  if cmd == 'empty' then return {} end\n"
+        "  if cmd == 'body' then return { body = 'B' } end\n"
+        "  if cmd == 'chunks' then return { chunks = { 'a', '', 'c' } } end\n"
+        "  if cmd == 'hold' then ctx.state.held = (ctx.state.held or '') .. b.body return { chunks = {} } end\n"
+        "  if cmd == 'flush' then return { chunks = { ctx.state.held, b.body } } end\n"
+        "  if cmd == 'end' then return { end_of_stream = true } end\n"
+        "  if cmd == 'endempty' then return { chunks = {}, end_of_stream = true } end\n"
+        "  if cmd == 'noend' then return { end_of_stream = false } end\n"
+        "  if cmd == 'meta' then return { body = 'M', dynamic_metadata = { n = { k = 1 } },\n"
+        "    override_message_timeout = 5, clear_route_cache = true } end\n"
+        "  if cmd == 'holdmeta' then return { chunks = {}, dynamic_metadata = {} } end\n"
+        "  if cmd == 'clear' then return { clear_body = true } end\n"
+        "  if cmd == 'status' then return { status = 'CONTINUE' } end\n"
+        "  if cmd == 'add' then return { add = { {'a', 'b'} } } end\n"
+        "  if cmd == 'both' then return { body = 'x', chunks = {} } end\n"
+        "  if cmd == 'badchunk' then return { chunks = { 'a', 5 } } end\n"
+        "  if cmd == 'mapchunk' then return { chunks = { x = 'a' } } end\n"
+        "  if cmd == 'eostype' then return { end_of_stream = 1 } end\n"
+        "end\n");
+    const char *path = last_path;
+    char want[512];
+    struct script_stream *st = script_stream_open(s, 27);
+    /* the first message carries protocol_config: request bodies are full duplex */
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .config = true,
+                           .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    CHECK(reply.outcome == SCRIPT_RESPOND && reply.count == 1);
+
+#define CHUNK(text, e) send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = text, \
+                                              .body_len = strlen(text), .eos = e})
+    /* nil and {}: the chunk forwarded unchanged, end_of_stream kept */
+    CHUNK("nil 1", false);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "nil 1", false);
+    CHUNK("empty", true);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "empty", true);
+    CHUNK("body", false);
+    check_streamed(0, PBCONV_REQUEST_BODY, "B", false);
+    CHUNK("body", true);
+    check_streamed(0, PBCONV_REQUEST_BODY, "B", true);
+    /* chunks: one response each, in order, end_of_stream on the last only */
+    CHUNK("chunks", true);
+    CHECK(reply.count == 3 && reply.len == reply.lens[0] + reply.lens[1] + reply.lens[2]);
+    check_streamed(0, PBCONV_REQUEST_BODY, "a", false);
+    check_streamed(1, PBCONV_REQUEST_BODY, "", false);
+    check_streamed(2, PBCONV_REQUEST_BODY, "c", true);
+    /* held: nothing now, everything later */
+    CHUNK("hold1", false);
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHUNK("hold2", false);
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHUNK("flush", true);
+    CHECK(reply.count == 2);
+    check_streamed(0, PBCONV_REQUEST_BODY, "hold1hold2", false);
+    check_streamed(1, PBCONV_REQUEST_BODY, "flush", true);
+    /* end_of_stream overrides; an ending body with nothing to say sends an empty chunk */
+    CHUNK("end", false);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "end", true);
+    CHUNK("endempty", false);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "", true);
+    CHUNK("hold", true);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "", true);
+    CHUNK("noend", false);
+    check_streamed(0, PBCONV_REQUEST_BODY, "noend", false);
+    /* a second end-of-stream chunk (an Envoy quirk) is answered like any other */
+    CHUNK("", true);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "", true);
+    CHUNK("", true);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "", true);
+    /* ProcessingResponse-level keys ride on the first message */
+    CHUNK("meta", false);
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "M", false);
+    CHECK(nth(0)->dynamic_metadata != NULL && nth(0)->dynamic_metadata->n_fields == 1);
+    CHECK(nth(0)->override_message_timeout->seconds == 5);
+    CHECK(nth(0)->request_body->response->clear_route_cache);
+    /* observability mode: the handler runs, nothing is sent */
+    CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "chunks", .body_len = 6,
+                                 .observe = true}) == NULL);
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+
+#define BADCHUNK(text, e, detail)                                                          \
+    do {                                                                                   \
+        CHUNK(text, e);                                                                    \
+        snprintf(want, sizeof want, "%s:2: on_request_body returned a bad table: %s", path, \
+                 detail);                                                                  \
+        CHECK_FAIL(GRPC_STATUS_INTERNAL, want);                                            \
+    } while (0)
+    BADCHUNK("noend", true, "bad value for 'end_of_stream': false, but this is the last chunk of "
+                            "the body (a body must end)");
+    BADCHUNK("holdmeta", false, "'dynamic_metadata' needs a message to travel with, and this "
+                                "answer sends none (chunks = {} without end_of_stream)");
+    BADCHUNK("clear", false, "'clear_body' is not allowed in request_body in FULL_DUPLEX_STREAMED "
+                             "mode (see docs/streaming.md)");
+    BADCHUNK("status", false, "'status' is not allowed in request_body in FULL_DUPLEX_STREAMED "
+                              "mode (see docs/streaming.md)");
+    BADCHUNK("add", false, "'add' is not allowed in request_body in FULL_DUPLEX_STREAMED mode "
+                           "(see docs/streaming.md)");
+    BADCHUNK("both", false, "'body' and 'chunks' cannot be combined");
+    BADCHUNK("badchunk", false, "'chunks' entry 2 is a number, expected a string");
+    BADCHUNK("mapchunk", false, "'chunks' must be a list of strings");
+    BADCHUNK("eostype", false, "'end_of_stream' must be a boolean, got number");
+    script_stream_close(st);
+
+    /* response bodies in FULL_DUPLEX_STREAMED, request bodies STREAMED: only the response
+     * direction answers with streamed responses; chunks is an error elsewhere */
+    script_close(s);
+    s = load("function on_request_body(b) if b.body == 'c' then return { chunks = {'x'} } end\n"
+             "  return { body = b.body:upper() } end\n"
+             "function on_response_body(b) return { chunks = { b.body, b.body } } end\n");
+    path = last_path;
+    st = script_stream_open(s, 28);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .config = true,
+                           .req_mode = BODY_MODE(STREAMED),
+                           .resp_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    Resp *r = CHUNK("abc", false);
+    CHECK(reply.count == 1);
+    CHECK(common(r)->body_mutation->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_BODY);
+    CHECK_BYTES(common(r)->body_mutation->body, "ABC", 3);
+    CHUNK("c", false);
+    snprintf(want, sizeof want, "%s:1: on_request_body returned a bad table: 'chunks' is allowed "
+             "only in body phases in FULL_DUPLEX_STREAMED mode, not in request_body", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "rb", .body_len = 2, .eos = true});
+    CHECK(reply.count == 2);
+    check_streamed(0, PBCONV_RESPONSE_BODY, "rb", false);
+    check_streamed(1, PBCONV_RESPONSE_BODY, "rb", true);
+    script_stream_close(st);
+
+    /* no handler at all: forwarded unchanged; no protocol_config: a plain body phase */
+    script_close(s);
+    s = load("-- no handlers\n");
+    st = script_stream_open(s, 29);
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "x", .body_len = 1});
+    static const uint8_t rsb[] = {0x22, 0x00};
+    CHECK(reply_is(rsb, 2));
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "x", .body_len = 1, .config = true,
+                           .resp_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_RESPONSE_BODY, "x", false);
+    script_stream_close(st);
+    script_close(s);
+#undef CHUNK
+#undef BADCHUNK
+}
+
+#define ACTIONS "(expected APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD or " \
+                "OVERWRITE_IF_EXISTS)"
+#define HMODES "(expected DEFAULT, SEND or SKIP)"
+#define BMODES "(expected NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL or FULL_DUPLEX_STREAMED)"
+
+static void test_new_bad_returns(void)
+{
+    /* append actions */
+    BADT("{ add = { {'a', 'b'} }, append_action = 'APPEND' }",
+         "bad value for 'append_action': 'APPEND' " ACTIONS);
+    BADT("{ append_action = 1 }", "'append_action' must be a string, got number");
+    BADT("{ add = { {'a', 'b'}, {'c', 'd', append_action = 'add_if_absent'} } }",
+         "bad value for 'add[2].append_action': 'add_if_absent' " ACTIONS);
+    BADT("{ add = { {'a', 'b', append_action = true} } }",
+         "'add[1].append_action' must be a string, got boolean");
+    BADT("{ add = { {'a', 'b', action = 'ADD_IF_ABSENT'} } }",
+         "'add' entry 1 has an unknown key 'action' (a pair takes {name, value, "
+         "append_action = ...})");
+    BADT("{ add = { {'a', 'b', [0] = 'x'} } }",
+         "'add' entry 1 has an unknown key [0] (a pair takes {name, value, append_action = ...})");
+    BADT("{ immediate = { headers = { x = '1' }, append_action = 'NOPE' } }",
+         "bad value for 'immediate.append_action': 'NOPE' " ACTIONS);
+    BADT("{ immediate = { headers = { {'x', '1', append_action = 'NOPE'} } } }",
+         "bad value for 'immediate.headers[1].append_action': 'NOPE' " ACTIONS);
+    BADT("{ immediate = { append_action = 3 } }",
+         "'immediate.append_action' must be a string, got number");
+    BADT("{ append_action = 'ADD_IF_ABSENT', immediate = {} }",
+         "'immediate' cannot be combined with 'append_action'");
+    /* immediate ranges */
+    BADT("{ immediate = { status = 199 } }",
+         "bad value for 'immediate.status': 199 (expected an HTTP status 200-599)");
+    BADT("{ immediate = { status = 100 } }",
+         "bad value for 'immediate.status': 100 (expected an HTTP status 200-599)");
+    BADT("{ immediate = { status = 600 } }",
+         "bad value for 'immediate.status': 600 (expected an HTTP status 200-599)");
+    BADT("{ immediate = { grpc_status = 17 } }",
+         "bad value for 'immediate.grpc_status': 17 (expected a gRPC status code 0-16)");
+    BADT("{ immediate = { grpc_status = 1.5 } }",
+         "bad value for 'immediate.grpc_status': 1.5 (expected a gRPC status code 0-16)");
+    /* mode_override */
+    BADT("{ mode_override = 'STREAMED' }", "'mode_override' must be a table, got string");
+    BADT("{ mode_override = { request_body = 'STREAMED' } }",
+         "unknown key 'mode_override.request_body'");
+    BADT("{ mode_override = { 'STREAMED' } }", "unknown key [1] in mode_override");
+    BADT("{ mode_override = { request_body_mode = 'STREAM' } }",
+         "bad value for 'mode_override.request_body_mode': 'STREAM' " BMODES);
+    BADT("{ mode_override = { response_trailer_mode = 'STREAMED' } }",
+         "bad value for 'mode_override.response_trailer_mode': 'STREAMED' " HMODES);
+    BADT("{ mode_override = { request_header_mode = 1 } }",
+         "'mode_override.request_header_mode' must be a string, got number");
+    /* override_message_timeout */
+    BADT("{ override_message_timeout = '5' }",
+         "'override_message_timeout' must be a number, got string");
+    BADT("{ override_message_timeout = 0 }",
+         "bad value for 'override_message_timeout': 0 (expected a number of seconds from 0.001 "
+         "to 315576000000)");
+    BADT("{ override_message_timeout = 0.0009 }",
+         "bad value for 'override_message_timeout': 0.0009 (expected a number of seconds from "
+         "0.001 to 315576000000)");
+    BADT("{ override_message_timeout = -1 }",
+         "bad value for 'override_message_timeout': -1 (expected a number of seconds from 0.001 "
+         "to 315576000000)");
+    BADT("{ override_message_timeout = 0/0 }",
+         "bad value for 'override_message_timeout': not a finite number (expected a number of "
+         "seconds from 0.001 to 315576000000)");
+    BADT("{ override_message_timeout = 1e12 }",
+         "bad value for 'override_message_timeout': 1000000000000 (expected a number of seconds "
+         "from 0.001 to 315576000000)");
+    /* dynamic_metadata: pbstruct names the path */
+    BADT("{ dynamic_metadata = 'x' }", "'dynamic_metadata' must be a table, got string");
+    BADT("{ dynamic_metadata = { ns = { f = print } } }",
+         "dynamic_metadata.ns.f: a function cannot be converted to a protobuf Value");
+    /* streaming keys outside FULL_DUPLEX_STREAMED */
+    BADT("{ chunks = {} }", "'chunks' is allowed only in body phases in FULL_DUPLEX_STREAMED "
+                            "mode, not in request_headers");
+    BAD("{ end_of_stream = true }", PBCONV_RESPONSE_BODY,
+        "returned a bad table: 'end_of_stream' is allowed only in body phases in "
+        "FULL_DUPLEX_STREAMED mode, not in response_body");
+    BAD("{ append_action = 'NOPE' }", PBCONV_RESPONSE_TRAILERS,
+        "returned a bad table: bad value for 'append_action': 'NOPE' " ACTIONS);
+}
+
+/* A script finds modules in its own folder, whatever the working directory. */
+static void test_require_from_script_dir(void)
+{
+    char mod[300];
+    snprintf(mod, sizeof mod, "%s/pbconv_helper_mod.lua", tmpdir);
+    FILE *f = fopen(mod, "w");
+    CHECK(f != NULL);
+    CHECK(fputs("return { tag = 'from-dir' }\n", f) >= 0);
+    CHECK(fclose(f) == 0);
+    struct script *s = load("local m = require 'pbconv_helper_mod'\n"
+                            "function on_request_headers() return { add = { {'t', m.tag} } } end\n");
+    struct script_stream *st = script_stream_open(s, 34);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK_STR(set_value(common(r)->header_mutation, "t"), "from-dir");
+    script_stream_close(st);
+    script_close(s);
+    unlink(mod);
+}
+
+/* callout.deny_callout: PERMISSION_DENIED with the message; a plain error stays INTERNAL. */
+static void test_deny_callout(void)
+{
+    struct script *s = load(
+        "function on_request_headers(h, ctx)\n"
+        "  if h:has('msg') then callout.deny_callout('go away') end\n"
+        "  if h:has('nested') then local ok = pcall(callout.deny_callout, 'caught'); error('after') end\n"
+        "  callout.deny_callout()\n"
+        "end\n"
+        "function on_request_body() require('callout').deny_callout('from body') end\n");
+    const char *path = last_path;
+    char want[512];
+    struct script_stream *st = script_stream_open(s, 30);
+    static const char *const msg[] = {"msg", "1"}, *const nested[] = {"nested", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = msg, .n = 1});
+    CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "go away");
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "Callout DENIED.");
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
+    CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "from body");
+    /* a deny caught by the script's own pcall is not a deny */
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = nested, .n = 1});
+    snprintf(want, sizeof want, "%s:3: after", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+    /* observability mode: nothing sent */
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = msg, .n = 1, .observe = true});
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    script_stream_close(st);
+    script_close(s);
+}
+
+/* process(request, ctx): the whole ProcessingRequest in, a whole ProcessingResponse out. */
+static void test_process(void)
+{
+    struct script *s = load(
+        "function process(req, ctx)\n"
+        "  ctx.state.n = (ctx.state.n or 0) + 1\n"
+        "  if req.request_headers then\n"
+        "    local h = req.request_headers.headers.headers\n"
+        "    local cmd = h[1] and h[1].key\n"
+        "    if cmd == 'nil' then return nil end\n"
+        "    if cmd == 'badfield' then return { request_headers = { response = { header_mutation = {\n"
+        "      set_headers = { { header = { kye = 'x' } } } } } } } end\n"
+        "    if cmd == 'wrong' then return { response_headers = {} } end\n"
+        "    if cmd == 'none' then return { dynamic_metadata = {} } end\n"
+        "    if cmd == 'imm' then return { immediate_response = { status = { code = 418 } } } end\n"
+        "    return { request_headers = { response = { header_mutation = { set_headers = {\n"
+        "      { header = { key = 'x-raw', raw_value = cmd .. ':' .. ctx.phase .. ':' .. ctx.state.n },\n"
+        "        append_action = 'ADD_IF_ABSENT' } } } } },\n"
+        "      mode_override = { response_body_mode = 'BUFFERED' } }\n"
+        "  end\n"
+        "  if req.request_body then\n"
+        "    return { request_body = { response = { body_mutation = { body = req.request_body.body:upper() } } } }\n"
+        "  end\n"
+        "end\n"
+        "function on_request_headers() error('not called when process exists') end\n");
+    const char *path = last_path;
+    char want[512];
+    struct script_stream *st = script_stream_open(s, 31);
+    static const char *const plain[] = {"go", "1"};
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = plain, .n = 1});
+    CHECK(r != NULL && r->response_case == RESP(REQUEST_HEADERS));
+    HeaderMutation *hm = common(r)->header_mutation;
+    CHECK_STR(set_value(hm, "x-raw"), "go:request_headers:1");
+    CHECK_APPEND(hm, "x-raw", -1, ACTION(ADD_IF_ABSENT));
+    CHECK(r->mode_override != NULL && r->mode_override->response_body_mode == BODY_MODE(BUFFERED));
+
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "abc", .body_len = 3});
+    CHECK(r->response_case == RESP(REQUEST_BODY));
+    CHECK_BYTES(common(r)->body_mutation->body, "ABC", 3);
+
+    /* nil: the empty response of the phase's type */
+    static const char *const nil[] = {"nil", "1"};
+    static const uint8_t rh[] = {0x0a, 0x00};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = nil, .n = 1});
+    CHECK(reply_is(rh, 2));
+    static const uint8_t rst[] = {0x32, 0x00};
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
+    CHECK(reply_is(rst, 2));
+
+    static const char *const imm[] = {"imm", "1"};
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = imm, .n = 1});
+    CHECK(r->response_case == RESP(IMMEDIATE_RESPONSE) && r->immediate_response->status->code == 418);
+
+    static const char *const badfield[] = {"badfield", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = badfield, .n = 1});
+    CHECK(reply.outcome == SCRIPT_FAIL && reply.status == GRPC_STATUS_INTERNAL);
+    snprintf(want, sizeof want, "%s:1: process returned a bad response: response.request_headers."
+             "response.header_mutation.set_headers[1].header", path);
+    CHECK(strncmp(reply.message, want, strlen(want)) == 0);
+    CHECK(strstr(reply.message, "'kye'") != NULL);
+
+    static const char *const wrong[] = {"wrong", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = wrong, .n = 1});
+    snprintf(want, sizeof want, "%s:1: process returned a bad response: response.response_headers "
+             "does not answer a request_headers message (expected response.request_headers or "
+             "response.immediate_response)", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+
+    static const char *const none[] = {"none", "1"};
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = none, .n = 1});
+    snprintf(want, sizeof want, "%s:1: process returned a bad response: response: none of the "
+             "'response' oneof is set (a request_headers message needs response.request_headers "
+             "or response.immediate_response)", path);
+    CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
+    script_stream_close(st);
+    script_close(s);
+
+    /* the request as a table: attributes, protocol_config, observability_mode, bytes */
+    s = load("function process(req, ctx)\n"
+             "  if req.observability_mode then ctx.state.obs = true return end\n"
+             "  local a = req.attributes and req.attributes.ns and req.attributes.ns.k\n"
+             "  local pc = req.protocol_config and req.protocol_config.request_body_mode\n"
+             "  return { request_trailers = { header_mutation = { set_headers = {\n"
+             "    { header = { key = 'a', raw_value = tostring(a) } },\n"
+             "    { header = { key = 'pc', raw_value = tostring(pc) } },\n"
+             "    { header = { key = 'obs', raw_value = tostring(ctx.state.obs) } },\n"
+             "    { header = { key = 'v', raw_value = req.request_trailers.trailers.headers[1].raw_value } } } } } }\n"
+             "end\n");
+    st = script_stream_open(s, 32);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true});
+    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    static const char *const tv[] = {"t", "bin\xff"};
+    r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = tv, .n = 1,
+                               .attr = {"ns", "k", "attr"}, .config = true,
+                               .req_mode = BODY_MODE(BUFFERED_PARTIAL)});
+    CHECK(r != NULL && r->response_case == RESP(REQUEST_TRAILERS));
+    hm = r->request_trailers->header_mutation;
+    CHECK_STR(set_value(hm, "a"), "attr");
+    CHECK_STR(set_value(hm, "pc"), "BUFFERED_PARTIAL");
+    CHECK_STR(set_value(hm, "obs"), "true");
+    CHECK_STR(set_value(hm, "v"), "bin\xff");
+    script_stream_close(st);
+    script_close(s);
+
+    /* process() in FULL_DUPLEX_STREAMED: nil forwards the chunk, as with on_* handlers */
+    s = load("function process(req) end\n");
+    st = script_stream_open(s, 33);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "fd", .body_len = 2, .eos = true,
+                           .config = true, .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "fd", true);
+    script_stream_close(st);
+    script_close(s);
 }
 
 static void test_lua_errors(void)
@@ -940,6 +1777,16 @@ int main(void)
     test_malformed();
     test_observability_and_extras();
     test_open_errors();
+    test_append_actions();
+    test_mode_override_and_timeout();
+    test_dynamic_metadata();
+    test_immediate_every_phase();
+    test_ctx_inputs();
+    test_full_duplex();
+    test_new_bad_returns();
+    test_deny_callout();
+    test_process();
+    test_require_from_script_dir();
     free_last();
     for (int i = 1; i <= nscripts; i++) {
         char p[256];
