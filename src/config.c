@@ -15,7 +15,8 @@
 #define LUACALLOUT_VERSION "0.0.0"
 #endif
 
-enum flag_kind { FLAG_STRING, FLAG_BOOL, FLAG_INT, FLAG_LEVEL, FLAG_HELP, FLAG_VERSION };
+enum flag_kind { FLAG_STRING, FLAG_BOOL, FLAG_INT, FLAG_LIMIT, FLAG_LEVEL, FLAG_HELP,
+                 FLAG_VERSION };
 
 struct flag {
     const char *name;     /* canonical, underscore spelling */
@@ -46,6 +47,14 @@ static const struct flag flags[] = {
     {"private_key_path", FLAG_STRING, AT(private_key_path), "PATH", "PEM private key for TLS"},
     {"watch", FLAG_BOOL, AT(watch), "",
      "reload when the script or a .lua file beside it changes (inotify)"},
+    {"check", FLAG_BOOL, AT(check), "",
+     "load the script, list the handlers it defines and exit (for CI)"},
+    {"script_timeout_ms", FLAG_LIMIT, AT(script_timeout_ms), "MS",
+     "time budget of one handler call, 0 = none (default 200)"},
+    {"script_memory_mb", FLAG_LIMIT, AT(script_memory_mb), "MB",
+     "memory ceiling of each worker's Lua VM, 0 = none (default 64)"},
+    {"unsafe_stdlib", FLAG_BOOL, AT(unsafe_stdlib), "",
+     "give scripts os.exit, os.execute, io.popen, debug and binary chunks"},
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
      "benchmark baseline: answer every message with a fixed response, no Lua"},
     {"threads", FLAG_INT, AT(threads), "N", "worker threads (default: number of cores)"},
@@ -89,6 +98,8 @@ static void set_defaults(struct config *cfg)
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     cfg->threads = cores > 0 ? (int)cores : 1;
     cfg->log_level = LOG_INFO;
+    cfg->script_timeout_ms = 200;
+    cfg->script_memory_mb = 64;
 }
 
 static enum config_result fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -163,6 +174,14 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
             long n = strtol(value, &end, 10);
             if (errno || *end || n < 1 || n > 1024)
                 return fail("flag --%s needs a number from 1 to 1024, got '%s'", f->name, value);
+            *(int *)field = (int)n;
+        } else if (f->kind == FLAG_LIMIT) {
+            char *end;
+            errno = 0;
+            long n = strtol(value, &end, 10);
+            if (errno || *end || !*value || n < 0 || n > 1000000)
+                return fail("flag --%s needs a number from 0 to 1000000, got '%s'", f->name,
+                            value);
             *(int *)field = (int)n;
         } else if (f->kind == FLAG_LEVEL) {
             if (log_parse_level(value, (enum log_level *)field) != 0)

@@ -21,6 +21,10 @@ struct config {
     enum log_level log_level;
     bool watch;                     /* reload when the script's folder changes */
     bool bench_echo;                /* fixed answers, no Lua: the benchmark's baseline */
+    bool check;                     /* load the script, list its handlers, exit */
+    bool unsafe_stdlib;             /* no sandbox: os.exit, io.popen, debug, bytecode */
+    int script_timeout_ms;          /* per handler call; 0 = no limit */
+    int script_memory_mb;           /* per Lua VM; 0 = no limit */
 };
 
 enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };

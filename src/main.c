@@ -12,6 +12,7 @@
 #include "admin.h"
 #include "config.h"
 #include "log.h"
+#include "script.h"
 #include "server.h"
 #include "stream.h"
 #include "tls.h"
@@ -22,6 +23,26 @@
 #define WATCH_SETTLE_MS 200
 
 static void reload(void *srv) { server_reload(srv); }
+
+/* --check: what a reload would do, for a user's CI: compile, run the top level, list the
+ * handlers. */
+static int check_script(const char *path)
+{
+    char err[1024];
+    struct script *s = script_open(path, err, sizeof err);
+    if (!s) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    const char *names[8];
+    size_t n = script_handlers(s, names, 8);
+    printf("%s: ok, handlers:", path);
+    for (size_t i = 0; i < n; i++)
+        printf(" %s", names[i]);
+    printf("\n");
+    script_close(s);
+    return 0;
+}
 
 int main(int argc, char **argv)
 {
@@ -43,6 +64,14 @@ int main(int argc, char **argv)
         break;
     }
     log_set_level(cfg.log_level);
+    struct script_limits limits = {
+        .timeout_ms = cfg.script_timeout_ms,
+        .memory_bytes = (size_t)cfg.script_memory_mb << 20,
+        .unsafe_stdlib = cfg.unsafe_stdlib,
+    };
+    script_set_limits(&limits);
+    if (cfg.check)
+        return check_script(cfg.script_path);
 
     char err[1024];
     struct tls_identity id = {0};

@@ -10,6 +10,7 @@
 
 #include <assert.h>
 #include <inttypes.h>
+#include <time.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +29,19 @@
 
 /* Longest gRPC status message we send; longer Lua errors are cut. */
 #define MESSAGE_MAX 2048
+/* Instructions between two looks at the clock: cheap enough to leave on all the time
+ * (HAProxy measured a count of 5000 and more as near free), fine enough to stop a runaway
+ * loop within a millisecond or so. */
+#define HOOK_COUNT 10000
+
+const struct script_limits script_limits_default = {
+    .timeout_ms = 200,
+    .memory_bytes = (size_t)64 << 20,
+    .unsafe_stdlib = 0,
+};
+static struct script_limits limits = {200, (size_t)64 << 20, 0};
+
+void script_set_limits(const struct script_limits *l) { limits = *l; }
 
 struct script {
     lua_State *L;
@@ -39,6 +53,11 @@ struct script {
     uint64_t current_stream;  /* the stream whose handler runs, 0 outside handlers */
     size_t errmsg_len;    /* set by msghandler: length of the message before the traceback */
     bool denied;          /* set by msghandler: the error came from callout.deny_callout */
+    size_t mem_used;      /* bytes the VM holds, counted by the allocator */
+    bool mem_exceeded;    /* the allocator refused a block: the call failed for memory */
+    uint64_t deadline_ns; /* CLOCK_MONOTONIC time the running call must end by, 0 = none */
+    bool timed_out;       /* the hook stopped the running call */
+    bool tainted;         /* a budget stopped a call mid-way: see script_tainted */
     char message[MESSAGE_MAX];
 };
 
@@ -93,6 +112,60 @@ static int msghandler(lua_State *L)
     return 1;
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The VM's allocator: realloc with a ceiling. Refusing a block makes Lua raise a memory
+ * error in the running call, which fails that call only; the VM stays usable. */
+static void *budget_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    struct script *s = ud;
+    size_t old = ptr ? osize : 0;
+    if (nsize == 0) {
+        free(ptr);
+        s->mem_used -= old;
+        return NULL;
+    }
+    if (limits.memory_bytes && nsize > old && s->mem_used - old + nsize > limits.memory_bytes) {
+        s->mem_exceeded = true;
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p)
+        s->mem_used = s->mem_used - old + nsize;
+    return p;
+}
+
+/* Runs every HOOK_COUNT instructions of every coroutine of the VM (new threads inherit
+ * it). Past the deadline it raises, and re-arms itself to run at every instruction so a
+ * script cannot pcall its way out of the error. */
+static void budget_hook(lua_State *L, lua_Debug *ar)
+{
+    struct script *s = script_of(L);
+    if (s->deadline_ns == 0 || (!s->timed_out && now_ns() < s->deadline_ns))
+        return;
+    s->timed_out = true;
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, 1);
+    /* ar is the interrupted function: name the script line the budget ran out on */
+    lua_getinfo(L, "Sl", ar);
+    if (ar->currentline > 0)
+        lua_pushfstring(L, "%s:%d: execution budget of %d ms exceeded", ar->short_src,
+                        ar->currentline, limits.timeout_ms);
+    else
+        lua_pushfstring(L, "execution budget of %d ms exceeded", limits.timeout_ms);
+    lua_error(L);
+}
+
+static int panic(lua_State *L)
+{
+    log_error("Lua panic (an unprotected error): %s", lua_tostring(L, -1));
+    abort();
+}
+
 /* The one protected entry point for calling Lua.
  * stack before: ... f a1..an   after: ... r1..rn (LUA_OK) or ... err (string) */
 static int docall(lua_State *L, int narg, int nres)
@@ -104,6 +177,29 @@ static int docall(lua_State *L, int narg, int nres)
     lua_insert(L, base);
     int status = lua_pcall(L, narg, nres, base);
     lua_remove(L, base);
+    return status;
+}
+
+/* docall under the time budget. Afterwards s->timed_out / s->mem_exceeded say whether a
+ * budget stopped the call; either taints the VM. */
+static int budgeted_call(struct script *s, int narg, int nres)
+{
+    lua_State *L = s->L;
+    s->timed_out = false;
+    s->mem_exceeded = false;
+    s->deadline_ns = limits.timeout_ms ? now_ns() + (uint64_t)limits.timeout_ms * 1000000u : 0;
+    int status = docall(L, narg, nres);
+    s->deadline_ns = 0;
+    if (s->timed_out)
+        lua_sethook(L, budget_hook, LUA_MASKCOUNT, HOOK_COUNT);
+    if (status == LUA_OK)
+        s->mem_exceeded = false;   /* a refused block the script caught with pcall */
+    else if (status == LUA_ERRMEM)
+        s->mem_exceeded = true;
+    if (s->timed_out || s->mem_exceeded) {
+        s->tainted = true;
+        lua_gc(L, LUA_GCCOLLECT);   /* give the memory of a bomb back at once */
+    }
     return status;
 }
 
@@ -130,8 +226,77 @@ static void copy_message(char *dst, const char *src, size_t len)
     dst[len] = '\0';
 }
 
-/* Opens the libraries scripts may use. One by one rather than luaL_openlibs, so the
- * sandbox can be narrowed later by deleting lines. Runs under docall. */
+/* load(chunk [, name [, mode [, env]]]) in text mode only: crafted bytecode can crash the
+ * VM. Delegates to the original load with mode "t". */
+static int load_text_only(lua_State *L)
+{
+    const char *mode = luaL_optstring(L, 3, "t");
+    if (strchr(mode, 'b') != NULL)
+        return luaL_error(L, "binary chunks are not allowed (run with --unsafe_stdlib)");
+    lua_settop(L, 4);
+    lua_pushliteral(L, "t");
+    lua_replace(L, 3);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 4, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* loadfile(name [, mode [, env]]) and dofile(name), text mode only. */
+static int loadfile_text_only(lua_State *L)
+{
+    const char *name = luaL_optstring(L, 1, NULL);
+    const char *mode = luaL_optstring(L, 2, "t");
+    if (strchr(mode, 'b') != NULL)
+        return luaL_error(L, "binary chunks are not allowed (run with --unsafe_stdlib)");
+    int env = !lua_isnone(L, 3) ? 3 : 0;
+    if (luaL_loadfilex(L, name, "t") != LUA_OK) {
+        lua_pushnil(L);
+        lua_insert(L, -2);
+        return 2;
+    }
+    if (env) {
+        lua_pushvalue(L, env);
+        if (!lua_setupvalue(L, -2, 1))
+            lua_pop(L, 1);
+    }
+    return 1;
+}
+
+static int dofile_text_only(lua_State *L)
+{
+    const char *name = luaL_optstring(L, 1, NULL);
+    lua_settop(L, 1);
+    if (luaL_loadfilex(L, name, "t") != LUA_OK)
+        return lua_error(L);
+    lua_call(L, 0, LUA_MULTRET);
+    return lua_gettop(L) - 1;
+}
+
+/* package.searchers[2] in text mode: require finds Lua modules on package.path as usual,
+ * but never loads a precompiled one. */
+static int search_lua_text_only(lua_State *L)
+{
+    const char *name = luaL_checkstring(L, 1);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "searchpath");
+    lua_pushstring(L, name);
+    lua_getfield(L, -3, "path");
+    lua_call(L, 2, 2);
+    if (lua_isnil(L, -2))
+        return 1;   /* the searchpath message: which files were tried */
+    const char *file = lua_tostring(L, -2);
+    if (luaL_loadfilex(L, file, "t") != LUA_OK)
+        return luaL_error(L, "error loading module '%s' from file '%s':\n\t%s", name, file,
+                          lua_tostring(L, -1));
+    lua_pushstring(L, file);
+    return 2;
+}
+
+/* Opens the libraries scripts may use, one by one (HAProxy's hlua_init_state), then takes
+ * out what lets a script take the process down or escape the VM: os.exit, os.execute,
+ * io.popen, the debug library and binary chunks. Reading files stays possible (keys and
+ * config at load time). --unsafe_stdlib keeps everything. Runs under docall. */
 static int open_state(lua_State *L)
 {
     static const luaL_Reg libs[] = {
@@ -144,6 +309,30 @@ static int open_state(lua_State *L)
     for (const luaL_Reg *lib = libs; lib->func != NULL; lib++) {
         luaL_requiref(L, lib->name, lib->func, 1);
         lua_pop(L, 1);
+    }
+    if (limits.unsafe_stdlib) {
+        luaL_requiref(L, LUA_DBLIBNAME, luaopen_debug, 1);
+        lua_pop(L, 1);
+    } else {
+        lua_getglobal(L, "os");
+        lua_pushnil(L);
+        lua_setfield(L, -2, "exit");
+        lua_pushnil(L);
+        lua_setfield(L, -2, "execute");
+        lua_getglobal(L, "io");
+        lua_pushnil(L);
+        lua_setfield(L, -2, "popen");
+        lua_pop(L, 2);
+        lua_getglobal(L, "load");
+        lua_pushcclosure(L, load_text_only, 1);
+        lua_setglobal(L, "load");
+        lua_register(L, "loadfile", loadfile_text_only);
+        lua_register(L, "dofile", dofile_text_only);
+        lua_getglobal(L, "package");
+        lua_getfield(L, -1, "searchers");
+        lua_pushcfunction(L, search_lua_text_only);
+        lua_rawseti(L, -2, 2);
+        lua_pop(L, 2);
     }
     pbconv_open(L);
     calloutlib_open(L, &script_of(L)->current_stream);
@@ -181,14 +370,17 @@ struct script *script_open(const char *path, char *err, size_t errlen)
         return NULL;
     }
     arena_init(&s->arena, 0);
-    s->L = luaL_newstate();
+    s->L = lua_newstate(budget_alloc, s);
     if (s->L == NULL) {
         snprintf(err, errlen, "%s: cannot create a Lua state: out of memory", path);
+        arena_destroy(&s->arena);
         free(s);
         return NULL;
     }
     lua_State *L = s->L;
     *(struct script **)lua_getextraspace(L) = s;
+    lua_atpanic(L, panic);
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, HOOK_COUNT);
 
     lua_pushcfunction(L, open_state);
     int status = docall(L, 0, 0);
@@ -201,21 +393,54 @@ struct script *script_open(const char *path, char *err, size_t errlen)
         /* text only: crafted bytecode can crash the VM */
         status = luaL_loadfilex(L, path, "t");
         if (status == LUA_OK)
-            status = docall(L, 0, 0);
+            status = budgeted_call(s, 0, 0);
         else
             script_of(L)->errmsg_len = SIZE_MAX;  /* a load error has no traceback part */
     }
     if (status != LUA_OK) {
         size_t len;
         const char *e = docall_error(L, &len);
-        snprintf(err, errlen, "%.*s", (int)len, e);
+        if (s->mem_exceeded)
+            snprintf(err, errlen, "%s: the top level exceeded the script memory limit (%zu MB)",
+                     path, limits.memory_bytes >> 20);
+        else
+            snprintf(err, errlen, "%.*s", (int)len, e);
         log_debug("loading %s: %s", path, e);
         script_close(s);
         return NULL;
     }
     assert(lua_gettop(L) == 0);
+    s->tainted = false;
+    const char *found[1];
+    if (script_handlers(s, found, 1) == 0) {
+        snprintf(err, errlen, "%s: defines no handler (process, on_request_headers, "
+                 "on_response_headers, on_request_body, on_response_body, on_request_trailers "
+                 "or on_response_trailers)", path);
+        script_close(s);
+        return NULL;
+    }
     return s;
 }
+
+size_t script_handlers(struct script *s, const char **names, size_t max)
+{
+    static const char *const all[] = {"process", "on_request_headers", "on_response_headers",
+                                      "on_request_body", "on_response_body",
+                                      "on_request_trailers", "on_response_trailers"};
+    lua_State *L = s->L;
+    size_t n = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        lua_pushstring(L, all[i]);   /* cannot fail: short strings of a fixed few */
+        if (lua_rawget(L, -2) == LUA_TFUNCTION && n < max)
+            names[n++] = all[i];
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+int script_tainted(const struct script *s) { return s->tainted; }
 
 void script_close(struct script *s)
 {
@@ -501,10 +726,26 @@ void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
     lua_pushcfunction(L, run_handler);
     lua_pushlightuserdata(L, &c);
     s->current_stream = st->id;
-    int status = docall(L, 1, 1);
+    int status = budgeted_call(s, 1, 1);
     s->current_stream = 0;
     bool observe = req->observability_mode;
-    if (status != LUA_OK) {
+    if (status != LUA_OK && (s->timed_out || s->mem_exceeded)) {
+        /* A budget stopped the handler: say which, and where (the hook's error carries the
+         * script line it stopped at; a memory error has no location, so name the handler). */
+        char m[MESSAGE_MAX];
+        size_t mlen;
+        const char *e = docall_error(L, &mlen);
+        int code = s->timed_out ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_RESOURCE_EXHAUSTED;
+        if (s->timed_out)
+            snprintf(m, sizeof m, "%.*s", (int)mlen, e);
+        else
+            snprintf(m, sizeof m, "%s exceeded the script memory limit (%zu MB)", c.handler,
+                     limits.memory_bytes >> 20);
+        log_error("stream %" PRIu64 ": %s stopped: %s", st->id, c.handler,
+                  s->timed_out ? e : m);
+        if (!observe)
+            fail(s, reply, code, m, strlen(m));
+    } else if (status != LUA_OK) {
         size_t mlen;
         const char *e = docall_error(L, &mlen);
         if (s->denied) {

@@ -11,11 +11,29 @@
 struct script;
 struct script_stream;
 
+/* Limits every script VM of the process runs under; set once at start-up, before the first
+ * script_open. The defaults (script_limits_default) are those of the command line. */
+struct script_limits {
+    int timeout_ms;          /* per handler call (and for the top level), 0 = none */
+    size_t memory_bytes;     /* per VM, 0 = none */
+    int unsafe_stdlib;       /* 1: the whole standard library, debug and binary chunks too */
+};
+extern const struct script_limits script_limits_default;
+void script_set_limits(const struct script_limits *limits);
+
 /* Creates a VM, puts the script's folder first on package.path, loads `path` in text mode
  * with chunk name "@path", runs its top level under a protected call. NULL on failure with
  * "file:line: msg" in err. */
 struct script *script_open(const char *path, char *err, size_t errlen);
 void script_close(struct script *s);
+
+/* The handler globals the script defines (process, on_request_headers, ...), in that
+ * order; returns how many were written to names (at most max). */
+size_t script_handlers(struct script *s, const char **names, size_t max);
+
+/* True after a handler call was stopped by a budget (time or memory): the VM may hold
+ * half-updated tables, so no new stream should start on it. */
+int script_tainted(const struct script *s);
 
 /* Per-stream Lua state: ctx.state and friends live from open to close. `id` appears in
  * log lines of this stream. */

@@ -89,6 +89,24 @@ static void post_request(struct call_request *r)
         log_error("cannot request a call (%d)", (int)err);
 }
 
+/* A budget stopped a handler mid-way on this worker's VM, which may now hold half-updated
+ * tables: new streams get a fresh VM of the same generation (streams already on the old
+ * one finish there). NULL, keeping the old VM, if the script no longer loads. */
+static struct vm *rebuild(struct worker *w)
+{
+    char err[1024];
+    struct script *script = script_open(w->srv->script_path, err, sizeof err);
+    struct vm *vm = script ? vm_new(script, w->current->generation) : NULL;
+    if (!vm) {
+        script_close(script);
+        log_error("cannot rebuild a Lua VM after a budget error (%s); reusing the old one",
+                  script ? "out of memory" : err);
+        return NULL;
+    }
+    log_warn("rebuilt a worker's Lua VM after a handler exceeded its budget");
+    return vm;
+}
+
 static void on_new_call(struct tag *tag, bool ok)
 {
     struct call_request *r = container_of(tag, struct call_request, tag);
@@ -98,6 +116,8 @@ static void on_new_call(struct tag *tag, bool ok)
             stream_reject_unknown(r->call, &r->details.method);
         } else {
             struct vm *next = atomic_exchange(&w->pending, NULL);
+            if (!next && script_tainted(w->current->script))
+                next = rebuild(w);
             if (next) {
                 vm_retire(w->current);
                 w->current = next;

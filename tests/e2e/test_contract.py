@@ -135,7 +135,8 @@ function on_request_trailers(t, ctx) end
 function on_response_trailers(t, ctx) return nil end
 '''
 
-NO_HANDLERS_LUA = "-- a script without any handler\nlocal unused = 1\n"
+NO_HANDLERS_LUA = ("-- a handler for one phase only (a script must define one): every other\n"
+                   "-- phase has none, and this one returns nil\nfunction on_request_trailers() end\n")
 
 
 @pytest.fixture(scope="module")

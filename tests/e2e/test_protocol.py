@@ -386,7 +386,7 @@ def stream_stub(module_servers):
 
 @pytest.fixture(scope="module")
 def nohandler_stub(module_servers):
-    return module_servers.start(module_servers.script("-- nothing\n", "nothing.lua")).stub()
+    return module_servers.start(module_servers.script("-- no body handler\nfunction on_request_headers() end\n", "nothing.lua")).stub()
 
 
 def test_streamed_mode_each_chunk_answered(stream_stub):

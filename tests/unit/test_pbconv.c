@@ -369,7 +369,8 @@ static void test_empty_results(void)
         "function on_request_headers() end function on_response_headers() return nil end\n"
         "function on_request_body() return {} end function on_response_body() end\n"
         "function on_request_trailers() return {} end function on_response_trailers() end\n",
-        "on_request_headers = 5 on_request_body = 'x'\n",
+        "on_request_headers = 5 on_request_body = 'x'\n"
+        "function on_response_trailers() end  -- a script must define one handler\n",
         "function on_request_headers() return {clear_route_cache = false, add = {}, remove = {},"
         " status = 'CONTINUE'} end\n"
         "function on_request_body() return {clear_body = false, deny = false} end\n"
@@ -1289,7 +1290,7 @@ static void test_full_duplex(void)
 
     /* no handler at all: forwarded unchanged; no protocol_config: a plain body phase */
     script_close(s);
-    s = load("-- no handlers\n");
+    s = load("-- no body handler\nfunction on_request_headers() end\n");
     st = script_stream_open(s, 29);
     send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "x", .body_len = 1});
     static const uint8_t rsb[] = {0x22, 0x00};
