@@ -440,7 +440,12 @@ size_t script_handlers(struct script *s, const char **names, size_t max)
     return n;
 }
 
-int script_tainted(const struct script *s) { return s->tainted; }
+int script_take_taint(struct script *s)
+{
+    int tainted = s->tainted;
+    s->tainted = false;
+    return tainted;
+}
 
 void script_close(struct script *s)
 {

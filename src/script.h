@@ -31,9 +31,10 @@ void script_close(struct script *s);
  * order; returns how many were written to names (at most max). */
 size_t script_handlers(struct script *s, const char **names, size_t max);
 
-/* True after a handler call was stopped by a budget (time or memory): the VM may hold
- * half-updated tables, so no new stream should start on it. */
-int script_tainted(const struct script *s);
+/* 1, once, after a handler call was stopped by a budget (time or memory): the VM may hold
+ * half-updated tables, so new streams should start on a fresh one. Clears the flag, so a
+ * caller that cannot build a fresh VM does not try again at every stream. */
+int script_take_taint(struct script *s);
 
 /* Per-stream Lua state: ctx.state and friends live from open to close. `id` appears in
  * log lines of this stream. */

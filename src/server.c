@@ -116,7 +116,7 @@ static void on_new_call(struct tag *tag, bool ok)
             stream_reject_unknown(r->call, &r->details.method);
         } else {
             struct vm *next = atomic_exchange(&w->pending, NULL);
-            if (!next && script_tainted(w->current->script))
+            if (!next && script_take_taint(w->current->script))
                 next = rebuild(w);
             if (next) {
                 vm_retire(w->current);
