@@ -123,9 +123,13 @@ end
 -- headers: a headers object or any list of {name, value} pairs. Same rule as headers:has:
 -- name compared case-insensitively, value (when given) exactly.
 function M.headers_contain(headers, name, value)
-  check_type(headers, "table", "headers_contain", "headers", false)
   check_type(name, "string", "headers_contain", "the name", false)
   check_type(value, "string", "headers_contain", "the value", true)
+  -- a headers object answers from its C copy, without building a pair per header
+  if getmetatable(headers) == "read-only" and type(headers) == "userdata" then
+    return headers:has(name, value)
+  end
+  check_type(headers, "table", "headers_contain", "headers", false)
   name = lower(name)
   for _, kv in ipairs(headers) do
     if type(kv) == "table" and type(kv[1]) == "string" and lower(kv[1]) == name

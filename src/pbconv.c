@@ -94,79 +94,83 @@ static bool name_eq(const char *a, size_t an, const char *b, size_t bn)
     return true;
 }
 
-/* When entry i of the headers table at index 1 is a pair whose name matches, pushes its
- * value and returns true. Entries the script replaced with something else are skipped.
- * stack before: ...   after: ... value (match) | ... (no match) */
-static bool entry_value_if(lua_State *L, lua_Integer i, const char *name, size_t nlen)
+/* The headers object is a read-only userdata holding one copy of the header bytes (names
+ * lower-cased), so a message costs one allocation whatever its header count, and nothing
+ * more unless the script looks: get/get_all/has scan the copy in C and push only what they
+ * return; headers[i] builds its {name, value} pair on demand. */
+struct headers {
+    uint32_t n;
+    int8_t end_of_stream;       /* -1: no such field (trailers) */
+    uint32_t off[];             /* name i: [off[2i], off[2i+1]), value i: up to off[2i+2] */
+    /* then the bytes */
+};
+
+static const char *headers_bytes(const struct headers *h)
 {
-    if (lua_rawgeti(L, 1, i) != LUA_TTABLE) {
-        lua_pop(L, 1);
-        return false;
-    }
-    bool match = false;
-    if (lua_rawgeti(L, -1, 1) == LUA_TSTRING) {
-        size_t len;
-        const char *s = lua_tolstring(L, -1, &len);
-        match = name_eq(s, len, name, nlen);
-    }
-    lua_pop(L, 1);
-    if (!match) {
-        lua_pop(L, 1);
-        return false;
-    }
-    lua_rawgeti(L, -1, 2);
-    lua_remove(L, -2);
-    return true;
+    return (const char *)&h->off[2 * h->n + 1];
+}
+
+static struct headers *check_headers(lua_State *L)
+{
+    return luaL_checkudata(L, 1, "luacallout.headers");
+}
+
+/* Index of the next header after `from` named `name` (any case), or n. */
+static uint32_t find_header(const struct headers *h, uint32_t from, const char *name,
+                            size_t nlen)
+{
+    const char *b = headers_bytes(h);
+    for (uint32_t i = from; i < h->n; i++)
+        if (name_eq(b + h->off[2 * i], h->off[2 * i + 1] - h->off[2 * i], name, nlen))
+            return i;
+    return h->n;
+}
+
+static void push_value(lua_State *L, const struct headers *h, uint32_t i)
+{
+    lua_pushlstring(L, headers_bytes(h) + h->off[2 * i + 1], h->off[2 * i + 2] - h->off[2 * i + 1]);
 }
 
 /* headers:get(name) -> first value or nil */
 static int headers_get(lua_State *L)
 {
-    luaL_checktype(L, 1, LUA_TTABLE);
+    const struct headers *h = check_headers(L);
     size_t nlen;
     const char *name = luaL_checklstring(L, 2, &nlen);
-    lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
-    for (lua_Integer i = 1; i <= n; i++)
-        if (entry_value_if(L, i, name, nlen))
-            return 1;
-    lua_pushnil(L);
+    uint32_t i = find_header(h, 0, name, nlen);
+    if (i < h->n)
+        push_value(L, h, i);
+    else
+        lua_pushnil(L);
     return 1;
 }
 
 /* headers:get_all(name) -> list of values, possibly empty */
 static int headers_get_all(lua_State *L)
 {
-    luaL_checktype(L, 1, LUA_TTABLE);
+    const struct headers *h = check_headers(L);
     size_t nlen;
     const char *name = luaL_checklstring(L, 2, &nlen);
-    lua_settop(L, 2);
     lua_newtable(L);
-    lua_Integer n = (lua_Integer)lua_rawlen(L, 1), k = 0;
-    for (lua_Integer i = 1; i <= n; i++)
-        if (entry_value_if(L, i, name, nlen))
-            lua_rawseti(L, 3, ++k);
+    lua_Integer k = 0;
+    for (uint32_t i = find_header(h, 0, name, nlen); i < h->n; i = find_header(h, i + 1, name, nlen)) {
+        push_value(L, h, i);
+        lua_rawseti(L, -2, ++k);
+    }
     return 1;
 }
 
 /* headers:has(name [, value]) -> boolean; the value, when given, must match exactly */
 static int headers_has(lua_State *L)
 {
-    luaL_checktype(L, 1, LUA_TTABLE);
+    const struct headers *h = check_headers(L);
     size_t nlen, vlen = 0;
     const char *name = luaL_checklstring(L, 2, &nlen);
     const char *want = lua_isnoneornil(L, 3) ? NULL : luaL_checklstring(L, 3, &vlen);
-    lua_Integer n = (lua_Integer)lua_rawlen(L, 1);
-    for (lua_Integer i = 1; i <= n; i++) {
-        if (!entry_value_if(L, i, name, nlen))
-            continue;
-        bool ok = want == NULL;
-        if (!ok && lua_type(L, -1) == LUA_TSTRING) {
-            size_t len;
-            const char *v = lua_tolstring(L, -1, &len);
-            ok = len == vlen && memcmp(v, want, len) == 0;
-        }
-        lua_pop(L, 1);
-        if (ok) {
+    const char *b = headers_bytes(h);
+    for (uint32_t i = find_header(h, 0, name, nlen); i < h->n; i = find_header(h, i + 1, name, nlen)) {
+        size_t len = h->off[2 * i + 2] - h->off[2 * i + 1];
+        if (want == NULL || (len == vlen && memcmp(b + h->off[2 * i + 1], want, len) == 0)) {
             lua_pushboolean(L, 1);
             return 1;
         }
@@ -175,59 +179,131 @@ static int headers_has(lua_State *L)
     return 1;
 }
 
+/* headers[i] -> {name, value}; headers.end_of_stream; headers:method */
+static int headers_index(lua_State *L)
+{
+    const struct headers *h = check_headers(L);
+    if (lua_type(L, 2) == LUA_TNUMBER) {
+        lua_Integer i = lua_tointeger(L, 2);
+        if (i < 1 || (lua_Unsigned)i > h->n || !lua_isinteger(L, 2)) {
+            lua_pushnil(L);
+            return 1;
+        }
+        uint32_t k = (uint32_t)i - 1;
+        lua_createtable(L, 2, 0);
+        lua_pushlstring(L, headers_bytes(h) + h->off[2 * k], h->off[2 * k + 1] - h->off[2 * k]);
+        lua_rawseti(L, -2, 1);
+        push_value(L, h, k);
+        lua_rawseti(L, -2, 2);
+        return 1;
+    }
+    size_t len;
+    const char *key = lua_tolstring(L, 2, &len);
+    if (key != NULL && len == 13 && memcmp(key, "end_of_stream", 13) == 0) {
+        if (h->end_of_stream < 0)
+            lua_pushnil(L);
+        else
+            lua_pushboolean(L, h->end_of_stream);
+        return 1;
+    }
+    lua_pushvalue(L, 2);
+    lua_rawget(L, lua_upvalueindex(1));   /* the methods */
+    return 1;
+}
+
+static int headers_len(lua_State *L)
+{
+    lua_pushinteger(L, check_headers(L)->n);
+    return 1;
+}
+
+/* pairs(headers): the entries 1..n, then end_of_stream when the message has one. */
+static int headers_next(lua_State *L)
+{
+    const struct headers *h = check_headers(L);
+    lua_Integer i = lua_isnil(L, 2) ? 0 : lua_isinteger(L, 2) ? lua_tointeger(L, 2) : -1;
+    if (i >= 0 && (lua_Unsigned)i < h->n) {
+        lua_pushinteger(L, i + 1);
+        lua_pushinteger(L, i + 1);
+        lua_gettable(L, 1);
+        return 2;
+    }
+    if (i >= 0 && h->end_of_stream >= 0) {
+        lua_pushliteral(L, "end_of_stream");
+        lua_pushboolean(L, h->end_of_stream);
+        return 2;
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+static int headers_pairs(lua_State *L)
+{
+    check_headers(L);
+    lua_pushcfunction(L, headers_next);
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+static int headers_tostring(lua_State *L)
+{
+    lua_pushfstring(L, "headers (%d)", (int)check_headers(L)->n);
+    return 1;
+}
+
 void pbconv_open(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"get", headers_get}, {"get_all", headers_get_all}, {"has", headers_has}, {NULL, NULL}};
-    lua_createtable(L, 0, 2);
+    static const luaL_Reg meta[] = {{"__len", headers_len}, {"__pairs", headers_pairs},
+                                    {"__tostring", headers_tostring}, {NULL, NULL}};
+    luaL_newmetatable(L, "luacallout.headers");
+    luaL_setfuncs(L, meta, 0);
     luaL_newlib(L, methods);
+    lua_pushcclosure(L, headers_index, 1);
     lua_setfield(L, -2, "__index");
-    lua_pushliteral(L, "luacallout.headers");
-    lua_setfield(L, -2, "__name");
+    lua_pushliteral(L, "read-only");
+    lua_setfield(L, -2, "__metatable");
     lua_rawsetp(L, LUA_REGISTRYINDEX, &headers_mt_key);
-}
-
-/* Envoy sends lower-case names already; the contract promises them, so fold the rare
- * upper-case one rather than trust every client.  stack: ... -> ... name */
-static void push_lower_name(lua_State *L, const char *name)
-{
-    size_t len = strlen(name);
-    size_t i = 0;
-    while (i < len && !(name[i] >= 'A' && name[i] <= 'Z'))
-        i++;
-    if (i == len) {
-        lua_pushlstring(L, name, len);
-        return;
-    }
-    luaL_Buffer b;
-    char *p = luaL_buffinitsize(L, &b, len);
-    for (i = 0; i < len; i++)
-        p[i] = (char)lower((unsigned char)name[i]);
-    luaL_pushresultsize(&b, len);
 }
 
 void pbconv_push_headers(lua_State *L, const HeaderMap *map, int end_of_stream)
 {
     size_t n = map != NULL ? map->n_headers : 0;
-    luaL_checkstack(L, 5, "pushing headers");
-    lua_createtable(L, n > INT_MAX ? INT_MAX : (int)n, 1);
+    if (n > UINT32_MAX / 2 - 1)
+        luaL_error(L, "too many headers");
+    /* one pass to size the copy, one to fill it */
+    size_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
-        const HeaderValue *h = map->headers[i];
-        lua_createtable(L, 2, 0);
-        push_lower_name(L, h->key != NULL ? h->key : "");
+        const HeaderValue *hv = map->headers[i];
+        bytes += hv->key != NULL ? strlen(hv->key) : 0;
         /* raw_value is what current Envoys send; value is the pre-raw_value field */
-        if (h->raw_value.len > 0)
-            lua_pushlstring(L, (const char *)h->raw_value.data, h->raw_value.len);
-        else
-            lua_pushstring(L, h->value != NULL ? h->value : "");
-        lua_rawseti(L, -3, 2);
-        lua_rawseti(L, -2, 1);
-        lua_rawseti(L, -2, (lua_Integer)i + 1);
+        bytes += hv->raw_value.len > 0 ? hv->raw_value.len
+                 : hv->value != NULL   ? strlen(hv->value) : 0;
     }
-    if (end_of_stream >= 0) {
-        lua_pushboolean(L, end_of_stream);
-        lua_setfield(L, -2, "end_of_stream");
+    if (bytes > UINT32_MAX)
+        luaL_error(L, "headers too large");
+    size_t head = sizeof(struct headers) + (2 * n + 1) * sizeof(uint32_t);
+    struct headers *h = lua_newuserdatauv(L, head + bytes, 0);
+    h->n = (uint32_t)n;
+    h->end_of_stream = (int8_t)(end_of_stream < 0 ? -1 : end_of_stream != 0);
+    char *b = (char *)h + head;
+    uint32_t at = 0;
+    for (size_t i = 0; i < n; i++) {
+        const HeaderValue *hv = map->headers[i];
+        const char *key = hv->key != NULL ? hv->key : "";
+        h->off[2 * i] = at;
+        for (; *key; key++)
+            b[at++] = (char)lower((unsigned char)*key);   /* Envoy sends lower case already */
+        h->off[2 * i + 1] = at;
+        const char *v = hv->raw_value.len > 0 ? (const char *)hv->raw_value.data : hv->value;
+        size_t vlen = hv->raw_value.len > 0 ? hv->raw_value.len : v != NULL ? strlen(v) : 0;
+        if (vlen)
+            memcpy(b + at, v, vlen);
+        at += (uint32_t)vlen;
     }
+    h->off[2 * n] = at;
     lua_rawgetp(L, LUA_REGISTRYINDEX, &headers_mt_key);
     lua_setmetatable(L, -2);
 }
