@@ -57,7 +57,12 @@ struct script {
     bool mem_exceeded;    /* the allocator refused a block: the call failed for memory */
     uint64_t deadline_ns; /* CLOCK_MONOTONIC time the running call must end by, 0 = none */
     bool timed_out;       /* the hook stopped the running call */
-    bool tainted;         /* a budget stopped a call mid-way: see script_tainted */
+    bool tainted;         /* a budget stopped a call mid-way: see script_take_taint */
+    /* Registry refs of the strings run_handler looks up per message ("process", the phase
+     * names, the handler names): pushing an interned string by ref skips hashing it. */
+    int process_key;
+    int phase_key[PBCONV_PHASE_COUNT];
+    int handler_key[PBCONV_PHASE_COUNT];
     char message[MESSAGE_MAX];
 };
 
@@ -336,6 +341,19 @@ static int open_state(lua_State *L)
     }
     pbconv_open(L);
     calloutlib_open(L, &script_of(L)->current_stream);
+
+    struct script *s = script_of(L);
+    lua_pushliteral(L, "process");
+    s->process_key = luaL_ref(L, LUA_REGISTRYINDEX);
+    for (int p = 0; p < PBCONV_PHASE_COUNT; p++) {
+        lua_pushstring(L, pbconv_phase_name((enum pbconv_phase)p));
+        s->phase_key[p] = luaL_ref(L, LUA_REGISTRYINDEX);
+        lua_pushstring(L, pbconv_handler_name((enum pbconv_phase)p));
+        s->handler_key[p] = luaL_ref(L, LUA_REGISTRYINDEX);
+    }
+    /* Most of what a handler allocates (inputs, ctx updates, its return table) dies with
+     * the message: the generational collector handles that young garbage cheaply. */
+    lua_gc(L, LUA_GCGEN, 0, 0);
     return 0;
 }
 
@@ -568,8 +586,9 @@ static int run_handler(lua_State *L)
 
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->ctx_ref);  /* 1: ctx */
     pbconv_update_ctx(L, 1, req);
+    struct script *s = st->s;
     lua_pushliteral(L, "phase");
-    lua_pushstring(L, pbconv_phase_name(c->phase));
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->phase_key[c->phase]);
     lua_rawset(L, 1);
     if ((bool)req->observability_mode != st->observing) {
         st->observing = req->observability_mode;
@@ -594,12 +613,12 @@ static int run_handler(lua_State *L)
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);  /* 2: _G */
     bool raw = true;
     c->handler = "process";
-    lua_pushliteral(L, "process");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->process_key);
     if (lua_rawget(L, 2) != LUA_TFUNCTION) {
         lua_pop(L, 1);
         raw = false;
         c->handler = pbconv_handler_name(c->phase);
-        lua_pushstring(L, c->handler);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_key[c->phase]);
         if (lua_rawget(L, 2) != LUA_TFUNCTION) {
             lua_settop(L, 0);
             lua_pushnil(L);

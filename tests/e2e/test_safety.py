@@ -30,7 +30,7 @@ function on_request_headers(headers, ctx)
     return tag(#string.rep("x", 1 << 30))
   elseif case == "table_bomb" then
     local t = {}
-    for i = 1, 1e9 do t[i] = ("y"):rep(4096) .. i end
+    for i = 1, 1e9 do t[i] = ("y"):rep(65536) .. i end
   elseif case == "require_missing" then
     require "no_such_module_anywhere"
   elseif case == "error_table" then
