@@ -12,6 +12,14 @@
 
 static _Atomic int current_level = LOG_INFO;
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+static log_sink_fn *sink;
+static void *sink_ud;
+
+void log_set_sink(log_sink_fn *fn, void *ud)
+{
+    sink = fn;
+    sink_ud = ud;
+}
 
 void log_set_level(enum log_level level) { current_level = (int)level; }
 
@@ -51,6 +59,10 @@ void log_msg(enum log_level level, const char *fmt, ...)
     size_t len = (size_t)n + (m < 0 ? 0 : (size_t)m);
     if (len > sizeof line - 2)
         len = sizeof line - 2;
+    if (sink != NULL) {
+        sink(sink_ud, level, line + n, len - (size_t)n);
+        return;
+    }
     line[len++] = '\n';
     ssize_t w = write(STDERR_FILENO, line, len);
     (void)w;
