@@ -9,6 +9,7 @@
 
 #include <lauxlib.h>
 
+#include "jwt.h"
 #include "log.h"
 #include "pbstruct.h"
 
@@ -119,6 +120,9 @@ static int load_callout(lua_State *L)
     push_deny_mt(L);
     lua_setfield(L, -2, "deny_mt");
     lua_call(L, 1, 1);
+    /* callout.jwt (src/jwt.c), also what require "callout.jwt" returns */
+    luaL_requiref(L, "callout.jwt", jwt_open, 0);
+    lua_setfield(L, -2, "jwt");
     return 1;
 }
 

@@ -1,0 +1,54 @@
+-- examples/json_body.lua: JSON request bodies rewritten with lua-cjson.
+
+local testing = require "callout.testing"
+local cjson = require "cjson"
+
+local JSON = { [":method"] = "POST", ["content-type"] = "application/json", ["content-length"] = "9" }
+
+describe("examples/json_body.lua", function()
+  local script = testing.load("examples/json_body.lua")
+
+  -- request headers, then the whole body: the two responses
+  local function post(headers, body)
+    local stream <close> = testing.stream(script)
+    local h = stream:run(testing.request_headers(headers))
+    return h, stream:run(testing.request_body(body, { end_of_stream = true }))
+  end
+
+  it("drops content-length of JSON requests", function()
+    local h = post(JSON, "{}")
+    assert.header_removed(h, "content-length")
+    h = post({ ["content-type"] = "application/vnd.api+json" }, "{}")
+    assert.header_removed(h, "content-length")
+  end)
+
+  it("adds processed_by and removes password", function()
+    local _, b = post(JSON, '{"user":"ann","password":"x","tags":["a"],"n":null}')
+    local doc = cjson.decode(b.request_body.response.body_mutation.body)
+    assert.same({ user = "ann", tags = { "a" }, n = cjson.null, processed_by = "luacallout" }, doc)
+  end)
+
+  it("refuses a body that is not JSON with 400", function()
+    local _, b = post(JSON, '{"user":')
+    assert.immediate(b, 400)
+    assert.header_set(b, "content-type", "application/json")
+    assert.same({ error = "request body is not valid JSON" },
+                cjson.decode(b.immediate_response.body))
+  end)
+
+  it("leaves arrays and scalars alone", function()
+    local _, b = post(JSON, "[1,2]")
+    assert.unchanged(b)
+    _, b = post(JSON, '"text"')
+    assert.unchanged(b)
+  end)
+
+  it("leaves other content types alone", function()
+    local h, b = post({ ["content-type"] = "text/plain", ["content-length"] = "7" }, '{"a":1}')
+    assert.unchanged(h)
+    assert.unchanged(b)
+    h, b = post({}, "not json")
+    assert.unchanged(h)
+    assert.unchanged(b)
+  end)
+end)
