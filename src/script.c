@@ -26,6 +26,7 @@
 #include "log.h"
 #include "pbconv.h"
 #include "pbreflect.h"
+#include "pbwire.h"
 
 /* Longest gRPC status message we send; longer Lua errors are cut. */
 #define MESSAGE_MAX 2048
@@ -231,6 +232,29 @@ static void copy_message(char *dst, const char *src, size_t len)
     dst[len] = '\0';
 }
 
+/* Registry key (by address) of the metatable shared by every ctx. */
+static const char ctx_mt_key = 0;
+
+/* ctx.state, ctx.attributes and ctx.metadata are made the first time a script (or
+ * pbconv_update_ctx) asks for them: most streams never touch some of them, and a stream's
+ * first message then costs one table instead of four. */
+static int ctx_index(lua_State *L)
+{
+    size_t len;
+    const char *key = lua_tolstring(L, 2, &len);
+    if (key == NULL || !((len == 5 && memcmp(key, "state", 5) == 0) ||
+                         (len == 10 && memcmp(key, "attributes", 10) == 0) ||
+                         (len == 8 && memcmp(key, "metadata", 8) == 0))) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_newtable(L);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 1);
+    return 1;
+}
+
 /* load(chunk [, name [, mode [, env]]]) in text mode only: crafted bytecode can crash the
  * VM. Delegates to the original load with mode "t". */
 static int load_text_only(lua_State *L)
@@ -341,6 +365,12 @@ static int open_state(lua_State *L)
     }
     pbconv_open(L);
     calloutlib_open(L, &script_of(L)->current_stream);
+    lua_createtable(L, 0, 2);
+    lua_pushcfunction(L, ctx_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushliteral(L, "luacallout.ctx");
+    lua_setfield(L, -2, "__name");
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &ctx_mt_key);
 
     struct script *s = script_of(L);
     lua_pushliteral(L, "process");
@@ -476,24 +506,18 @@ void script_close(struct script *s)
     free(s);
 }
 
-/* Builds a ctx table and anchors it in the registry. Runs under docall.
- * stack before: id   after: ref */
-static int new_ctx(lua_State *L)
+/* Creates the stream's ctx on its first message. Runs under the message's docall.
+ * stack: ... -> ... (ref stored in st->ctx_ref) */
+static void new_ctx(lua_State *L, struct script_stream *st)
 {
-    lua_Integer id = lua_tointeger(L, 1);
-    lua_createtable(L, 0, 7);
-    lua_newtable(L);
-    lua_setfield(L, -2, "state");
-    lua_pushinteger(L, id);
+    lua_createtable(L, 0, 8);
+    lua_pushinteger(L, (lua_Integer)st->id);
     lua_setfield(L, -2, "stream_id");
-    lua_newtable(L);
-    lua_setfield(L, -2, "attributes");
-    lua_newtable(L);
-    lua_setfield(L, -2, "metadata");
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "observability_mode");
-    lua_pushinteger(L, luaL_ref(L, LUA_REGISTRYINDEX));
-    return 1;
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &ctx_mt_key);
+    lua_setmetatable(L, -2);
+    st->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
 
 struct script_stream *script_stream_open(struct script *s, uint64_t id)
@@ -501,23 +525,12 @@ struct script_stream *script_stream_open(struct script *s, uint64_t id)
     struct script_stream *st = malloc(sizeof *st);
     if (st == NULL)
         return NULL;
-    lua_State *L = s->L;
-    lua_pushcfunction(L, new_ctx);
-    lua_pushinteger(L, (lua_Integer)id);
-    if (docall(L, 1, 1) != LUA_OK) {
-        log_error("stream %" PRIu64 ": cannot create its Lua context: %s", id,
-                  lua_tostring(L, -1));
-        lua_pop(L, 1);
-        free(st);
-        return NULL;
-    }
     st->s = s;
     st->id = id;
-    st->ctx_ref = (int)lua_tointeger(L, -1);
+    st->ctx_ref = LUA_NOREF;
     st->have_config = false;
     st->full_duplex[0] = st->full_duplex[1] = false;
     st->observing = false;
-    lua_pop(L, 1);
     return st;
 }
 
@@ -584,6 +597,8 @@ static int run_handler(lua_State *L)
     const pbconv_request *req = c->req;
     lua_settop(L, 0);
 
+    if (st->ctx_ref == LUA_NOREF)
+        new_ctx(L, st);
     lua_rawgeti(L, LUA_REGISTRYINDEX, st->ctx_ref);  /* 1: ctx */
     pbconv_update_ctx(L, 1, req);
     struct script *s = st->s;
@@ -675,6 +690,8 @@ static void fail(struct script *s, struct script_reply *reply, int status, const
 }
 
 /* Packs the n responses back to back into s->out. 0, or -1 when a buffer cannot grow. */
+/* Packs the n responses back to back into s->out, the last one first (pbwire writes
+ * backwards), growing the buffer and starting again when they do not fit. */
 static int pack(struct script *s, const pbconv_response *resps, size_t n,
                 struct script_reply *reply)
 {
@@ -686,33 +703,37 @@ static int pack(struct script *s, const pbconv_response *resps, size_t n,
         s->lens = p;
         s->lens_cap = cap;
     }
-    size_t need = 0;
-    for (size_t i = 0; i < n; i++) {
-        s->lens[i] = protobuf_c_message_get_packed_size(&resps[i].base);
-        need += s->lens[i];
-    }
-    if (need > s->out_cap || s->out == NULL) {
+    if (s->out == NULL && (s->out = malloc(256)) != NULL)
+        s->out_cap = 256;
+    if (s->out == NULL)
+        return -1;
+    for (;;) {
+        uint8_t *end = s->out + s->out_cap, *at = end;
+        size_t i = n;
+        while (i > 0) {
+            uint8_t *first = pbwire_pack_backward(&resps[i - 1].base, s->out, at);
+            if (!first)
+                break;
+            s->lens[--i] = (size_t)(at - first);
+            at = first;
+        }
+        if (i == 0) {
+            reply->outcome = SCRIPT_RESPOND;
+            reply->data = at;
+            reply->len = (size_t)(end - at);
+            reply->count = n;
+            reply->lens = s->lens;
+            return 0;
+        }
         size_t cap = s->out_cap * 2;
-        if (cap < need)
-            cap = need;
-        if (cap < 256)
-            cap = 256;
+        if (cap < s->out_cap)
+            return -1;
         uint8_t *p = realloc(s->out, cap);
         if (p == NULL)
             return -1;
         s->out = p;
         s->out_cap = cap;
     }
-    size_t at = 0;
-    for (size_t i = 0; i < n; i++)
-        at += protobuf_c_message_pack(&resps[i].base, s->out + at);
-    assert(at == need);
-    reply->outcome = SCRIPT_RESPOND;
-    reply->data = s->out;
-    reply->len = at;
-    reply->count = n;
-    reply->lens = s->lens;
-    return 0;
 }
 
 void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
@@ -724,7 +745,9 @@ void script_handle(struct script_stream *st, const uint8_t *msg, size_t len,
     memset(reply, 0, sizeof *reply);
 
     ProtobufCAllocator alloc = arena_pb_allocator(&s->arena);
-    pbconv_request *req = envoy__service__ext_proc__v3__processing_request__unpack(&alloc, len, msg);
+    pbconv_request *req = pbwire_unpack_request(msg, len, &s->arena);
+    if (req == NULL)   /* attributes, metadata, protocol_config ... or malformed */
+        req = envoy__service__ext_proc__v3__processing_request__unpack(&alloc, len, msg);
     enum pbconv_phase phase;
     if (req == NULL) {
         log_warn("stream %" PRIu64 ": malformed ProcessingRequest (%zu bytes)", st->id, len);

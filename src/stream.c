@@ -181,8 +181,8 @@ static void enqueue(struct stream *s, const uint8_t *data, size_t len)
     s->queue_tail = p;
 }
 
-/* Hands one received message to the script. The payload is contiguous in the common case
- * (one slice); otherwise it is flattened once. */
+/* Hands one received message to the script. The payload is read in place when it is one
+ * uncompressed slice (the common case); otherwise it is flattened once. */
 static void handle_message(struct stream *s, grpc_byte_buffer *payload)
 {
     if (bench_echo) {
@@ -195,13 +195,20 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
         pump(s);
         return;
     }
-    grpc_byte_buffer_reader reader;
-    if (!grpc_byte_buffer_reader_init(&reader, payload)) {
-        finish(s, GRPC_STATUS_INTERNAL, "cannot read the request message");
-        return;
+    grpc_slice flat;
+    const grpc_slice_buffer *slices = &payload->data.raw.slice_buffer;
+    if (payload->type == GRPC_BB_RAW && payload->data.raw.compression == GRPC_COMPRESS_NONE &&
+        slices->count == 1) {
+        flat = grpc_slice_ref(slices->slices[0]);   /* the usual case: no copy */
+    } else {
+        grpc_byte_buffer_reader reader;
+        if (!grpc_byte_buffer_reader_init(&reader, payload)) {
+            finish(s, GRPC_STATUS_INTERNAL, "cannot read the request message");
+            return;
+        }
+        flat = grpc_byte_buffer_reader_readall(&reader);
+        grpc_byte_buffer_reader_destroy(&reader);
     }
-    grpc_slice flat = grpc_byte_buffer_reader_readall(&reader);
-    grpc_byte_buffer_reader_destroy(&reader);
 
     atomic_fetch_add(&metrics.messages_total, 1);
     struct script_reply reply;
