@@ -9,6 +9,7 @@
  * Out (Lua -> message) never raises and never calls Lua code (lua_next/lua_rawgeti only,
  * key types checked before lua_tolstring), so it runs fine outside a protected call; the
  * messages live in the arena and their strings point into the Lua strings. */
+#include "errpath.h"
 #include "pbreflect.h"
 
 #include <float.h>
@@ -259,60 +260,19 @@ struct conv {
     struct arena *a;
     char *err;
     size_t errlen;
-    size_t plen;
-    char path[512]; /* "response.request_headers.response.header_mutation.set_headers[1]" */
+    struct errpath path;   /* where in the value being converted */
 };
 
 static int fail(struct conv *c, const char *fmt, ...)
 {
-    int n = 0;
-    if (c->plen > 0)
-        n = snprintf(c->err, c->errlen, "%s: ", c->path);
-    if (n >= 0 && (size_t)n < c->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(c->err + n, c->errlen - (size_t)n, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    errpath_vfail(&c->path, c->err, c->errlen, fmt, ap);
+    va_end(ap);
     return -1;
 }
 
 static int oom(struct conv *c) { return fail(c, "out of memory"); }
-
-/* Appends to the path (truncating when very long); returns the old length. */
-static size_t path_push(struct conv *c, const char *fmt, ...)
-{
-    size_t old = c->plen;
-    if (c->plen < sizeof c->path - 1) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(c->path + c->plen, sizeof c->path - c->plen, fmt, ap);
-        va_end(ap);
-        if (n > 0)
-            c->plen += (size_t)n < sizeof c->path - c->plen ? (size_t)n
-                                                              : sizeof c->path - 1 - c->plen;
-    }
-    return old;
-}
-
-static void path_restore(struct conv *c, size_t old)
-{
-    c->plen = old;
-    c->path[old] = '\0';
-}
-
-static bool is_identifier(const char *s, size_t len)
-{
-    if (len == 0 || (s[0] >= '0' && s[0] <= '9'))
-        return false;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (!(ch == '_' || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-              (ch >= '0' && ch <= '9')))
-            return false;
-    }
-    return true;
-}
 
 /* The map key at idx onto the path: .key, ["a.b"], [3] or [true]. */
 static size_t path_push_key(struct conv *c, int idx)
@@ -322,23 +282,14 @@ static size_t path_push_key(struct conv *c, int idx)
     case LUA_TSTRING: {
         size_t len;
         const char *k = lua_tolstring(L, idx, &len);
-        if (is_identifier(k, len))
-            return path_push(c, "%s%.*s", c->plen ? "." : "", (int)(len > 64 ? 64 : len), k);
-        char buf[68];
-        size_t n = len > 64 ? 64 : len;
-        for (size_t i = 0; i < n; i++) {
-            unsigned char ch = (unsigned char)k[i];
-            buf[i] = (ch < 0x20 || ch == 0x7f || ch == '"') ? '?' : (char)ch;
-        }
-        buf[n] = '\0';
-        return path_push(c, "[\"%s%s\"]", buf, len > 64 ? "..." : "");
+        return errpath_push_key(&c->path, k, len);
     }
     case LUA_TNUMBER:
         if (lua_isinteger(L, idx))
-            return path_push(c, "[%lld]", (long long)lua_tointeger(L, idx));
-        return path_push(c, "[%.14g]", lua_tonumber(L, idx));
-    case LUA_TBOOLEAN: return path_push(c, "[%s]", lua_toboolean(L, idx) ? "true" : "false");
-    default: return path_push(c, "[%s]", luaL_typename(L, idx));
+            return errpath_push(&c->path, "[%lld]", (long long)lua_tointeger(L, idx));
+        return errpath_push(&c->path, "[%.14g]", lua_tonumber(L, idx));
+    case LUA_TBOOLEAN: return errpath_push(&c->path, "[%s]", lua_toboolean(L, idx) ? "true" : "false");
+    default: return errpath_push(&c->path, "[%s]", luaL_typename(L, idx));
     }
 }
 
@@ -599,13 +550,13 @@ static int conv_repeated(struct conv *c, int idx, const ProtobufCFieldDescriptor
     if (n > 0 && !(arr = arena_calloc(c->a, n, sz)))
         return oom(c);
     for (size_t j = 0; j < n; j++) {
-        size_t old = path_push(c, "[%zu]", j + 1);
+        size_t old = errpath_push(&c->path, "[%zu]", j + 1);
         lua_rawgeti(L, idx, (lua_Integer)j + 1);
         int rc = conv_scalar(c, lua_gettop(L), f, arr + j * sz, depth);
         lua_pop(L, 1);
         if (rc < 0)
             return -1;
-        path_restore(c, old);
+        errpath_restore(&c->path, old);
     }
     *AT(msg, f->quantifier_offset, size_t) = n;
     *AT(msg, f->offset, char *) = arr;
@@ -642,7 +593,7 @@ static int conv_map(struct conv *c, int idx, const ProtobufCFieldDescriptor *f, 
             lua_pop(L, 2);
             return -1;
         }
-        path_restore(c, old);
+        errpath_restore(&c->path, old);
         arr[count++] = em;
         lua_pop(L, 1);
     }
@@ -659,16 +610,16 @@ static int conv_wkt(struct conv *c, int idx, const ProtobufCMessageDescriptor *d
     switch (wkt_of(d)) {
     case WKT_NONE: return 1;
     case WKT_STRUCT:
-        return pbstruct_from_lua(L, idx, c->path, c->a, (Google__Protobuf__Struct **)out, c->err,
+        return pbstruct_from_lua(L, idx, c->path.buf, c->a, (Google__Protobuf__Struct **)out, c->err,
                                  c->errlen);
     case WKT_VALUE:
-        return pbstruct_value_from_lua(L, idx, c->path, c->a, (Google__Protobuf__Value **)out,
+        return pbstruct_value_from_lua(L, idx, c->path.buf, c->a, (Google__Protobuf__Value **)out,
                                        c->err, c->errlen);
     case WKT_LIST: {
         Google__Protobuf__Value *v;
         if (lua_type(L, idx) != LUA_TTABLE)
             return fail(c, "expected a list, got %s", what(L, idx));
-        if (pbstruct_value_from_lua(L, idx, c->path, c->a, &v, c->err, c->errlen) < 0)
+        if (pbstruct_value_from_lua(L, idx, c->path.buf, c->a, &v, c->err, c->errlen) < 0)
             return -1;
         if (v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_LIST_VALUE) {
             *out = &v->list_value->base;
@@ -773,7 +724,7 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
             lua_pop(L, 2);
             return fail(c, "unknown field '%.64s'", k);
         }
-        size_t old = path_push(c, "%s%s", c->plen ? "." : "", f->name);
+        size_t old = errpath_push(&c->path, "%s%s", c->path.len ? "." : "", f->name);
         void *p = AT(m, f->offset, char);
         if (f->label == PROTOBUF_C_LABEL_REPEATED) {
             rc = is_map(d, f) ? conv_map(c, vidx, f, m, depth) : conv_repeated(c, vidx, f, m, depth);
@@ -787,7 +738,7 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
                         a = b;
                         b = t;
                     }
-                    path_restore(c, old);
+                    errpath_restore(&c->path, old);
                     lua_pop(L, 2);
                     return fail(c, "'%s' and '%s' are members of one oneof: set only one", a,
                                 b);
@@ -803,7 +754,7 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
             lua_pop(L, 2);
             return -1;
         }
-        path_restore(c, old);
+        errpath_restore(&c->path, old);
         lua_pop(L, 1);
     }
     *out = m;
@@ -818,6 +769,6 @@ int pbreflect_from_lua(lua_State *L, int idx, const ProtobufCMessageDescriptor *
     if (errlen > 0)
         err[0] = '\0';
     if (path)
-        path_push(&c, "%s", path);
+        errpath_push(&c.path, "%s", path);
     return conv_message(&c, lua_absindex(L, idx), desc, out, 1);
 }

@@ -4,6 +4,7 @@
  * lua_next/lua_rawgeti only, keys are type-checked before lua_tolstring, and every error
  * is a message naming the path of the offending entry. Strings point into the Lua strings
  * (no copies), so the source value must stay reachable until the message is packed. */
+#include "errpath.h"
 #include "pbstruct.h"
 
 #include <math.h>
@@ -111,72 +112,16 @@ struct conv {
     struct arena *a;
     char *err;
     size_t errlen;
-    size_t plen;      /* current length of path */
-    char path[512];   /* "dynamic_metadata.ns.list[2]"; truncated when very long */
+    struct errpath path;   /* where in the value being converted */
 };
 
 static int fail(struct conv *c, const char *fmt, ...)
 {
-    int n = 0;
-    if (c->plen > 0)
-        n = snprintf(c->err, c->errlen, "%s: ", c->path);
-    if (n >= 0 && (size_t)n < c->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(c->err + n, c->errlen - (size_t)n, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    errpath_vfail(&c->path, c->err, c->errlen, fmt, ap);
+    va_end(ap);
     return -1;
-}
-
-/* Appends to the path; returns the old length for path_restore. */
-static size_t path_push(struct conv *c, const char *fmt, ...)
-{
-    size_t old = c->plen;
-    if (c->plen < sizeof c->path - 1) {
-        va_list ap;
-        va_start(ap, fmt);
-        int n = vsnprintf(c->path + c->plen, sizeof c->path - c->plen, fmt, ap);
-        va_end(ap);
-        if (n > 0)
-            c->plen += (size_t)n < sizeof c->path - c->plen ? (size_t)n
-                                                              : sizeof c->path - 1 - c->plen;
-    }
-    return old;
-}
-
-static void path_restore(struct conv *c, size_t old)
-{
-    c->plen = old;
-    c->path[old] = '\0';
-}
-
-static bool is_identifier(const char *s, size_t len)
-{
-    if (len == 0 || (s[0] >= '0' && s[0] <= '9'))
-        return false;
-    for (size_t i = 0; i < len; i++) {
-        unsigned char ch = (unsigned char)s[i];
-        if (!(ch == '_' || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
-              (ch >= '0' && ch <= '9')))
-            return false;
-    }
-    return true;
-}
-
-/* ".key" for identifiers, ["my.key"] otherwise (non-printable bytes shown as '?'). */
-static size_t path_push_key(struct conv *c, const char *k, size_t len)
-{
-    if (is_identifier(k, len))
-        return path_push(c, "%s%.*s", c->plen ? "." : "", (int)(len > 64 ? 64 : len), k);
-    char buf[68];
-    size_t n = len > 64 ? 64 : len;
-    for (size_t i = 0; i < n; i++) {
-        unsigned char ch = (unsigned char)k[i];
-        buf[i] = (ch < 0x20 || ch == 0x7f || ch == '"') ? '?' : (char)ch;
-    }
-    buf[n] = '\0';
-    return path_push(c, "[\"%s%s\"]", buf, len > 64 ? "..." : "");
 }
 
 bool pbstruct_utf8_valid(const char *str, size_t len)
@@ -299,7 +244,7 @@ static int conv_struct(struct conv *c, int idx, size_t n, Struct **out, int dept
         }
         size_t klen;
         const char *k = lua_tolstring(L, -2, &klen);
-        size_t old = path_push_key(c, k, klen);
+        size_t old = errpath_push_key(&c->path, k, klen);
         if (check_string(c, k, klen, "the key") < 0) {
             lua_pop(L, 2);
             return -1;
@@ -312,7 +257,7 @@ static int conv_struct(struct conv *c, int idx, size_t n, Struct **out, int dept
             lua_pop(L, 2);
             return -1;
         }
-        path_restore(c, old);
+        errpath_restore(&c->path, old);
         s->fields[s->n_fields++] = e;
         lua_pop(L, 1);
     }
@@ -332,13 +277,13 @@ static int conv_list(struct conv *c, int idx, size_t n, ListValue **out, int dep
     l->values = ptrs;
     *out = l;
     for (size_t i = 0; i < n; i++) {
-        size_t old = path_push(c, "[%zu]", i + 1);
+        size_t old = errpath_push(&c->path, "[%zu]", i + 1);
         lua_rawgeti(L, idx, (lua_Integer)i + 1);
         int rc = conv_value(c, lua_gettop(L), &values[i], depth + 1);
         lua_pop(L, 1);
         if (rc < 0)
             return -1;
-        path_restore(c, old);
+        errpath_restore(&c->path, old);
         ptrs[l->n_values++] = &values[i];
     }
     return 0;
@@ -413,10 +358,10 @@ static void conv_init(struct conv *c, lua_State *L, const char *path, struct are
     c->a = a;
     c->err = err;
     c->errlen = errlen;
-    c->plen = 0;
-    c->path[0] = '\0';
+    c->path.len = 0;
+    c->path.buf[0] = '\0';
     if (path)
-        path_push(c, "%s", path);
+        errpath_push(&c->path, "%s", path);
     if (errlen > 0)
         err[0] = '\0';
 }
