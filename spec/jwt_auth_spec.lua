@@ -3,29 +3,8 @@
 
 local testing = require "callout.testing"
 
--- Runs a shell command, its output as a string. Without LD_PRELOAD: under a sanitizer
--- build busted preloads the ASan runtime, which has no business in openssl or mktemp.
-local function sh(cmd)
-  local p = assert(io.popen("env -u LD_PRELOAD " .. cmd, "r"))
-  local out = p:read("a")
-  assert(p:close(), "failed: " .. cmd)
-  return out
-end
-
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-local function b64url(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a << 16 | (b or 0) << 8 | (c or 0)
-    local k = c and 4 or b and 3 or 2
-    for j = 1, k do
-      local v = n >> (18 - 6 * (j - 1)) & 63
-      out[#out + 1] = B64:sub(v + 1, v + 1)
-    end
-  end
-  return table.concat(out)
-end
+local tokens = dofile("spec/support/jwt_tokens.lua")
+local sh, b64url = tokens.sh, tokens.b64url
 
 describe("examples/jwt_auth.lua", function()
   local dir = sh("mktemp -d"):gsub("%s+$", "")
@@ -37,13 +16,8 @@ describe("examples/jwt_auth.lua", function()
   teardown(function() os.execute("env -u LD_PRELOAD rm -rf " .. dir) end)
 
   local function sign(payload, header, key)
-    local input = b64url(header or '{"alg":"RS256","typ":"JWT"}') .. "." .. b64url(payload)
-    local f = assert(io.open(dir .. "/input", "wb"))
-    f:write(input)
-    f:close()
-    local sig = sh(("openssl dgst -sha256 -sign %s/%s.key -binary %s/input")
-                   :format(dir, key or "signer", dir))
-    return input .. "." .. b64url(sig)
+    return tokens.sign(dir, ("%s/%s.key"):format(dir, key or "signer"), payload,
+                       header or '{"alg":"RS256","typ":"JWT"}')
   end
 
   -- The script reads JWT_PUBLIC_KEY_PATH with os.getenv; a spec cannot set the environment,

@@ -3,28 +3,8 @@
 
 local testing = require "callout.testing"
 
--- Runs a shell command, its output as a string. Without LD_PRELOAD: under a sanitizer
--- build busted preloads the ASan runtime, which has no business in openssl or mktemp.
-local function sh(cmd)
-  local p = assert(io.popen("env -u LD_PRELOAD " .. cmd, "r"))
-  local out = p:read("a")
-  assert(p:close(), "failed: " .. cmd)
-  return out
-end
-
-local B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
-local function b64url(s)
-  local out = {}
-  for i = 1, #s, 3 do
-    local a, b, c = s:byte(i, i + 2)
-    local n = a << 16 | (b or 0) << 8 | (c or 0)
-    for j = 1, c and 4 or b and 3 or 2 do
-      local v = n >> (18 - 6 * (j - 1)) & 63
-      out[#out + 1] = B64:sub(v + 1, v + 1)
-    end
-  end
-  return table.concat(out)
-end
+local tokens = dofile("spec/support/jwt_tokens.lua")
+local sh = tokens.sh
 
 -- x-key: a key file (or PEM text, x-pem: 1), x-token, x-opts: a Lua table constructor.
 local ECHO = [[
@@ -61,11 +41,7 @@ describe("callout.jwt", function()
   teardown(function() os.execute("env -u LD_PRELOAD rm -rf " .. dir) end)
 
   local function sign(payload, header)
-    local input = b64url(header or '{"alg":"RS256"}') .. "." .. b64url(payload)
-    local f = assert(io.open(dir .. "/input", "wb"))
-    f:write(input)
-    f:close()
-    return input .. "." .. b64url(sh(("openssl dgst -sha256 -sign %s/k.key -binary %s/input"):format(dir, dir)))
+    return tokens.sign(dir, dir .. "/k.key", payload, header or '{"alg":"RS256"}')
   end
 
   local script = testing.load_string(ECHO)
