@@ -53,6 +53,20 @@ static const struct flag flags[] = {
      "time budget of one handler call, 0 = none (default 200)"},
     {"script_memory_mb", FLAG_LIMIT, AT(script_memory_mb), "MB",
      "memory ceiling of each worker's Lua VM, 0 = none (default 64)"},
+    {"max_message_kb", FLAG_LIMIT, AT(max_message_kb), "KB",
+     "largest ProcessingRequest accepted, in KiB (default 4096)"},
+    {"max_headers", FLAG_LIMIT, AT(max_headers), "N",
+     "header (or trailer) entries in one message (default 1024)"},
+    {"max_ctx_kb", FLAG_LIMIT, AT(max_ctx_kb), "KB",
+     "attributes and metadata one stream may accumulate in ctx, in KiB (default 1024)"},
+    {"max_streams_per_connection", FLAG_LIMIT, AT(max_streams_per_connection), "N",
+     "concurrent streams on one HTTP/2 connection (default 1000)"},
+    {"stream_idle_timeout_ms", FLAG_LIMIT, AT(stream_idle_timeout_ms), "MS",
+     "end a stream that sends no message for this long, 0 = never (default 300000)"},
+    {"max_queued_kb", FLAG_LIMIT, AT(max_queued_kb), "KB",
+     "answers a client has not read yet, per stream, in KiB (default 8192)"},
+    {"max_queued_total_mb", FLAG_LIMIT, AT(max_queued_total_mb), "MB",
+     "answers clients have not read yet, all streams together, in MiB (default 256)"},
     {"unsafe_stdlib", FLAG_BOOL, AT(unsafe_stdlib), "",
      "give scripts os.exit, os.execute, io.popen, debug and binary chunks"},
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
@@ -100,6 +114,13 @@ static void set_defaults(struct config *cfg)
     cfg->log_level = LOG_INFO;
     cfg->script_timeout_ms = 200;
     cfg->script_memory_mb = 64;
+    cfg->max_message_kb = 4096;
+    cfg->max_headers = 1024;
+    cfg->max_ctx_kb = 1024;
+    cfg->max_streams_per_connection = 1000;
+    cfg->stream_idle_timeout_ms = 300000;
+    cfg->max_queued_kb = 8192;
+    cfg->max_queued_total_mb = 256;
 }
 
 static enum config_result fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

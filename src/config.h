@@ -25,6 +25,14 @@ struct config {
     bool unsafe_stdlib;             /* no sandbox: os.exit, io.popen, debug, bytecode */
     int script_timeout_ms;          /* per handler call; 0 = no limit */
     int script_memory_mb;           /* per Lua VM; 0 = no limit */
+    /* Limits on what a client can make the server hold or do (docs/operations.md, Limits) */
+    int max_message_kb;             /* one received ProcessingRequest */
+    int max_headers;                /* header entries in one message */
+    int max_ctx_kb;                 /* attributes + metadata merged into one stream's ctx */
+    int max_streams_per_connection; /* HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS */
+    int stream_idle_timeout_ms;     /* a stream with no message for this long ends; 0 = none */
+    int max_queued_kb;              /* answers a client has not read yet, per stream */
+    int max_queued_total_mb;        /* the same, summed over all streams */
 };
 
 enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };

@@ -68,6 +68,8 @@ int main(int argc, char **argv)
         .timeout_ms = cfg.script_timeout_ms,
         .memory_bytes = (size_t)cfg.script_memory_mb << 20,
         .unsafe_stdlib = cfg.unsafe_stdlib,
+        .max_headers = (size_t)cfg.max_headers,
+        .max_ctx_bytes = (size_t)cfg.max_ctx_kb << 10,
     };
     script_set_limits(&limits);
     if (cfg.check)

@@ -39,8 +39,10 @@ const struct script_limits script_limits_default = {
     .timeout_ms = 200,
     .memory_bytes = (size_t)64 << 20,
     .unsafe_stdlib = 0,
+    .max_headers = 1024,
+    .max_ctx_bytes = (size_t)1 << 20,
 };
-static struct script_limits limits = {200, (size_t)64 << 20, 0};
+static struct script_limits limits = {200, (size_t)64 << 20, 0, 1024, (size_t)1 << 20};
 
 void script_set_limits(const struct script_limits *l) { limits = *l; }
 

@@ -17,6 +17,8 @@ struct script_limits {
     int timeout_ms;          /* per handler call (and for the top level), 0 = none */
     size_t memory_bytes;     /* per VM, 0 = none */
     int unsafe_stdlib;       /* 1: the whole standard library, debug and binary chunks too */
+    size_t max_headers;      /* header entries in one message (a longer list: INVALID_ARGUMENT) */
+    size_t max_ctx_bytes;    /* attributes + metadata merged into one stream's ctx */
 };
 extern const struct script_limits script_limits_default;
 void script_set_limits(const struct script_limits *limits);
