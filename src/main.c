@@ -3,45 +3,102 @@
  * Signals are blocked in every thread (they are blocked before grpc or any worker starts a
  * thread) and taken synchronously here with sigwait, so no handler ever runs in the middle
  * of grpc or Lua code. */
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "admin.h"
 #include "config.h"
 #include "log.h"
-#include "script.h"
+#include "generation.h"
 #include "server.h"
 #include "stream.h"
 #include "tls.h"
+#include "vm.h"
 #include "watch.h"
 
 #define SHUTDOWN_GRACE_MS 5000
 /* Quiet time after a file event before reloading: one reload per save or ConfigMap swap. */
 #define WATCH_SETTLE_MS 200
+/* How often the control thread runs the watchdog and builds spare VMs. */
+#define TICK_MS 100
 
 static void reload(void *srv) { server_reload(srv); }
 
+/* Names of sandbox-refused functions a script's source mentions: --check points them out
+ * even when the top level never calls them (a handler might). */
+static void scan_source(const struct snapshot *snap)
+{
+    static const char *const refused[] = {
+        "os.exit", "os.execute", "os.remove", "os.rename", "os.tmpname", "os.setlocale",
+        "io.popen", "io.tmpfile", "io.input", "io.output", "io.read", "io.write",
+        "package.loadlib", "package.searchpath", "package.cpath", "package.path", "debug.",
+        "string.dump", NULL};
+    int line = 1;
+    for (const char *p = snap->source; p < snap->source + snap->len; p++) {
+        if (*p == '\n') {
+            line++;
+            continue;
+        }
+        for (const char *const *r = refused; *r; r++) {
+            size_t n = strlen(*r);
+            if ((size_t)(snap->source + snap->len - p) >= n && memcmp(p, *r, n) == 0 &&
+                (p == snap->source || !(p[-1] == '_' || p[-1] == '.' ||
+                                        (p[-1] >= 'a' && p[-1] <= 'z') ||
+                                        (p[-1] >= 'A' && p[-1] <= 'Z')))) {
+                const char *why = strcmp(*r, "package.cpath") == 0 || strcmp(*r, "package.path") == 0
+                    ? "is fixed when the VM is built: changing it has no effect"
+                    : strcmp(*r, "string.dump") == 0
+                    ? "makes bytecode, which load refuses"
+                    : "is refused by the sandbox (--unsafe_stdlib allows it)";
+                printf("%s:%d: warning: %s%s %s\n", snap->path, line, *r,
+                       (*r)[n - 1] == '.' ? "*" : "", why);
+            }
+        }
+    }
+}
+
 /* --check: what a reload would do, for a user's CI: compile, run the top level, list the
- * handlers. */
+ * handlers, then what the sandbox refused while loading, what the source uses that it would
+ * refuse, and globals that look like misspelled handlers. */
 static int check_script(const char *path)
 {
     char err[1024];
-    struct script *s = script_open(path, err, sizeof err);
-    if (!s) {
+    struct vm *vm = NULL;
+    if (generation_load(path, 1, &vm, 1, err, sizeof err) != 0) {
         fprintf(stderr, "%s\n", err);
         return 1;
     }
     const char *names[8];
-    size_t n = script_handlers(s, names, 8);
+    size_t n = vm_handlers(vm, names, 8);
     printf("%s: ok, handlers:", path);
     for (size_t i = 0; i < n; i++)
         printf(" %s", names[i]);
     printf("\n");
-    script_close(s);
+    if (vm->refusals_len)
+        printf("%s: the sandbox refused, while the script loaded:\n%.*s", path,
+               (int)vm->refusals_len, vm->refusals);
+    if (!vm_get_limits()->unsafe_stdlib)
+        scan_source(vm->snap);
+    char typos[2048];
+    if (vm_misspellings(vm, typos, sizeof typos))
+        printf("%s", typos);
+    vm_close(vm);
     return 0;
+}
+
+/* Waits for a signal for up to TICK_MS; 0 when none came. */
+static int wait_signal(const sigset_t *set)
+{
+    struct timespec tick = {.tv_sec = 0, .tv_nsec = TICK_MS * 1000000L};
+    int sig = sigtimedwait(set, NULL, &tick);
+    return sig > 0 ? sig : 0;
 }
 
 int main(int argc, char **argv)
@@ -64,14 +121,14 @@ int main(int argc, char **argv)
         break;
     }
     log_set_level(cfg.log_level);
-    struct script_limits limits = {
+    struct vm_limits limits = {
         .timeout_ms = cfg.script_timeout_ms,
         .memory_bytes = (size_t)cfg.script_memory_mb << 20,
         .unsafe_stdlib = cfg.unsafe_stdlib,
         .max_headers = (size_t)cfg.max_headers,
         .max_ctx_bytes = (size_t)cfg.max_ctx_kb << 10,
     };
-    script_set_limits(&limits);
+    vm_set_limits(&limits);
     if (cfg.check)
         return check_script(cfg.script_path);
 
@@ -116,9 +173,11 @@ int main(int argc, char **argv)
     }
 
     for (;;) {
-        int sig = 0;
-        if (sigwait(&waited, &sig) != 0)
+        int sig = wait_signal(&waited);
+        if (sig == 0) {
+            server_tick(srv);
             continue;
+        }
         if (sig == SIGHUP) {
             log_info("SIGHUP received: reloading %s", cfg.script_path);
             server_reload(srv);
@@ -131,7 +190,10 @@ int main(int argc, char **argv)
     watch_stop(watch);
     if (admin)
         admin_stop(admin);
-    server_stop(srv, SHUTDOWN_GRACE_MS);
+    if (server_stop(srv, SHUTDOWN_GRACE_MS) != 0) {
+        log_error("stopped, abandoning streams a stuck handler still holds");
+        _exit(3);
+    }
     tls_identity_free(&id);
     log_info("stopped");
     return 0;

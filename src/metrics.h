@@ -17,9 +17,13 @@ struct metrics {
     _Atomic uint64_t script_generation;        /* 1 = the script loaded at start-up */
     _Atomic uint64_t script_loaded_unix_ms;    /* when the current generation was loaded */
     _Atomic uint64_t script_load_us;           /* how long loading it took (all workers) */
+    _Atomic uint64_t watchdog_stuck_total;     /* handler calls found stuck past the budget */
 };
 
 extern struct metrics metrics;
+
+/* The identity of the generation serving new streams (luacallout_script_info). Any thread. */
+void metrics_set_script(const char *sha256, const char *path, uint64_t generation);
 
 /* Writes the Prometheus text exposition into buf; returns its length (truncated to len). */
 size_t metrics_render(char *buf, size_t len);

@@ -23,9 +23,9 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "generation.h"
 #include "log.h"
 #include "metrics.h"
-#include "script.h"
 #include "stream.h"
 #include "tag.h"
 #include "tls.h"
@@ -36,6 +36,12 @@
  * worker to re-post, few enough to cost nothing. */
 #define REQUESTS_PER_WORKER 8
 #define MAX_MESSAGE_BYTES (64 * 1024 * 1024)
+/* A handler running this long past its time budget is stuck in C code the budget cannot
+ * interrupt: the watchdog reports it and liveness fails while it lasts. */
+#define WATCHDOG_MARGIN_MS 1000
+/* After the drain grace and the cancellation of what was left, how long shutdown waits for
+ * the workers before it gives up on them. */
+#define ABANDON_AFTER_MS 2000
 
 struct worker;
 
@@ -54,8 +60,9 @@ struct worker {
     pthread_t thread;
     bool running;
     grpc_completion_queue *cq;
-    struct vm *current;              /* new streams start here; owned by the worker thread */
-    _Atomic(struct vm *) pending;    /* a reloaded generation, adopted at the next call */
+    struct worker_vms vms;           /* the script VMs of this worker (generation.h) */
+    struct vm_activity activity;     /* the handler running now, for the watchdog */
+    uint64_t stuck_reported;         /* control thread: the call the watchdog last reported */
     struct call_request requests[REQUESTS_PER_WORKER + 1];
 };
 
@@ -89,24 +96,6 @@ static void post_request(struct call_request *r)
         log_error("cannot request a call (%d)", (int)err);
 }
 
-/* A budget stopped a handler mid-way on this worker's VM, which may now hold half-updated
- * tables: new streams get a fresh VM of the same generation (streams already on the old
- * one finish there). NULL, keeping the old VM, if the script no longer loads. */
-static struct vm *rebuild(struct worker *w)
-{
-    char err[1024];
-    struct script *script = script_open(w->srv->script_path, err, sizeof err);
-    struct vm *vm = script ? vm_new(script, w->current->generation) : NULL;
-    if (!vm) {
-        script_close(script);
-        log_error("cannot rebuild a Lua VM after a budget error (%s); reusing the old one",
-                  script ? "out of memory" : err);
-        return NULL;
-    }
-    log_warn("rebuilt a worker's Lua VM after a handler exceeded its budget");
-    return vm;
-}
-
 static void on_new_call(struct tag *tag, bool ok)
 {
     struct call_request *r = container_of(tag, struct call_request, tag);
@@ -115,14 +104,7 @@ static void on_new_call(struct tag *tag, bool ok)
         if (r->generic) {
             stream_reject_unknown(r->call, &r->details.method);
         } else {
-            struct vm *next = atomic_exchange(&w->pending, NULL);
-            if (!next && script_take_taint(w->current->script))
-                next = rebuild(w);
-            if (next) {
-                vm_retire(w->current);
-                w->current = next;
-            }
-            stream_start(r->call, w->current);
+            stream_start(r->call, generation_current(&w->vms));
         }
     }
     grpc_metadata_array_destroy(&r->metadata);
@@ -207,8 +189,10 @@ static int add_port(struct server *srv, const char *what, const char *address,
     return 0;
 }
 
-/* Frees whatever server_start built, in the reverse order; safe on a partial server. */
-static void teardown(struct server *srv, int grace_ms)
+/* Frees whatever server_start built, in the reverse order; safe on a partial server.
+ * -1 when streams did not end within ABANDON_AFTER_MS of their cancellation (a worker is
+ * stuck in a handler): then nothing is freed, and the caller should exit. */
+static int teardown(struct server *srv, int grace_ms)
 {
     atomic_store(&srv->stopping, true);
     if (srv->grpc) {
@@ -219,20 +203,26 @@ static void teardown(struct server *srv, int grace_ms)
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
             log_warn("shutdown: cancelling the calls still open after %d ms", grace_ms);
             grpc_server_cancel_all_calls(srv->grpc);
-            grpc_completion_queue_next(srv->shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                       NULL);
         }
         /* Cancelled calls still deliver their last events, and a stream may answer one
-         * with a final batch: keep every queue open until the last stream is freed. */
+         * with a final batch: keep every queue open until the last stream is freed. A
+         * worker stuck in a handler never gets there: give up on it after a while. */
         gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                             gpr_time_from_millis(10000, GPR_TIMESPAN));
+                                             gpr_time_from_millis(ABANDON_AFTER_MS,
+                                                                  GPR_TIMESPAN));
+        bool notified = ev.type != GRPC_QUEUE_TIMEOUT ||
+                        grpc_completion_queue_next(srv->shutdown_cq, deadline, NULL).type ==
+                            GRPC_OP_COMPLETE;
         while (stream_live_count() > 0 &&
                gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), deadline) < 0)
             gpr_sleep_until(gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(5, GPR_TIMESPAN)));
-        if (stream_live_count() > 0)
-            log_error("shutdown: %ld streams still open after cancellation",
-                      stream_live_count());
+        if (!notified || stream_live_count() > 0) {
+            log_error("shutdown: %ld streams did not end within %d ms of their cancellation "
+                      "(a worker is stuck in a handler): abandoning them",
+                      stream_live_count(), ABANDON_AFTER_MS);
+            return -1;
+        }
         grpc_server_destroy(srv->grpc);
     }
     for (int i = 0; i < srv->nworkers; i++) {
@@ -246,10 +236,8 @@ static void teardown(struct server *srv, int grace_ms)
             worker_main(w);   /* never started: drain the queue here */
         grpc_completion_queue_destroy(w->cq);
     }
-    for (int i = 0; i < srv->nworkers; i++) {
-        vm_free(srv->workers[i].current);
-        vm_free(atomic_exchange(&srv->workers[i].pending, NULL));
-    }
+    for (int i = 0; srv->workers && i < srv->nworkers; i++)
+        generation_free_all(&srv->workers[i].vms);
     if (srv->shutdown_cq) {
         grpc_completion_queue_shutdown(srv->shutdown_cq);
         while (grpc_completion_queue_next(srv->shutdown_cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
@@ -261,6 +249,7 @@ static void teardown(struct server *srv, int grace_ms)
     pthread_mutex_destroy(&srv->reload_lock);
     free(srv);
     grpc_shutdown();
+    return 0;
 }
 
 static uint64_t now_us(int clock)
@@ -270,8 +259,8 @@ static uint64_t now_us(int clock)
     return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
-/* Loads the script once per worker (each worker gets a VM of its own) and records the
- * generation in the metrics. NULL on the first failure, with "file:line: msg" in err. */
+/* Loads the script as a new generation: one snapshot, one VM per worker built from it;
+ * records the generation in the metrics and the log. NULL with "file:line: msg" in err. */
 static struct vm **load_generation(struct server *srv, uint64_t generation, char *err,
                                    size_t errlen)
 {
@@ -281,23 +270,17 @@ static struct vm **load_generation(struct server *srv, uint64_t generation, char
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    for (int i = 0; i < srv->nworkers; i++) {
-        struct script *script = script_open(srv->script_path, err, errlen);
-        vms[i] = script ? vm_new(script, generation) : NULL;
-        if (!vms[i]) {
-            if (script) {
-                script_close(script);
-                snprintf(err, errlen, "out of memory");
-            }
-            while (i-- > 0)
-                vm_free(vms[i]);
-            free(vms);
-            return NULL;
-        }
+    if (generation_load(srv->script_path, generation, vms, srv->nworkers, err, errlen) != 0) {
+        free(vms);
+        return NULL;
     }
+    metrics_set_script(vms[0]->snap->sha256, srv->script_path, generation);
     atomic_store(&metrics.script_generation, generation);
     atomic_store(&metrics.script_loaded_unix_ms, now_us(CLOCK_REALTIME) / 1000u);
     atomic_store(&metrics.script_load_us, now_us(CLOCK_MONOTONIC) - t0);
+    log_info("loaded %s as generation %llu (sha256 %s, %zu bytes, %zu files read while "
+             "loading)", srv->script_path, (unsigned long long)generation,
+             vms[0]->snap->sha256, vms[0]->snap->len, vms[0]->snap->nfiles);
     return vms;
 }
 
@@ -317,7 +300,7 @@ int server_reload(struct server *srv)
     /* Hand each worker its new VM; a generation a worker never adopted (two reloads
      * between its calls) has had no stream, so it can be freed from here. */
     for (int i = 0; i < srv->nworkers; i++)
-        vm_free(atomic_exchange(&srv->workers[i].pending, vms[i]));
+        vm_close(atomic_exchange(&srv->workers[i].vms.pending, vms[i]));
     free(vms);
     atomic_fetch_add(&metrics.reloads_total, 1);
     pthread_mutex_unlock(&srv->reload_lock);
@@ -360,8 +343,12 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
     if (!vms)
         goto fail;
     for (int i = 0; i < srv->nworkers; i++) {
-        srv->workers[i].srv = srv;
-        srv->workers[i].current = vms[i];
+        struct worker *w = &srv->workers[i];
+        w->srv = srv;
+        w->vms.activity = &w->activity;
+        w->vms.evict = stream_evict;
+        generation_init(&w->vms, vms[i]);
+        generation_fill_spare(&w->vms);   /* built ahead, so a rebuild never runs on a worker */
     }
     free(vms);
 
@@ -425,7 +412,58 @@ fail:
     return NULL;
 }
 
-void server_stop(struct server *srv, int grace_ms)
+int server_stop(struct server *srv, int grace_ms)
 {
-    teardown(srv, grace_ms);
+    return teardown(srv, grace_ms);
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* The call a worker has been running for longer than its budget plus the margin, or 0. */
+static uint64_t stuck_since(struct worker *w, uint64_t now)
+{
+    int budget = vm_get_limits()->timeout_ms;
+    uint64_t since = atomic_load_explicit(&w->activity.since_ns, memory_order_acquire);
+    uint64_t limit = ((uint64_t)budget + WATCHDOG_MARGIN_MS) * 1000000u;
+    return since && now > since && now - since > limit ? since : 0;
+}
+
+void server_tick(struct server *srv)
+{
+    uint64_t now = now_ns();
+    for (int i = 0; i < srv->nworkers; i++) {
+        struct worker *w = &srv->workers[i];
+        generation_fill_spare(&w->vms);
+        uint64_t since = stuck_since(w, now);
+        if (since && since != w->stuck_reported) {
+            w->stuck_reported = since;
+            atomic_fetch_add(&metrics.watchdog_stuck_total, 1);
+            const char *where = atomic_load_explicit(&w->activity.where, memory_order_relaxed);
+            log_error("watchdog: worker %d has been in %s for %llu ms (stream %llu), past its "
+                      "%d ms budget: C code the budget cannot interrupt; liveness fails "
+                      "until it returns", i, where ? where : "a handler",
+                      (unsigned long long)((now - since) / 1000000u),
+                      (unsigned long long)atomic_load(&w->activity.stream),
+                      vm_get_limits()->timeout_ms);
+        } else if (!since && w->stuck_reported) {
+            w->stuck_reported = 0;
+            log_warn("watchdog: worker %d is serving again", i);
+        }
+    }
+}
+
+int server_stuck_workers(struct server *srv, int *nworkers)
+{
+    uint64_t now = now_ns();
+    int stuck = 0;
+    for (int i = 0; i < srv->nworkers; i++)
+        stuck += stuck_since(&srv->workers[i], now) != 0;
+    if (nworkers)
+        *nworkers = srv->nworkers;
+    return stuck;
 }

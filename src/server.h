@@ -20,7 +20,17 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
 int server_reload(struct server *srv);
 
 /* Stops accepting calls, lets calls in flight finish for up to `grace_ms`, cancels the
- * rest, joins the workers and frees everything. */
-void server_stop(struct server *srv, int grace_ms);
+ * rest, joins the workers and frees everything: 0. When streams did not end within 2 s of
+ * their cancellation (a worker stuck in a handler), gives up on them and returns -1
+ * without freeing anything: the process should exit, with a non-zero status. */
+int server_stop(struct server *srv, int grace_ms);
+
+/* The control thread's periodic work (every 100 ms or so): builds the spare VMs workers
+ * asked for, and runs the watchdog, which logs (once per call) and counts a worker stuck
+ * in one handler call past its budget by more than a margin. */
+void server_tick(struct server *srv);
+
+/* How many workers are stuck that way now (any thread); *nworkers gets the total. */
+int server_stuck_workers(struct server *srv, int *nworkers);
 
 #endif

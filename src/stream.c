@@ -17,7 +17,8 @@
 
 #include "log.h"
 #include "metrics.h"
-#include "script.h"
+#include "dispatch.h"
+#include "generation.h"
 #include "tag.h"
 #include "vm.h"
 
@@ -28,9 +29,10 @@ struct pending_send {
 
 struct stream {
     grpc_call *call;
-    struct vm *vm;                /* the script generation this stream started on */
-    struct script_stream *script;
+    struct vm *vm;                /* the script VM this stream started on, to its end */
+    struct dispatch_stream *script;
     uint64_t id;
+    struct stream *vm_prev, *vm_next;   /* the streams of the same VM (vm->stream_list) */
 
     struct tag recv_tag, send_tag, status_tag, close_tag;
     grpc_byte_buffer *recv_payload;
@@ -67,8 +69,14 @@ static void stream_free(struct stream *s)
         grpc_byte_buffer_destroy(s->recv_payload);
     grpc_slice_unref(s->status_details);
     if (s->script)
-        script_stream_close(s->script);
-    vm_release(s->vm);
+        dispatch_stream_close(s->script);
+    if (s->vm_prev)
+        s->vm_prev->vm_next = s->vm_next;
+    else
+        s->vm->stream_list = s->vm_next;
+    if (s->vm_next)
+        s->vm_next->vm_prev = s->vm_prev;
+    generation_release(s->vm);
     if (s->status_sent && s->status != GRPC_STATUS_OK)
         atomic_fetch_add(&metrics.stream_errors_total, 1);
     grpc_call_unref(s->call);
@@ -211,18 +219,18 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
     }
 
     atomic_fetch_add(&metrics.messages_total, 1);
-    struct script_reply reply;
-    script_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
+    struct dispatch_reply reply;
+    dispatch_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
     grpc_slice_unref(flat);
 
     switch (reply.outcome) {
-    case SCRIPT_RESPOND:
+    case DISPATCH_RESPOND:
         for (size_t i = 0, at = 0; i < reply.count; at += reply.lens[i], i++)
             enqueue(s, reply.data + at, reply.lens[i]);
         break;
-    case SCRIPT_NO_RESPONSE:
+    case DISPATCH_NO_RESPONSE:
         break;
-    case SCRIPT_FAIL:
+    case DISPATCH_FAIL:
         finish(s, (grpc_status_code)reply.status, reply.message);
         return;
     }
@@ -294,9 +302,13 @@ void stream_start(grpc_call *call, struct vm *vm)
     atomic_fetch_add(&metrics.streams_active, 1);
     s->call = call;
     s->vm = vm;
-    vm_acquire(vm);
+    generation_acquire(vm);
+    s->vm_next = vm->stream_list;
+    if (s->vm_next)
+        s->vm_next->vm_prev = s;
+    vm->stream_list = s;
     s->id = atomic_fetch_add(&next_stream_id, 1);
-    s->script = script_stream_open(vm->script, s->id);
+    s->script = dispatch_stream_open(vm, s->id);
     s->status_details = grpc_empty_slice();
     s->recv_tag.done = on_recv;
     s->send_tag.done = on_send;
@@ -318,6 +330,15 @@ void stream_start(grpc_call *call, struct vm *vm)
         start_batch(s, ops, 2, &s->recv_tag);
     }
     batch_done(s);
+}
+
+void stream_evict(struct vm *vm)
+{
+    for (struct stream *s = vm->stream_list; s; s = s->vm_next)
+        grpc_call_cancel_with_status(s->call, GRPC_STATUS_UNAVAILABLE,
+                                     "the script generation this stream started on had to be "
+                                     "closed (too many older generations still in use)",
+                                     NULL);
 }
 
 /* --- calls to any other method ------------------------------------------------------------ */

@@ -10,8 +10,12 @@ struct vm;
 
 /* Takes ownership of `call`, which was requested on the calling worker's completion queue;
  * every later event of the call arrives on that queue and is handled by the same worker.
- * The stream runs on `vm` (the worker's current script generation) until it ends. */
+ * The stream runs on `vm` (the worker's current script VM) until it ends. */
 void stream_start(grpc_call *call, struct vm *vm);
+
+/* Ends every stream running on vm with UNAVAILABLE (worker thread): the VM must go. Each
+ * is freed, and the VM released, as its call's last events arrive. */
+void stream_evict(struct vm *vm);
 
 /* Streams started and not yet freed, across all workers. A stream may still start
  * batches until it is freed, so its worker's queue must stay open until this is 0. */

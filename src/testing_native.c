@@ -1,6 +1,6 @@
 /* testing_native.c — `callout.native`, the test-only Lua C module behind callout.testing
  * (lua/callout/testing.lua), in the spirit of Lua's ltests.c. It runs a script through
- * exactly what the server runs — script_open, script_stream_open, script_handle (script.h)
+ * exactly what the server runs — generation_load, dispatch_stream_open, dispatch_handle
  * on bytes of a ProcessingRequest — and exposes the whole-message converters (pbreflect.h)
  * so a spec can build request bytes from a table and read response bytes back as a table.
  *
@@ -30,7 +30,9 @@
 #include "log.h"
 #include "pbreflect.h"
 #include "pbstruct.h"
-#include "script.h"
+#include "dispatch.h"
+#include "generation.h"
+#include "vm.h"
 
 #include "envoy/service/ext_proc/v3/external_processor.pb-c.h"
 #include "envoy/type/v3/http_status.pb-c.h"
@@ -114,7 +116,7 @@ static int native_logs(lua_State *L)
  * last stream is closed, so no finalizer order can free a VM under a stream. */
 
 struct lscript {
-    struct script *s;  /* NULL before script_open succeeded and once freed */
+    struct vm *s;      /* NULL before the load succeeded and once freed */
     int streams;       /* open streams on s */
     bool closed;       /* close() or __gc ran: free s when streams reaches 0 */
     uint64_t next_id;
@@ -122,13 +124,13 @@ struct lscript {
 
 struct lstream {
     struct lscript *owner;  /* NULL once closed */
-    struct script_stream *st;
+    struct dispatch_stream *st;
 };
 
 static void lscript_release(struct lscript *ls)
 {
     if (ls->closed && ls->streams == 0 && ls->s != NULL) {
-        script_close(ls->s);
+        vm_close(ls->s);
         ls->s = NULL;
     }
 }
@@ -150,8 +152,8 @@ static int native_load(lua_State *L)
     luaL_setmetatable(L, SCRIPT_MT);
     logs.len = 0;
     char err[1024];
-    ls->s = script_open(path, err, sizeof err);
-    if (ls->s == NULL) {
+    if (generation_load(path, 1, &ls->s, 1, err, sizeof err) != 0) {
+        ls->s = NULL;
         ls->closed = true;
         luaL_pushfail(L);
         lua_pushstring(L, err);
@@ -185,7 +187,7 @@ static int native_stream(lua_State *L)
     luaL_setmetatable(L, STREAM_MT);
     lua_pushvalue(L, 1);
     lua_setiuservalue(L, -2, 1);
-    ss->st = script_stream_open(ls->s, ls->next_id + 1);
+    ss->st = dispatch_stream_open(ls->s, ls->next_id + 1);
     if (ss->st == NULL)
         return luaL_error(L, "cannot open a stream: out of memory");
     ls->next_id++;
@@ -199,7 +201,7 @@ static int stream_gc(lua_State *L)
     struct lstream *ss = luaL_checkudata(L, 1, STREAM_MT);
     if (ss->owner != NULL) {
         struct lscript *ls = ss->owner;
-        script_stream_close(ss->st);
+        dispatch_stream_close(ss->st);
         ss->st = NULL;
         ss->owner = NULL;
         ls->streams--;
@@ -223,12 +225,12 @@ static int native_handle(lua_State *L)
     luaL_argcheck(L, ss->owner != NULL, 1, "the stream is closed");
     size_t len;
     const char *msg = luaL_checklstring(L, 2, &len);
-    struct script_reply reply;
+    struct dispatch_reply reply;
     logs.len = 0;
-    script_handle(ss->st, (const uint8_t *)msg, len, &reply);
+    dispatch_handle(ss->st, (const uint8_t *)msg, len, &reply);
     /* reply points into the script's buffers until its next call: copy it out now */
     switch (reply.outcome) {
-    case SCRIPT_RESPOND:
+    case DISPATCH_RESPOND:
         lua_pushliteral(L, "respond");
         lua_createtable(L, reply.count > INT32_MAX ? 0 : (int)reply.count, 0);
         for (size_t i = 0, at = 0; i < reply.count; at += reply.lens[i], i++) {
@@ -236,16 +238,16 @@ static int native_handle(lua_State *L)
             lua_rawseti(L, -2, (lua_Integer)i + 1);
         }
         return 2;
-    case SCRIPT_NO_RESPONSE:
+    case DISPATCH_NO_RESPONSE:
         lua_pushliteral(L, "none");
         return 1;
-    case SCRIPT_FAIL:
+    case DISPATCH_FAIL:
         lua_pushliteral(L, "fail");
         lua_pushinteger(L, reply.status);
         lua_pushstring(L, reply.message);
         return 3;
     }
-    return luaL_error(L, "script_handle returned an unknown outcome %d", (int)reply.outcome);
+    return luaL_error(L, "dispatch_handle returned an unknown outcome %d", (int)reply.outcome);
 }
 
 /* ---- protobuf converters ------------------------------------------------------------------

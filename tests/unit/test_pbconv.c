@@ -1,5 +1,5 @@
 /* test_pbconv.c — the Lua contract (docs/lua-api.md) end to end through script.h: build
- * a ProcessingRequest with protobuf-c, pack it, script_handle() it with a small script,
+ * a ProcessingRequest with protobuf-c, pack it, dispatch_handle() it with a small script,
  * unpack the reply and look at every field. Plus direct checks of pbconv and the arena. */
 #include <stdbool.h>
 #include <stdint.h>
@@ -15,7 +15,9 @@
 #include "arena.h"
 #include "log.h"
 #include "pbconv.h"
-#include "script.h"
+#include "dispatch.h"
+#include "generation.h"
+#include "vm.h"
 
 static int passed;
 
@@ -41,6 +43,13 @@ typedef Envoy__Service__ExtProc__V3__CommonResponse CommonResponse;
 
 #define RESP(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_##x
 
+/* A VM of a new generation of the script at path, as the server builds one. */
+static struct vm *open_vm(const char *path, char *err, size_t errlen)
+{
+    struct vm *vm = NULL;
+    return generation_load(path, 1, &vm, 1, err, errlen) == 0 ? vm : NULL;
+}
+
 /* ---- scripts ---------------------------------------------------------------------------- */
 
 static char tmpdir[] = "/tmp/test_pbconv.XXXXXX";
@@ -58,10 +67,10 @@ static const char *write_script(const char *src)
     return last_path;
 }
 
-static struct script *load(const char *src)
+static struct vm *load(const char *src)
 {
     char err[512] = "";
-    struct script *s = script_open(write_script(src), err, sizeof err);
+    struct vm *s = open_vm(write_script(src), err, sizeof err);
     if (s == NULL)
         fprintf(stderr, "script_open: %s\n", err);
     CHECK(s != NULL);
@@ -212,7 +221,7 @@ static size_t build(const struct req *r)
 }
 
 static Resp *last_resp;
-static struct script_reply reply;
+static struct dispatch_reply reply;
 
 static void free_last(void)
 {
@@ -221,12 +230,12 @@ static void free_last(void)
     last_resp = NULL;
 }
 
-/* Sends raw bytes; returns the unpacked response when the outcome is SCRIPT_RESPOND. */
-static Resp *send_bytes(struct script_stream *st, const uint8_t *msg, size_t len)
+/* Sends raw bytes; returns the unpacked response when the outcome is DISPATCH_RESPOND. */
+static Resp *send_bytes(struct dispatch_stream *st, const uint8_t *msg, size_t len)
 {
     free_last();
-    script_handle(st, msg, len, &reply);
-    if (reply.outcome == SCRIPT_RESPOND) {
+    dispatch_handle(st, msg, len, &reply);
+    if (reply.outcome == DISPATCH_RESPOND) {
         CHECK(reply.data != NULL && reply.len > 0);
         last_resp = envoy__service__ext_proc__v3__processing_response__unpack(NULL, reply.len,
                                                                                reply.data);
@@ -235,7 +244,7 @@ static Resp *send_bytes(struct script_stream *st, const uint8_t *msg, size_t len
     return last_resp;
 }
 
-static Resp *send(struct script_stream *st, const struct req *r)
+static Resp *send(struct dispatch_stream *st, const struct req *r)
 {
     size_t len = build(r);
     return send_bytes(st, wire, len);
@@ -273,19 +282,19 @@ static const char *set_value(const HeaderMutation *hm, const char *name)
 
 static bool reply_is(const uint8_t *bytes, size_t n)
 {
-    return reply.outcome == SCRIPT_RESPOND && reply.len == n && memcmp(reply.data, bytes, n) == 0;
+    return reply.outcome == DISPATCH_RESPOND && reply.len == n && memcmp(reply.data, bytes, n) == 0;
 }
 
 /* Checks a failure reply: status and exact message. */
 static void check_fail(int status, const char *message, int line)
 {
-    if (reply.outcome != SCRIPT_FAIL || reply.status != status ||
+    if (reply.outcome != DISPATCH_FAIL || reply.status != status ||
         strcmp(reply.message, message) != 0) {
         fprintf(stderr, "line %d: expected status %d \"%s\", got outcome %d status %d \"%s\"\n",
                 line, status, message, reply.outcome, reply.status,
                 reply.message ? reply.message : "(null)");
     }
-    CHECK(reply.outcome == SCRIPT_FAIL);
+    CHECK(reply.outcome == DISPATCH_FAIL);
     CHECK(reply.status == status);
     CHECK_STR(reply.message, message);
 }
@@ -300,11 +309,11 @@ static void test_basic_example(void)
     const char *src = getenv("LUACALLOUT_SRC");
     char path[1024], err[512];
     snprintf(path, sizeof path, "%s/examples/basic.lua", src ? src : ".");
-    struct script *s = script_open(path, err, sizeof err);
+    struct vm *s = open_vm(path, err, sizeof err);
     if (s == NULL)
         fprintf(stderr, "%s\n", err);
     CHECK(s != NULL);
-    struct script_stream *st = script_stream_open(s, 1);
+    struct dispatch_stream *st = dispatch_stream_open(s, 1);
     CHECK(st != NULL);
 
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
@@ -357,8 +366,8 @@ static void test_basic_example(void)
     CHECK(reply_is(rqt, 2));
     send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
     CHECK(reply_is(rst, 2));
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 /* nil, {}, a missing handler, a handler that is not a function, and flags that are off
@@ -377,21 +386,21 @@ static void test_empty_results(void)
         "function on_request_trailers() return {add = {}, remove = {}} end\n",
     };
     for (size_t k = 0; k < sizeof srcs / sizeof srcs[0]; k++) {
-        struct script *s = load(srcs[k]);
-        struct script_stream *st = script_stream_open(s, 2);
+        struct vm *s = load(srcs[k]);
+        struct dispatch_stream *st = dispatch_stream_open(s, 2);
         for (int p = 0; p < PBCONV_PHASE_COUNT; p++) {
             send(st, &(struct req){.phase = (enum pbconv_phase)p, .kv = no_headers});
             const uint8_t want[] = {(uint8_t)((p + 1) << 3 | 2), 0x00};
             CHECK(reply_is(want, 2));
         }
-        script_stream_close(st);
-        script_close(s);
+        dispatch_stream_close(st);
+        vm_close(s);
     }
 }
 
 static void test_headers_object(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers(h, ctx)\n"
         "  local names = {}\n"
         "  for i, p in ipairs(h) do names[i] = p[1] .. '=' .. p[2] end\n"
@@ -407,7 +416,7 @@ static void test_headers_object(void)
         "function on_request_trailers(t)\n"
         "  return { add = { {'n', #t}, {'v', t:get('T')}, {'eos', tostring(t.end_of_stream)} } }\n"
         "end\n");
-    struct script_stream *st = script_stream_open(s, 3);
+    struct dispatch_stream *st = dispatch_stream_open(s, 3);
     static const char *const kv[] = {"x-foo", "a", "X-Up", "u", "x-foo", "b", "other", "o"};
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kv, .n = 4, .eos = true});
     CHECK(r != NULL);
@@ -458,19 +467,19 @@ static void test_headers_object(void)
     CHECK_STR(set_value(hm, "n"), "1");
     CHECK_STR(set_value(hm, "v"), "tv");
     CHECK_STR(set_value(hm, "eos"), "nil");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_binary_body(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_body(b)\n"
         "  return { body = b.body .. '\\0z', add = { {'len', #b.body},\n"
         "           {'eos', tostring(b.end_of_stream)} } }\n"
         "end\n"
         "function on_response_body(b) return { body = '' } end\n");
-    struct script_stream *st = script_stream_open(s, 4);
+    struct dispatch_stream *st = dispatch_stream_open(s, 4);
     static const char body[] = {'a', 0, 'b', 0, (char)0xff, 0};
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = body,
                                      .body_len = sizeof body, .eos = true});
@@ -487,13 +496,13 @@ static void test_binary_body(void)
     CHECK(cr != NULL && cr->body_mutation != NULL);
     CHECK(cr->body_mutation->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_BODY);
     CHECK(cr->body_mutation->body.len == 0);
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_ctx_state(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers(h, ctx)\n"
         "  ctx.state.n = (ctx.state.n or 0) + 1\n"
         "  return { add = { {'n', ctx.state.n}, {'phase', ctx.phase}, {'id', ctx.stream_id} } }\n"
@@ -501,7 +510,7 @@ static void test_ctx_state(void)
         "function on_response_headers(h, ctx)\n"
         "  return { add = { {'n', ctx.state.n or 'none'}, {'phase', ctx.phase} } }\n"
         "end\n");
-    struct script_stream *a = script_stream_open(s, 41), *b = script_stream_open(s, 42);
+    struct dispatch_stream *a = dispatch_stream_open(s, 41), *b = dispatch_stream_open(s, 42);
     CHECK(a != NULL && b != NULL);
     const struct req rq = {.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers};
     const struct req rs = {.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers};
@@ -519,19 +528,19 @@ static void test_ctx_state(void)
     CHECK_STR(set_value(common(r)->header_mutation, "id"), "42");
     r = send(a, &rs);  /* a request phase left data for a response phase */
     CHECK_STR(set_value(common(r)->header_mutation, "n"), "2");
-    script_stream_close(a);
-    script_stream_close(b);
+    dispatch_stream_close(a);
+    dispatch_stream_close(b);
     /* a new stream after close starts empty even if it reuses the registry slot */
-    struct script_stream *c = script_stream_open(s, 43);
+    struct dispatch_stream *c = dispatch_stream_open(s, 43);
     r = send(c, &rs);
     CHECK_STR(set_value(common(r)->header_mutation, "n"), "none");
-    script_stream_close(c);
-    script_close(s);
+    dispatch_stream_close(c);
+    vm_close(s);
 }
 
 static void test_add_forms(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers()\n"
         "  return { add = { zeta = '1', alpha = '2', mid = 3, f = 2.5, g = 10 / 2, big = 2^70,\n"
         "           h = 2^53 } }\n"
@@ -539,7 +548,7 @@ static void test_add_forms(void)
         "function on_response_headers()\n"
         "  return { add = { {'z', '1'}, {'a', '2'}, {'z', '3'}, {'m', -7} } }\n"
         "end\n");
-    struct script_stream *st = script_stream_open(s, 5);
+    struct dispatch_stream *st = dispatch_stream_open(s, 5);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     HeaderMutation *hm = common(r)->header_mutation;
     static const char *const sorted[] = {"alpha", "2", "big", "1.1805916207174e+21", "f", "2.5",
@@ -560,13 +569,13 @@ static void test_add_forms(void)
         CHECK_BYTES(hm->set_headers[i]->header->raw_value, listed[2 * i + 1],
                     strlen(listed[2 * i + 1]));
     }
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_return_keys(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers()\n"
         "  return { status = 'CONTINUE_AND_REPLACE', body = 'new', remove = {'a', 'b'} }\n"
         "end\n"
@@ -578,7 +587,7 @@ static void test_return_keys(void)
         "function on_response_body() return { remove = {'gone'} } end\n"
         "function on_request_trailers() return { add = { {'t', 'v'} }, remove = {'r'} } end\n"
         "function on_response_trailers() return { immediate = {} } end\n");
-    struct script_stream *st = script_stream_open(s, 6);
+    struct dispatch_stream *st = dispatch_stream_open(s, 6);
 
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     CommonResponse *cr = common(r);
@@ -621,13 +630,13 @@ static void test_return_keys(void)
     static const uint8_t imm[] = {0x3a, 0x05, 0x0a, 0x03, 0x08, 0xc8, 0x01};
     send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
     CHECK(reply_is(imm, sizeof imm));
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_immediate_and_deny(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers(h)\n"
         "  if h:has('deny-true') then return { deny = true } end\n"
         "  if h:has('deny') then return { deny = h:get('deny') } end\n"
@@ -637,7 +646,7 @@ static void test_immediate_and_deny(void)
         "    body = 'de\\0nied', details = 'blocked_by_lua', grpc_status = 7 } }\n"
         "end\n"
         "function on_request_body() return { deny = 'body no' } end\n");
-    struct script_stream *st = script_stream_open(s, 7);
+    struct dispatch_stream *st = dispatch_stream_open(s, 7);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     CHECK(r != NULL && r->response_case == RESP(IMMEDIATE_RESPONSE));
     Envoy__Service__ExtProc__V3__ImmediateResponse *ir = r->immediate_response;
@@ -669,8 +678,8 @@ static void test_immediate_and_deny(void)
     CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "Callout DENIED.");
     send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
     CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "body no");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 /* A script whose on_request_headers (defined on line 1) returns `expr`; the expected
@@ -680,13 +689,13 @@ static void check_bad_return(const char *expr, enum pbconv_phase phase, const ch
 {
     char src[1024], want[1024];
     snprintf(src, sizeof src, "function %s() return %s end\n", pbconv_handler_name(phase), expr);
-    struct script *s = load(src);
+    struct vm *s = load(src);
     snprintf(want, sizeof want, "%s:1: %s %s", last_path, pbconv_handler_name(phase), detail);
-    struct script_stream *st = script_stream_open(s, 8);
+    struct dispatch_stream *st = dispatch_stream_open(s, 8);
     send(st, &(struct req){.phase = phase, .kv = no_headers});
     check_fail(GRPC_STATUS_INTERNAL, want, line);
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 #define BAD(expr, phase, detail) check_bad_return(expr, phase, detail, __LINE__)
 #define BADT(expr, detail) BAD(expr, PBCONV_REQUEST_HEADERS, "returned a bad table: " detail)
@@ -768,7 +777,7 @@ static Resp *nth(size_t i)
 {
     static Resp *held[8];
     CHECK(i < 8);
-    CHECK(reply.outcome == SCRIPT_RESPOND && i < reply.count);
+    CHECK(reply.outcome == DISPATCH_RESPOND && i < reply.count);
     size_t at = 0;
     for (size_t k = 0; k < i; k++)
         at += reply.lens[k];
@@ -805,7 +814,7 @@ static int append_of(const HeaderMutation *hm, const char *name, int *action)
 
 static void test_append_actions(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers()\n"
         "  return { add = { {'a', '1', append_action = 'APPEND_IF_EXISTS_OR_ADD'},\n"
         "                   {'b', '2', append_action = 'ADD_IF_ABSENT'},\n"
@@ -825,7 +834,7 @@ static void test_append_actions(void)
         "  return { immediate = { status = 201, append_action = 'ADD_IF_ABSENT',\n"
         "    headers = { {'i', '1'}, {'j', '2', append_action = 'APPEND_IF_EXISTS_OR_ADD'} } } }\n"
         "end\n");
-    struct script_stream *st = script_stream_open(s, 20);
+    struct dispatch_stream *st = dispatch_stream_open(s, 20);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     HeaderMutation *hm = common(r)->header_mutation;
     CHECK(hm->n_set_headers == 5);
@@ -866,13 +875,13 @@ static void test_append_actions(void)
 
     /* the exact wire bytes of {'a','1',append_action='APPEND_IF_EXISTS_OR_ADD'}: append
      * (field 2) = BoolValue{true}, and append_action 0 is proto3's default, so absent */
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
     s = load("function on_request_trailers() return { add = { {'a', '1', append_action ="
              " 'APPEND_IF_EXISTS_OR_ADD'} } } end\n"
              "function on_response_trailers() return { add = { {'a', '1', append_action ="
              " 'ADD_IF_ABSENT'} } } end\n");
-    st = script_stream_open(s, 21);
+    st = dispatch_stream_open(s, 21);
     static const uint8_t app[] = {0x2a, 0x10, 0x0a, 0x0e, 0x0a, 0x0c, 0x0a, 0x06, 0x0a, 0x01,
                                   'a', 0x1a, 0x01, '1', 0x12, 0x02, 0x08, 0x01};
     send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
@@ -881,13 +890,13 @@ static void test_append_actions(void)
                                    'a', 0x1a, 0x01, '1', 0x18, 0x01};
     send(st, &(struct req){.phase = PBCONV_RESPONSE_TRAILERS, .kv = no_headers});
     CHECK(reply_is(abs_, sizeof abs_));
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_mode_override_and_timeout(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers()\n"
         "  return { mode_override = { request_header_mode = 'SEND', response_header_mode = 'SKIP',\n"
         "    request_body_mode = 'STREAMED', response_body_mode = 'BUFFERED_PARTIAL',\n"
@@ -899,7 +908,7 @@ static void test_mode_override_and_timeout(void)
         "function on_request_body() return { override_message_timeout = 0.001, mode_override = {} } end\n"
         "function on_response_body() return { override_message_timeout = 3600.25, immediate = { status = 500 } } end\n"
         "function on_request_trailers() return { mode_override = { response_body_mode = 'BUFFERED' } } end\n");
-    struct script_stream *st = script_stream_open(s, 22);
+    struct dispatch_stream *st = dispatch_stream_open(s, 22);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     CHECK(r->response_case == RESP(REQUEST_HEADERS));
     CHECK_STR(set_value(common(r)->header_mutation, "k"), "v");
@@ -934,13 +943,13 @@ static void test_mode_override_and_timeout(void)
     r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
     CHECK(r->response_case == RESP(REQUEST_TRAILERS));
     CHECK(r->mode_override->response_body_mode == BODY_MODE(BUFFERED));
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_dynamic_metadata(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers()\n"
         "  return { dynamic_metadata = { ['my.ns'] = { s = 'v', n = 1.5, i = 3, t = true, f = false,\n"
         "    list = { 1, 'two', { x = 'y' } }, none = callout.null, nested = { deep = { k = 'v' } } } } }\n"
@@ -948,7 +957,7 @@ static void test_dynamic_metadata(void)
         "function on_response_headers() return { dynamic_metadata = {}, immediate = { status = 404 } } end\n"
         "function on_request_trailers() return { dynamic_metadata = { a = { b = 'c' } } } end\n"
         "function on_request_body() return { dynamic_metadata = { a = 'x' }, deny = 'no' } end\n");
-    struct script_stream *st = script_stream_open(s, 23);
+    struct dispatch_stream *st = dispatch_stream_open(s, 23);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     CHECK(r->response_case == RESP(REQUEST_HEADERS));
     Google__Protobuf__Struct *dm = r->dynamic_metadata;
@@ -1004,13 +1013,13 @@ static void test_dynamic_metadata(void)
     snprintf(want, sizeof want, "%s:7: on_request_body returned a bad table: 'deny' cannot be "
              "combined with 'dynamic_metadata'", last_path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_immediate_every_phase(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "local function imm(h, ctx)\n"
         "  return { immediate = { status = 599, headers = { {'x-phase', ctx.phase} },\n"
         "    append_action = 'OVERWRITE_IF_EXISTS_OR_ADD', body = 'b:' .. ctx.phase,\n"
@@ -1018,7 +1027,7 @@ static void test_immediate_every_phase(void)
         "end\n"
         "on_request_headers, on_response_headers, on_request_body = imm, imm, imm\n"
         "on_response_body, on_request_trailers, on_response_trailers = imm, imm, imm\n");
-    struct script_stream *st = script_stream_open(s, 24);
+    struct dispatch_stream *st = dispatch_stream_open(s, 24);
     for (int p = 0; p < PBCONV_PHASE_COUNT; p++) {
         Resp *r = send(st, &(struct req){.phase = (enum pbconv_phase)p, .kv = no_headers});
         CHECK(r != NULL && r->response_case == RESP(IMMEDIATE_RESPONSE));
@@ -1038,14 +1047,14 @@ static void test_immediate_every_phase(void)
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .config = true,
                                      .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
     CHECK(reply.count == 1 && r->response_case == RESP(IMMEDIATE_RESPONSE));
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 /* ctx.attributes, ctx.metadata, ctx.protocol_config and ctx.observability_mode. */
 static void test_ctx_inputs(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "local function dump(t)\n"
         "  if type(t) ~= 'table' then return tostring(t) end\n"
         "  local keys = {}\n"
@@ -1061,7 +1070,7 @@ static void test_ctx_inputs(void)
         "end\n"
         "function on_request_headers(h, ctx) ctx.state.n = (ctx.state.n or 0) + 1 return echo(h, ctx) end\n"
         "on_response_headers, on_request_trailers = echo, echo\n");
-    struct script_stream *st = script_stream_open(s, 25);
+    struct dispatch_stream *st = dispatch_stream_open(s, 25);
     /* nothing sent: empty tables, no protocol_config */
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     HeaderMutation *hm = common(r)->header_mutation;
@@ -1098,11 +1107,11 @@ static void test_ctx_inputs(void)
 
     /* observability mode: the handler runs, ctx says so; the next message sees false again */
     CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true}) == NULL);
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers});
     CHECK_STR(set_value(common(r)->header_mutation, "obs"), "false");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 
     s = load("function on_request_headers(h, ctx)\n"
              "  ctx.state.obs = tostring(ctx.observability_mode)\n"
@@ -1112,9 +1121,9 @@ static void test_ctx_inputs(void)
              "  return { add = { {'obs', ctx.state.obs}, {'a', ctx.attributes.ns.k},\n"
              "                   {'m', ctx.metadata.ns.k} } }\n"
              "end\n");
-    st = script_stream_open(s, 26);
+    st = dispatch_stream_open(s, 26);
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true});
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     /* a script that cleared ctx.attributes/metadata gets fresh tables */
     r = send(st, &(struct req){.phase = PBCONV_RESPONSE_HEADERS, .kv = no_headers,
                                .attr = {"ns", "k", "av"}, .meta = {"ns", "k", "mv"}});
@@ -1122,8 +1131,8 @@ static void test_ctx_inputs(void)
     CHECK_STR(set_value(hm, "obs"), "true");
     CHECK_STR(set_value(hm, "a"), "av");
     CHECK_STR(set_value(hm, "m"), "mv");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 /* The body of streamed response i of the last reply, and its end_of_stream. */
@@ -1149,7 +1158,7 @@ static void check_streamed(size_t i, enum pbconv_phase phase, const char *body, 
 
 static void test_full_duplex(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers() end\n"
         "function on_request_body(b, ctx)\n"
         "  local cmd = b.body:match('^(%a+)')\n"
@@ -1175,11 +1184,11 @@ static void test_full_duplex(void)
         "end\n");
     const char *path = last_path;
     char want[512];
-    struct script_stream *st = script_stream_open(s, 27);
+    struct dispatch_stream *st = dispatch_stream_open(s, 27);
     /* the first message carries protocol_config: request bodies are full duplex */
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .config = true,
                            .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
-    CHECK(reply.outcome == SCRIPT_RESPOND && reply.count == 1);
+    CHECK(reply.outcome == DISPATCH_RESPOND && reply.count == 1);
 
 #define CHUNK(text, e) send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = text, \
                                               .body_len = strlen(text), .eos = e})
@@ -1202,9 +1211,9 @@ static void test_full_duplex(void)
     check_streamed(2, PBCONV_REQUEST_BODY, "c", true);
     /* held: nothing now, everything later */
     CHUNK("hold1", false);
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     CHUNK("hold2", false);
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     CHUNK("flush", true);
     CHECK(reply.count == 2);
     check_streamed(0, PBCONV_REQUEST_BODY, "hold1hold2", false);
@@ -1238,7 +1247,7 @@ static void test_full_duplex(void)
     /* observability mode: the handler runs, nothing is sent */
     CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "chunks", .body_len = 6,
                                  .observe = true}) == NULL);
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
 
 #define BADCHUNK(text, e, detail)                                                          \
     do {                                                                                   \
@@ -1261,16 +1270,16 @@ static void test_full_duplex(void)
     BADCHUNK("badchunk", false, "'chunks' entry 2 is a number, expected a string");
     BADCHUNK("mapchunk", false, "'chunks' must be a list of strings");
     BADCHUNK("eostype", false, "'end_of_stream' must be a boolean, got number");
-    script_stream_close(st);
+    dispatch_stream_close(st);
 
     /* response bodies in FULL_DUPLEX_STREAMED, request bodies STREAMED: only the response
      * direction answers with streamed responses; chunks is an error elsewhere */
-    script_close(s);
+    vm_close(s);
     s = load("function on_request_body(b) if b.body == 'c' then return { chunks = {'x'} } end\n"
              "  return { body = b.body:upper() } end\n"
              "function on_response_body(b) return { chunks = { b.body, b.body } } end\n");
     path = last_path;
-    st = script_stream_open(s, 28);
+    st = dispatch_stream_open(s, 28);
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .config = true,
                            .req_mode = BODY_MODE(STREAMED),
                            .resp_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
@@ -1286,12 +1295,12 @@ static void test_full_duplex(void)
     CHECK(reply.count == 2);
     check_streamed(0, PBCONV_RESPONSE_BODY, "rb", false);
     check_streamed(1, PBCONV_RESPONSE_BODY, "rb", true);
-    script_stream_close(st);
+    dispatch_stream_close(st);
 
     /* no handler at all: forwarded unchanged; no protocol_config: a plain body phase */
-    script_close(s);
+    vm_close(s);
     s = load("-- no body handler\nfunction on_request_headers() end\n");
-    st = script_stream_open(s, 29);
+    st = dispatch_stream_open(s, 29);
     send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "x", .body_len = 1});
     static const uint8_t rsb[] = {0x22, 0x00};
     CHECK(reply_is(rsb, 2));
@@ -1299,8 +1308,8 @@ static void test_full_duplex(void)
                            .resp_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
     CHECK(reply.count == 1);
     check_streamed(0, PBCONV_RESPONSE_BODY, "x", false);
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 #undef CHUNK
 #undef BADCHUNK
 }
@@ -1396,20 +1405,20 @@ static void test_require_from_script_dir(void)
     CHECK(f != NULL);
     CHECK(fputs("return { tag = 'from-dir' }\n", f) >= 0);
     CHECK(fclose(f) == 0);
-    struct script *s = load("local m = require 'pbconv_helper_mod'\n"
+    struct vm *s = load("local m = require 'pbconv_helper_mod'\n"
                             "function on_request_headers() return { add = { {'t', m.tag} } } end\n");
-    struct script_stream *st = script_stream_open(s, 34);
+    struct dispatch_stream *st = dispatch_stream_open(s, 34);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     CHECK_STR(set_value(common(r)->header_mutation, "t"), "from-dir");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
     unlink(mod);
 }
 
 /* callout.deny_callout: PERMISSION_DENIED with the message; a plain error stays INTERNAL. */
 static void test_deny_callout(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers(h, ctx)\n"
         "  if h:has('msg') then callout.deny_callout('go away') end\n"
         "  if h:has('nested') then local ok = pcall(callout.deny_callout, 'caught'); error('after') end\n"
@@ -1418,7 +1427,7 @@ static void test_deny_callout(void)
         "function on_request_body() require('callout').deny_callout('from body') end\n");
     const char *path = last_path;
     char want[512];
-    struct script_stream *st = script_stream_open(s, 30);
+    struct dispatch_stream *st = dispatch_stream_open(s, 30);
     static const char *const msg[] = {"msg", "1"}, *const nested[] = {"nested", "1"};
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = msg, .n = 1});
     CHECK_FAIL(GRPC_STATUS_PERMISSION_DENIED, "go away");
@@ -1432,15 +1441,15 @@ static void test_deny_callout(void)
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
     /* observability mode: nothing sent */
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = msg, .n = 1, .observe = true});
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
-    script_stream_close(st);
-    script_close(s);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 /* process(request, ctx): the whole ProcessingRequest in, a whole ProcessingResponse out. */
 static void test_process(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function process(req, ctx)\n"
         "  ctx.state.n = (ctx.state.n or 0) + 1\n"
         "  if req.request_headers then\n"
@@ -1464,7 +1473,7 @@ static void test_process(void)
         "function on_request_headers() error('not called when process exists') end\n");
     const char *path = last_path;
     char want[512];
-    struct script_stream *st = script_stream_open(s, 31);
+    struct dispatch_stream *st = dispatch_stream_open(s, 31);
     static const char *const plain[] = {"go", "1"};
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = plain, .n = 1});
     CHECK(r != NULL && r->response_case == RESP(REQUEST_HEADERS));
@@ -1492,7 +1501,7 @@ static void test_process(void)
 
     static const char *const badfield[] = {"badfield", "1"};
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = badfield, .n = 1});
-    CHECK(reply.outcome == SCRIPT_FAIL && reply.status == GRPC_STATUS_INTERNAL);
+    CHECK(reply.outcome == DISPATCH_FAIL && reply.status == GRPC_STATUS_INTERNAL);
     snprintf(want, sizeof want, "%s:1: process returned a bad response: response.request_headers."
              "response.header_mutation.set_headers[1].header", path);
     CHECK(strncmp(reply.message, want, strlen(want)) == 0);
@@ -1511,8 +1520,8 @@ static void test_process(void)
              "'response' oneof is set (a request_headers message needs response.request_headers "
              "or response.immediate_response)", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 
     /* the request as a table: attributes, protocol_config, observability_mode, bytes */
     s = load("function process(req, ctx)\n"
@@ -1525,9 +1534,9 @@ static void test_process(void)
              "    { header = { key = 'obs', raw_value = tostring(ctx.state.obs) } },\n"
              "    { header = { key = 'v', raw_value = req.request_trailers.trailers.headers[1].raw_value } } } } } }\n"
              "end\n");
-    st = script_stream_open(s, 32);
+    st = dispatch_stream_open(s, 32);
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true});
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     static const char *const tv[] = {"t", "bin\xff"};
     r = send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = tv, .n = 1,
                                .attr = {"ns", "k", "attr"}, .config = true,
@@ -1538,24 +1547,24 @@ static void test_process(void)
     CHECK_STR(set_value(hm, "pc"), "BUFFERED_PARTIAL");
     CHECK_STR(set_value(hm, "obs"), "true");
     CHECK_STR(set_value(hm, "v"), "bin\xff");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 
     /* process() in FULL_DUPLEX_STREAMED: nil forwards the chunk, as with on_* handlers */
     s = load("function process(req) end\n");
-    st = script_stream_open(s, 33);
+    st = dispatch_stream_open(s, 33);
     send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "fd", .body_len = 2, .eos = true,
                            .config = true, .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
     CHECK(reply.count == 1);
     check_streamed(0, PBCONV_REQUEST_BODY, "fd", true);
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_lua_errors(void)
 {
     char want[512];
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers(h)\n"
         "  if h:has('table') then error({}) end\n"
         "  if h:has('tostring') then error(setmetatable({}, {__tostring = function() return 'custom' end})) end\n"
@@ -1565,7 +1574,7 @@ static void test_lua_errors(void)
         "end\n"
         "function on_request_body() return { ad = 1 } end\n");
     const char *path = last_path;
-    struct script_stream *st = script_stream_open(s, 9);
+    struct dispatch_stream *st = dispatch_stream_open(s, 9);
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     snprintf(want, sizeof want, "%s:6: boom", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
@@ -1598,14 +1607,14 @@ static void test_lua_errors(void)
     static const uint8_t rqt[] = {0x2a, 0x00};
     send(st, &(struct req){.phase = PBCONV_REQUEST_TRAILERS, .kv = no_headers});
     CHECK(reply_is(rqt, 2));
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_malformed(void)
 {
-    struct script *s = load("function on_request_headers() error('must not run') end\n");
-    struct script_stream *st = script_stream_open(s, 10);
+    struct vm *s = load("function on_request_headers() error('must not run') end\n");
+    struct dispatch_stream *st = dispatch_stream_open(s, 10);
     static const uint8_t truncated[] = {0x12, 0x05, 0x0a};  /* length 5, 1 byte follows */
     CHECK(send_bytes(st, truncated, sizeof truncated) == NULL);
     CHECK_FAIL(GRPC_STATUS_INVALID_ARGUMENT, "malformed ProcessingRequest");
@@ -1616,14 +1625,14 @@ static void test_malformed(void)
     CHECK_FAIL(GRPC_STATUS_INVALID_ARGUMENT, "ProcessingRequest carries no headers, body or trailers");
     static const uint8_t only_obs[] = {0x50, 0x01};  /* observability_mode = true, no phase */
     send_bytes(st, only_obs, sizeof only_obs);
-    CHECK(reply.outcome == SCRIPT_FAIL && reply.status == GRPC_STATUS_INVALID_ARGUMENT);
-    script_stream_close(st);
-    script_close(s);
+    CHECK(reply.outcome == DISPATCH_FAIL && reply.status == GRPC_STATUS_INVALID_ARGUMENT);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_observability_and_extras(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers(h, ctx)\n"
         "  ctx.state.seen = (ctx.state.seen or 0) + 1\n"
         "  if h:has('fail') then error('logged only') end\n"
@@ -1631,43 +1640,43 @@ static void test_observability_and_extras(void)
         "  if h:has('deny') then return { deny = 'x' } end\n"
         "  return { add = { {'seen', ctx.state.seen} } }\n"
         "end\n");
-    struct script_stream *st = script_stream_open(s, 11);
+    struct dispatch_stream *st = dispatch_stream_open(s, 11);
     CHECK(send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .observe = true}) == NULL);
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     static const char *const kf[] = {"fail", "1"}, *const kb[] = {"bad", "1"}, *const kd[] = {"deny", "1"};
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kf, .n = 1, .observe = true});
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kb, .n = 1, .observe = true});
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = kd, .n = 1, .observe = true});
-    CHECK(reply.outcome == SCRIPT_NO_RESPONSE);
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
     /* the handler did run each time; metadata, attributes and protocol_config are accepted */
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .extras = true});
     CHECK(r != NULL);
     CHECK_STR(set_value(common(r)->header_mutation, "seen"), "5");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 static void test_open_errors(void)
 {
     char err[512], want[600];
     const char *p = write_script("local x = = 1\n");
-    CHECK(script_open(p, err, sizeof err) == NULL);
+    CHECK(open_vm(p, err, sizeof err) == NULL);
     snprintf(want, sizeof want, "%s:1:", p);
     CHECK(strncmp(err, want, strlen(want)) == 0);
 
     p = write_script("local a = 1\nerror('top level')\n");
-    CHECK(script_open(p, err, sizeof err) == NULL);
+    CHECK(open_vm(p, err, sizeof err) == NULL);
     snprintf(want, sizeof want, "%s:2: top level", p);
     CHECK_STR(err, want);
 
     /* bytecode is refused: text mode only */
     p = write_script("\x1bLua");
-    CHECK(script_open(p, err, sizeof err) == NULL);
+    CHECK(open_vm(p, err, sizeof err) == NULL);
     CHECK(strstr(err, "binary") != NULL);
 
-    CHECK(script_open("/nonexistent/x.lua", err, sizeof err) == NULL);
+    CHECK(open_vm("/nonexistent/x.lua", err, sizeof err) == NULL);
     CHECK(strstr(err, "/nonexistent/x.lua") != NULL);
 }
 

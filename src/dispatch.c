@@ -1,0 +1,479 @@
+/* dispatch.c — one message through the script; see dispatch.h.
+ *
+ * dispatch_handle runs its whole Lua part (building the inputs, the handler, the
+ * conversion of its result) inside one vm_call, so no Lua API call that can raise runs
+ * unprotected and all of it counts against the time budget. Before any of that, the bytes
+ * are decoded by pbwire (the common messages) or, after a bounded nesting scan, by
+ * protobuf-c, and checked against the limits on what one message and one stream may carry. */
+#include "dispatch.h"
+
+#include <assert.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/status.h>
+#include <lauxlib.h>
+#include <lua.h>
+
+#include "arena.h"
+#include "log.h"
+#include "pbconv.h"
+#include "pbreflect.h"
+#include "pbwire.h"
+#include "vm.h"
+#include "wirecheck.h"
+
+/* A packed-answer buffer grown past this for one large answer is given back afterwards. */
+#define OUT_KEEP_BYTES ((size_t)64 << 10)
+
+#ifndef log_warn_limited
+#define log_warn_limited log_warn
+#endif
+
+struct dispatch_stream {
+    struct vm *vm;
+    uint64_t id;
+    int ctx_ref;           /* the ctx table, in the registry */
+    size_t ctx_bytes;      /* attributes + metadata received so far (wire bytes) */
+    bool have_config;      /* a protocol_config arrived: the body modes below are known */
+    bool full_duplex[2];   /* request, response body in FULL_DUPLEX_STREAMED mode */
+    bool observing;        /* the value of ctx.observability_mode */
+};
+
+/* Registry key (by address) of the metatable shared by every ctx of a VM. */
+static const char ctx_mt_key = 0;
+
+/* ctx.state, ctx.attributes and ctx.metadata are made the first time a script (or
+ * pbconv_update_ctx) asks for them: most streams never touch some of them, and a stream's
+ * first message then costs one table instead of four. */
+static int ctx_index(lua_State *L)
+{
+    size_t len;
+    const char *key = lua_tolstring(L, 2, &len);
+    if (key == NULL || !((len == 5 && memcmp(key, "state", 5) == 0) ||
+                         (len == 10 && memcmp(key, "attributes", 10) == 0) ||
+                         (len == 8 && memcmp(key, "metadata", 8) == 0))) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_newtable(L);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, 1);
+    return 1;
+}
+
+
+/* Creates the stream's ctx on its first message (and the VM's ctx metatable on its first
+ * stream). Runs under the message's vm_call. stack: ... -> ... (ref in st->ctx_ref) */
+static void new_ctx(lua_State *L, struct dispatch_stream *st)
+{
+    lua_createtable(L, 0, 8);
+    lua_pushinteger(L, (lua_Integer)st->id);
+    lua_setfield(L, -2, "stream_id");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "observability_mode");
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &ctx_mt_key) == LUA_TNIL) {
+        lua_pop(L, 1);
+        lua_createtable(L, 0, 2);
+        lua_pushcfunction(L, ctx_index);
+        lua_setfield(L, -2, "__index");
+        lua_pushliteral(L, "luacallout.ctx");
+        lua_setfield(L, -2, "__name");
+        lua_pushvalue(L, -1);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &ctx_mt_key);
+    }
+    lua_setmetatable(L, -2);
+    st->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
+{
+    struct dispatch_stream *st = malloc(sizeof *st);
+    if (st == NULL)
+        return NULL;
+    st->vm = vm;
+    st->id = id;
+    st->ctx_bytes = 0;
+    st->ctx_ref = LUA_NOREF;
+    st->have_config = false;
+    st->full_duplex[0] = st->full_duplex[1] = false;
+    st->observing = false;
+    return st;
+}
+
+void dispatch_stream_close(struct dispatch_stream *st)
+{
+    if (st == NULL)
+        return;
+    luaL_unref(st->vm->L, LUA_REGISTRYINDEX, st->ctx_ref);
+    free(st);
+}
+
+/* What run_handler needs and what it found out. */
+struct call {
+    struct dispatch_stream *st;
+    const pbconv_request *req;
+    enum pbconv_phase phase;
+    const char *handler;       /* the global that ran, for log lines */
+    pbconv_response *resps;    /* the messages to send (arena) */
+    size_t n;
+    struct pbconv_result res;
+    enum pbconv_status status;
+    char err[1152];  /* PBCONV_BAD: "file:line: on_x returned a bad table: ..." */
+};
+
+/* Whether a process() response answers a message of `phase`: its own type, or an
+ * immediate response (Envoy accepts one in every phase). */
+static int check_raw_response(const pbconv_response *resp, enum pbconv_phase phase,
+                              char *err, size_t errlen)
+{
+    static const int own[PBCONV_PHASE_COUNT] = {
+        [PBCONV_REQUEST_HEADERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_HEADERS,
+        [PBCONV_RESPONSE_HEADERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_HEADERS,
+        [PBCONV_REQUEST_BODY] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_BODY,
+        [PBCONV_RESPONSE_BODY] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_BODY,
+        [PBCONV_REQUEST_TRAILERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_TRAILERS,
+        [PBCONV_RESPONSE_TRAILERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_TRAILERS,
+    };
+    int set = (int)resp->response_case;
+    if (set == own[phase] ||
+        set == ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE)
+        return 0;
+    const char *name = pbconv_phase_name(phase);
+    if (set == ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE__NOT_SET) {
+        snprintf(err, errlen, "response: none of the 'response' oneof is set (a %s message "
+                 "needs response.%s or response.immediate_response)", name, name);
+        return -1;
+    }
+    const ProtobufCFieldDescriptor *f = protobuf_c_message_descriptor_get_field(
+        &envoy__service__ext_proc__v3__processing_response__descriptor, (unsigned)set);
+    snprintf(err, errlen, "response.%s does not answer a %s message (expected response.%s "
+             "or response.immediate_response)", f != NULL ? f->name : "?", name, name);
+    return -1;
+}
+
+/* The protected part of dispatch_handle: updates ctx, calls process() or the phase's
+ * handler, and converts its result into c->resps. The result is returned so it stays on
+ * the stack, anchoring the strings c->resps point to, until the responses are packed.
+ * stack before: lightuserdata(call)   after: result (nil when there is no handler) */
+static int run_handler(lua_State *L)
+{
+    struct call *c = lua_touserdata(L, 1);
+    struct dispatch_stream *st = c->st;
+    struct arena *a = &st->vm->arena;
+    const pbconv_request *req = c->req;
+    lua_settop(L, 0);
+
+    if (st->ctx_ref == LUA_NOREF)
+        new_ctx(L, st);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, st->ctx_ref);  /* 1: ctx */
+    pbconv_update_ctx(L, 1, req);
+    struct vm *s = st->vm;
+    lua_pushliteral(L, "phase");
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->phase_key[c->phase]);
+    lua_rawset(L, 1);
+    if ((bool)req->observability_mode != st->observing) {
+        st->observing = req->observability_mode;
+        lua_pushliteral(L, "observability_mode");
+        lua_pushboolean(L, st->observing);
+        lua_rawset(L, 1);
+    }
+
+    struct pbconv_in in = {.phase = c->phase};
+    if (c->phase == PBCONV_REQUEST_BODY || c->phase == PBCONV_RESPONSE_BODY) {
+        const Envoy__Service__ExtProc__V3__HttpBody *b =
+            c->phase == PBCONV_REQUEST_BODY ? req->request_body : req->response_body;
+        in.full_duplex = st->full_duplex[c->phase == PBCONV_RESPONSE_BODY];
+        if (b != NULL) {
+            in.chunk = b->body.data;
+            in.chunk_len = b->body.len;
+            in.end_of_stream = b->end_of_stream;
+        }
+    }
+
+    /* raw lookups: a "strict" metatable on _G must not turn a missing handler into an error */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);  /* 2: _G */
+    bool raw = true;
+    c->handler = "process";
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->process_key);
+    if (lua_rawget(L, 2) != LUA_TFUNCTION) {
+        lua_pop(L, 1);
+        raw = false;
+        c->handler = pbconv_handler_name(c->phase);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_key[c->phase]);
+        if (lua_rawget(L, 2) != LUA_TFUNCTION) {
+            lua_settop(L, 0);
+            lua_pushnil(L);
+            c->status = pbconv_to_responses(L, 1, &in, a, &c->resps, &c->n, &c->res, c->err,
+                                            sizeof c->err);
+            return 1;
+        }
+    }
+    lua_replace(L, 2);    /* ctx handler: the handler stays to name itself in errors */
+    lua_pushvalue(L, 2);
+    if (raw)
+        pbreflect_push(L, &req->base);
+    else
+        pbconv_push_input(L, req, c->phase);
+    lua_pushvalue(L, 1);
+    lua_call(L, 2, 1);    /* ctx handler result */
+
+    char detail[1024];
+    if (raw && !lua_isnil(L, 3)) {
+        ProtobufCMessage *m = NULL;
+        char sub[960];
+        if (pbreflect_from_lua(L, 3, &envoy__service__ext_proc__v3__processing_response__descriptor,
+                               "response", a, &m, sub, sizeof sub) != 0 ||
+            check_raw_response((pbconv_response *)m, c->phase, sub, sizeof sub) != 0) {
+            c->status = PBCONV_BAD;
+            snprintf(detail, sizeof detail, "process returned a bad response: %s", sub);
+        } else {
+            c->status = PBCONV_OK;
+            c->resps = (pbconv_response *)m;
+            c->n = 1;
+        }
+    } else {
+        c->status = pbconv_to_responses(L, 3, &in, a, &c->resps, &c->n, &c->res, detail,
+                                        sizeof detail);
+    }
+    if (c->status == PBCONV_BAD) {
+        lua_Debug ar;
+        lua_pushvalue(L, 2);
+        lua_getinfo(L, ">S", &ar);
+        snprintf(c->err, sizeof c->err, "%s:%d: %s", ar.short_src, ar.linedefined, detail);
+    }
+    lua_replace(L, 1);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static void fail(struct vm *s, struct dispatch_reply *reply, int status, const char *msg,
+                 size_t len)
+{
+    if (len > VM_MESSAGE_MAX - 1)
+        len = VM_MESSAGE_MAX - 1;
+    memcpy(s->message, msg, len);
+    s->message[len] = '\0';
+    reply->outcome = DISPATCH_FAIL;
+    reply->status = status;
+    reply->message = s->message;
+}
+
+/* Packs the n responses back to back into s->out, the last one first (pbwire writes
+ * backwards), growing the buffer and starting again when they do not fit. */
+static int pack(struct vm *s, const pbconv_response *resps, size_t n,
+                struct dispatch_reply *reply)
+{
+    if (n > s->lens_cap) {
+        size_t cap = s->lens_cap * 2 > n ? s->lens_cap * 2 : n < 4 ? 4 : n;
+        size_t *p = realloc(s->lens, cap * sizeof *p);
+        if (p == NULL)
+            return -1;
+        s->lens = p;
+        s->lens_cap = cap;
+    }
+    if (s->out == NULL && (s->out = malloc(256)) != NULL)
+        s->out_cap = 256;
+    if (s->out == NULL)
+        return -1;
+    for (;;) {
+        uint8_t *end = s->out + s->out_cap, *at = end;
+        size_t i = n;
+        while (i > 0) {
+            uint8_t *first = pbwire_pack_backward(&resps[i - 1].base, s->out, at);
+            if (!first)
+                break;
+            s->lens[--i] = (size_t)(at - first);
+            at = first;
+        }
+        if (i == 0) {
+            reply->outcome = DISPATCH_RESPOND;
+            reply->data = at;
+            reply->len = (size_t)(end - at);
+            reply->count = n;
+            reply->lens = s->lens;
+            return 0;
+        }
+        size_t cap = s->out_cap * 2;
+        if (cap < s->out_cap)
+            return -1;
+        uint8_t *p = realloc(s->out, cap);
+        if (p == NULL)
+            return -1;
+        s->out = p;
+        s->out_cap = cap;
+    }
+}
+
+/* The number of headers or trailers a request carries (0 for a body). */
+static size_t header_count(const pbconv_request *req)
+{
+    const Envoy__Config__Core__V3__HeaderMap *m = NULL;
+    switch (req->request_case) {
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_REQUEST_HEADERS:
+        m = req->request_headers->headers;
+        break;
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_RESPONSE_HEADERS:
+        m = req->response_headers->headers;
+        break;
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_REQUEST_TRAILERS:
+        m = req->request_trailers->trailers;
+        break;
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_RESPONSE_TRAILERS:
+        m = req->response_trailers->trailers;
+        break;
+    default:
+        break;
+    }
+    return m ? m->n_headers : 0;
+}
+
+/* Decodes msg within the limits. NULL after fail() when it cannot or must not be. */
+static pbconv_request *decode(struct dispatch_stream *st, const uint8_t *msg, size_t len,
+                              struct dispatch_reply *reply)
+{
+    struct vm *s = st->vm;
+    const struct vm_limits *lim = vm_get_limits();
+    char m[VM_MESSAGE_MAX];
+    /* the common messages (a phase, end_of_stream) need no recursion and no scan */
+    pbconv_request *req = pbwire_unpack_request(msg, len, &s->arena);
+    if (req == NULL) {   /* attributes, metadata, protocol_config ... or malformed */
+        static const uint32_t ctx_fields[] = {8, 9, 0};  /* metadata_context, attributes */
+        struct wirecheck_result scan;
+        char where[600];
+        if (wirecheck_depth(msg, len, &envoy__service__ext_proc__v3__processing_request__descriptor,
+                            ctx_fields, &scan, where, sizeof where) != 0) {
+            snprintf(m, sizeof m, "ProcessingRequest.%s", where);
+            log_warn_limited("stream %" PRIu64 ": refused: %s", st->id, m);
+            fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, m, strlen(m));
+            return NULL;
+        }
+        if (lim->max_ctx_bytes && scan.ctx_bytes > lim->max_ctx_bytes - st->ctx_bytes) {
+            snprintf(m, sizeof m, "attributes and metadata_context of this stream exceed "
+                     "%zu KiB (--max_ctx_kb)", lim->max_ctx_bytes >> 10);
+            log_warn_limited("stream %" PRIu64 ": refused: %s", st->id, m);
+            fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, m, strlen(m));
+            return NULL;
+        }
+        st->ctx_bytes += scan.ctx_bytes;
+        ProtobufCAllocator alloc = arena_pb_allocator(&s->arena);
+        req = envoy__service__ext_proc__v3__processing_request__unpack(&alloc, len, msg);
+        if (req == NULL) {
+            log_warn_limited("stream %" PRIu64 ": malformed ProcessingRequest (%zu bytes)",
+                             st->id, len);
+            static const char mal[] = "malformed ProcessingRequest";
+            fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, mal, sizeof mal - 1);
+            return NULL;
+        }
+    }
+    size_t nh = header_count(req);
+    if (lim->max_headers && nh > lim->max_headers) {
+        snprintf(m, sizeof m, "the message carries %zu headers, more than %zu (--max_headers)",
+                 nh, lim->max_headers);
+        log_warn_limited("stream %" PRIu64 ": refused: %s", st->id, m);
+        fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, m, strlen(m));
+        return NULL;
+    }
+    return req;
+}
+
+void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
+                     struct dispatch_reply *reply)
+{
+    struct vm *s = st->vm;
+    lua_State *L = s->L;
+    int top = lua_gettop(L);
+    memset(reply, 0, sizeof *reply);
+    if (s->out_cap > OUT_KEEP_BYTES) {   /* the last answer was large: give it back */
+        free(s->out);
+        s->out = NULL;
+        s->out_cap = 0;
+    }
+
+    enum pbconv_phase phase;
+    pbconv_request *req = decode(st, msg, len, reply);
+    if (req == NULL)
+        goto done;
+    if (pbconv_phase_of(req, &phase) != 0) {
+        log_warn_limited("stream %" PRIu64 ": ProcessingRequest with no phase set", st->id);
+        static const char m[] = "ProcessingRequest carries no headers, body or trailers";
+        fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, m, sizeof m - 1);
+        goto done;
+    }
+    /* Envoy sends protocol_config with the first message; the body modes never change on
+     * a stream (mode_override cannot switch into or out of FULL_DUPLEX_STREAMED) */
+    if (req->protocol_config != NULL && !st->have_config) {
+        st->have_config = true;
+        st->full_duplex[0] = pbconv_full_duplex(req->protocol_config, PBCONV_REQUEST_BODY);
+        st->full_duplex[1] = pbconv_full_duplex(req->protocol_config, PBCONV_RESPONSE_BODY);
+    }
+
+    struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
+    lua_pushcfunction(L, run_handler);
+    lua_pushlightuserdata(L, &c);
+    int status = vm_call(s, 1, 1, st->id, s->where[phase]);
+    bool observe = req->observability_mode;
+    if (status != LUA_OK && (s->timed_out || s->mem_exceeded)) {
+        /* A budget stopped the handler: say which, and where (the hook's error carries the
+         * script line it stopped at; a memory error has none, so name the handler's). */
+        char m[VM_MESSAGE_MAX];
+        size_t mlen;
+        const char *e = vm_error(s, &mlen);
+        int code = s->timed_out ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_RESOURCE_EXHAUSTED;
+        if (s->timed_out)
+            snprintf(m, sizeof m, "%.*s", (int)mlen, e);
+        else
+            snprintf(m, sizeof m, "%s exceeded the script memory limit (%zu MB)",
+                     c.handler == pbconv_handler_name(phase) ? s->where[phase]
+                                                             : s->where[PBCONV_PHASE_COUNT],
+                     vm_get_limits()->memory_bytes >> 20);
+        log_error("stream %" PRIu64 ": %s stopped: %s", st->id, c.handler,
+                  s->timed_out ? e : m);
+        if (!observe)
+            fail(s, reply, code, m, strlen(m));
+    } else if (status != LUA_OK) {
+        size_t mlen;
+        const char *e = vm_error(s, &mlen);
+        if (s->denied) {
+            log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
+                     (int)mlen, e);
+            if (!observe)
+                fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, e, mlen);
+        } else {
+            log_error("stream %" PRIu64 ": %s failed: %s", st->id, c.handler, e);
+            if (!observe)
+                fail(s, reply, GRPC_STATUS_INTERNAL, e, mlen);
+        }
+    } else if (c.status == PBCONV_BAD) {
+        log_error("stream %" PRIu64 ": %s", st->id, c.err);
+        if (!observe)
+            fail(s, reply, GRPC_STATUS_INTERNAL, c.err, strlen(c.err));
+    } else if (c.status == PBCONV_NOMEM) {
+        log_error("stream %" PRIu64 ": out of memory building the response", st->id);
+        if (!observe)
+            fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
+    } else if (observe) {
+        /* Envoy does not wait for an answer in observability mode */
+    } else if (c.status == PBCONV_DENY) {
+        log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
+                 (int)c.res.deny_len, c.res.deny_message);
+        fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, c.res.deny_message, c.res.deny_len);
+    } else if (c.n == 0) {
+        reply->outcome = DISPATCH_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */
+    } else if (pack(s, c.resps, c.n, reply) != 0) {
+        log_error("stream %" PRIu64 ": out of memory packing the response", st->id);
+        fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
+    }
+    if (observe)
+        reply->outcome = DISPATCH_NO_RESPONSE;
+    lua_pop(L, 1);  /* the handler's result, or the error */
+
+done:
+    assert(lua_gettop(L) == top);
+    (void)top;
+    arena_reset(&s->arena);
+}
