@@ -1,25 +1,33 @@
 /* admin.c — the HTTP(S) health listener: probes, metrics, and 200 on any other path.
  *
  * What it answers, one request per connection, then close (Connection: close):
- *   GET|HEAD /live       200 "ok\n"; 503 when probes->live() says false
- *   GET|HEAD /ready      200, empty body; 503 when probes->ready() says false
+ *   GET|HEAD /live       200 "ok\n"; 503 "not live\n" while probes->live() returns false
+ *   GET|HEAD /ready      200, empty body; 503 "not ready\n" while probes->ready() is false
  *   GET|HEAD /metrics    200, Prometheus text from metrics_render
  *   GET|HEAD other paths 200, empty body (as the Python callout SDK does)
  *   other methods 405; a malformed request line 400; request line + headers over 8 KiB 431.
- * A query string does not change the path ("/live?x=1" is /live). HEAD gets the headers
- * of the GET answer without its body. A request body is never read.
+ * A missing callback counts as true. A query string does not change the path ("/live?x=1"
+ * is /live). HEAD gets the headers of the GET answer without its body. The answer is sent
+ * as soon as the blank line after the headers arrives; a request body is never parsed.
  *
  * How: one thread and one epoll set holding the listening socket, an eventfd that
  * admin_stop signals, and every accepted connection. Every socket is non-blocking, TLS
  * included (tls.c answers want-read/want-write instead of waiting), so no client can hold
  * the thread. Each connection has one deadline, CONN_DEADLINE_MS after accept, that covers
- * the TLS handshake, reading the request and writing the answer; past it the connection is
- * closed (with a best-effort 408 if the client had started a request). At most max_conns
- * connections are open (MAX_CONNS, or a quarter of RLIMIT_NOFILE when that is lower, so
- * the gRPC ports keep file descriptors); one more closes the oldest, so a probe arriving
- * during a flood of idle or slow clients is accepted and answered. After the answer the
- * write side is shut down and what the client still sends is read and dropped for up to
- * LINGER_MS, so close() does not turn unread bytes into a reset that destroys the answer. */
+ * the TLS handshake, reading the request and writing the answer. Past it the connection is
+ * closed; one that had started a request first gets a best-effort 408 (a single
+ * non-blocking write) and LINGER_MS more to read it.
+ *
+ * At most max_conns connections are open: MAX_CONNS, or a quarter of RLIMIT_NOFILE when
+ * that is lower, so a flood here leaves descriptors to the gRPC ports. Accepting one more,
+ * or an accept that fails for lack of descriptors, closes the oldest connection, so a probe
+ * arriving during a flood of idle or slow clients is accepted and answered; with nothing to
+ * close, accepting pauses for EMFILE_BACKOFF_MS instead of spinning.
+ *
+ * After the answer (and after a TLS close_notify) the write side is shut down and what the
+ * client still sends is read and dropped until EOF, for at most LINGER_MS and never past
+ * the deadline, so close() does not turn unread bytes into a reset that destroys the
+ * answer. */
 #include "admin.h"
 
 #include <arpa/inet.h>
@@ -49,6 +57,7 @@
 #define LINGER_MS 200           /* dropping what the client sends after our answer */
 #define MAX_CONNS 1024          /* open connections; one more closes the oldest */
 #define BACKLOG 1024            /* a full backlog drops SYNs: a probe would wait 1 s */
+#define DRAIN_READS_PER_WAKE 16 /* reads of 4 KiB while draining, then other clients' turn */
 #define ACCEPTS_PER_WAKE 64     /* then serve the open connections before accepting more */
 #define EMFILE_BACKOFF_MS 100   /* no descriptor and nothing to close: stop accepting a bit */
 #define METRICS_MAX (1 << 20)   /* the metrics text may grow up to this */
@@ -340,6 +349,7 @@ static int make_answer(struct admin *a, struct conn *c, bool complete)
  * closes it). Called when its socket is ready, and once at accept for TLS. */
 static void conn_step(struct admin *a, struct conn *c)
 {
+    int drained = 0;
     for (;;) {
         switch (c->state) {
         case CONN_HANDSHAKE: {
@@ -402,11 +412,17 @@ static void conn_step(struct admin *a, struct conn *c)
             continue;
         }
         case CONN_DRAINING: {
-            /* Raw bytes: after our close_notify nothing the client sends matters. */
+            /* Raw bytes: after our close_notify nothing the client sends matters. A few
+             * reads per wake-up, so a client that keeps sending cannot hold the thread;
+             * epoll (level-triggered) brings us back, the deadline ends it. */
             char sink[4096];
             ssize_t n = recv(c->fd, sink, sizeof sink, 0);
-            if (n > 0)
+            if (n > 0 && ++drained < DRAIN_READS_PER_WAKE)
                 continue;
+            if (n > 0) {
+                conn_watch(a, c, TLS_WANT_READ);
+                return;
+            }
             if (n < 0 && errno == EINTR)
                 continue;
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -421,15 +437,22 @@ static void conn_step(struct admin *a, struct conn *c)
 }
 
 /* At the deadline: a client that started a request gets a best-effort 408 (one try, no
- * waiting), then the connection is closed whatever its state. */
+ * waiting) and LINGER_MS to read it; any other connection is closed. */
 static void conn_expire(struct admin *a, struct conn *c)
 {
     static const char timeout[] = "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n"
                                   "Connection: close\r\n\r\n";
-    if (c->state == CONN_READING && c->len > 0)
-        (void)conn_send(c, timeout, sizeof timeout - 1);
     log_debug("health check: %s: deadline passed, closing", c->peer);
-    conn_close(a, c);
+    if (c->state != CONN_READING || c->len == 0 ||
+        conn_send(c, timeout, sizeof timeout - 1) <= 0) {
+        conn_close(a, c);
+        return;
+    }
+    tls_conn_close_notify(c->tls);
+    shutdown(c->fd, SHUT_WR);
+    c->state = CONN_DRAINING;
+    c->deadline = now_ms() + LINGER_MS;
+    conn_watch(a, c, TLS_WANT_READ);
 }
 
 /* Closes connections past their deadline; returns how long epoll may sleep (ms, -1 for
