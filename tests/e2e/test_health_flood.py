@@ -1,8 +1,8 @@
 """The health listener under attack: idle, slow and never-handshaking clients by the
 hundred must not delay a probe, and must leave no trace once they are gone.
 
-Kubelet's default probe timeout is 1 s; a probe here must answer in well under that while
-the flood is on. The server closes a connection that has not been answered 5 s after it was
+Kubelet's default probe timeout is 1 s; while the flood is on every probe here must answer
+within it, and the median probe within 100 ms. The server closes a connection that has not been answered 5 s after it was
 accepted (the deadline covers the TLS handshake), so slow clients are let go at the deadline.
 """
 
@@ -26,7 +26,8 @@ REQ = h.headers_req("request_headers", [(":path", "/")])
 GOOD = h.wrap("request_headers", h.add_header_mutation(add=[("x-ok", "1")]))
 
 DEADLINE_S = 5.0       # the server's per-connection deadline (CONN_DEADLINE_MS in admin.c)
-PROBE_MAX_S = 0.5      # "well under" kubelet's 1 s
+PROBE_MAX_S = 1.0      # kubelet's default probe timeout: no probe may reach it
+PROBE_MEDIAN_S = 0.1   # and typically they answer well under it
 SLOW_CLIENTS = 64
 
 
@@ -183,7 +184,10 @@ def client_hello():
 
 
 def report(what, times):
+    """Prints the figures, and requires the typical probe to be well under a second."""
     ms = sorted(t * 1000 for t in times)
+    assert statistics.median(ms) < PROBE_MEDIAN_S * 1000, \
+        f"{what}: median probe {statistics.median(ms):.1f} ms"
     print(f"\n[health flood] {what}: {len(ms)} probes, median {statistics.median(ms):.1f} ms, "
           f"max {ms[-1]:.1f} ms")
 
@@ -276,6 +280,10 @@ def test_full_table_closes_the_oldest(module_servers):
         srv = module_servers.start(SCRIPT)     # inherits the limit
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # The port accepts as soon as it is bound; the line saying so may come a moment later.
+    end = time.monotonic() + 3
+    while "health check listening" not in srv.log() and time.monotonic() < end:
+        time.sleep(0.02)
     assert "up to 64 connections" in srv.log(), srv.log()
     baseline = fd_count(srv)
     host, port = srv.hostport("health")
