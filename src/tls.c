@@ -368,7 +368,7 @@ struct tls_server {
 
 struct tls_conn {
     SSL *ssl;
-    int broken; /* a fatal error happened: no close_notify on free */
+    int broken; /* a fatal error happened: send no close_notify */
 };
 
 struct tls_server *tls_server_new(const struct tls_identity *id, char *err, size_t errlen)
