@@ -155,7 +155,7 @@ int main(int argc, char **argv)
     }
     struct admin *admin = NULL;
     if (!cfg.combined_health_check) {
-        admin = admin_start(cfg.health_address, cfg.secure_health_check ? &id : NULL, err,
+        admin = admin_start(cfg.health_address, cfg.secure_health_check ? &id : NULL, NULL, err,
                             sizeof err);
         if (!admin) {
             fprintf(stderr, "luacallout: %s\n", err);

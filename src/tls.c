@@ -368,7 +368,7 @@ struct tls_server {
 
 struct tls_conn {
     SSL *ssl;
-    int broken; /* a fatal error happened: no close_notify on free */
+    int broken; /* a fatal error happened: send no close_notify */
 };
 
 struct tls_server *tls_server_new(const struct tls_identity *id, char *err, size_t errlen)
@@ -387,7 +387,10 @@ struct tls_server *tls_server_new(const struct tls_identity *id, char *err, size
     srv->ctx = SSL_CTX_new(TLS_server_method());
     if (srv->ctx == NULL || !SSL_CTX_set_min_proto_version(srv->ctx, TLS1_2_VERSION))
         goto fail;
-    SSL_CTX_set_mode(srv->ctx, SSL_MODE_AUTO_RETRY);
+    /* Non-blocking sockets: a write that wants a retry may be retried from a buffer that
+     * has moved (the caller keeps the bytes, not the pointer). */
+    SSL_CTX_clear_mode(srv->ctx, SSL_MODE_AUTO_RETRY);
+    SSL_CTX_set_mode(srv->ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* One request per connection: no session resumption, no renegotiation. */
     SSL_CTX_set_session_cache_mode(srv->ctx, SSL_SESS_CACHE_OFF);
     SSL_CTX_set_options(srv->ctx, SSL_OP_NO_TICKET | SSL_OP_NO_RENEGOTIATION |
@@ -436,7 +439,7 @@ void tls_server_free(struct tls_server *srv)
     free(srv);
 }
 
-struct tls_conn *tls_conn_accept(struct tls_server *srv, int fd)
+struct tls_conn *tls_conn_new(struct tls_server *srv, int fd)
 {
     char ebuf[256];
     struct tls_conn *c = calloc(1, sizeof *c);
@@ -445,25 +448,45 @@ struct tls_conn *tls_conn_accept(struct tls_server *srv, int fd)
     c->ssl = SSL_new(srv->ctx);
     if (c->ssl == NULL || !SSL_set_fd(c->ssl, fd)) {
         log_debug("health check: TLS setup failed: %s", ssl_errstr(ebuf, sizeof ebuf));
-        goto fail;
+        ERR_clear_error();
+        SSL_free(c->ssl);
+        free(c);
+        return NULL;
     }
-    int r = SSL_accept(c->ssl);
-    if (r != 1) {
-        int saved = errno;
-        int e = SSL_get_error(c->ssl, r);
-        if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
-            log_debug("health check: TLS handshake failed: %s",
-                      saved == 0 ? "connection closed" : strerror(saved));
-        else
-            log_debug("health check: TLS handshake failed: %s", ssl_errstr(ebuf, sizeof ebuf));
-        goto fail;
-    }
+    SSL_set_accept_state(c->ssl);
     return c;
-fail:
+}
+
+/* Maps the result r of an SSL_* call to TLS_WANT_*, or TLS_ERROR (marking the connection
+ * broken); what names the step in the debug log. Clears OpenSSL's error queue, which is
+ * per thread and would otherwise leak into the next connection's diagnosis. */
+static int io_status(struct tls_conn *c, int r, const char *what)
+{
+    int saved = errno;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ) {
+        ERR_clear_error();
+        return TLS_WANT_READ;
+    }
+    if (e == SSL_ERROR_WANT_WRITE) {
+        ERR_clear_error();
+        return TLS_WANT_WRITE;
+    }
+    char ebuf[256];
+    if (e == SSL_ERROR_SYSCALL && ERR_peek_error() == 0)
+        log_debug("health check: TLS %s failed: %s", what,
+                  saved == 0 ? "connection closed" : strerror(saved));
+    else if (e != SSL_ERROR_ZERO_RETURN)
+        log_debug("health check: TLS %s failed: %s", what, ssl_errstr(ebuf, sizeof ebuf));
     ERR_clear_error();
-    SSL_free(c->ssl);
-    free(c);
-    return NULL;
+    c->broken = 1;
+    return TLS_ERROR;
+}
+
+int tls_conn_handshake(struct tls_conn *c)
+{
+    int r = SSL_do_handshake(c->ssl);
+    return r == 1 ? 1 : io_status(c, r, "handshake");
 }
 
 ssize_t tls_conn_read(struct tls_conn *c, void *buf, size_t len)
@@ -473,15 +496,11 @@ ssize_t tls_conn_read(struct tls_conn *c, void *buf, size_t len)
     int n = SSL_read(c->ssl, buf, (int)len);
     if (n > 0)
         return n;
-    int e = SSL_get_error(c->ssl, n);
-    ERR_clear_error();
-    if (e == SSL_ERROR_ZERO_RETURN)
-        return 0;
-    /* SSL_ERROR_SYSCALL covers a receive timeout (EAGAIN) and an EOF without
-     * close_notify; either way the connection is unusable. */
-    if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_SSL)
-        c->broken = 1;
-    return -1;
+    if (SSL_get_error(c->ssl, n) == SSL_ERROR_ZERO_RETURN) {
+        ERR_clear_error();
+        return 0; /* close_notify */
+    }
+    return io_status(c, n, "read");
 }
 
 ssize_t tls_conn_write(struct tls_conn *c, const void *buf, size_t len)
@@ -491,22 +510,21 @@ ssize_t tls_conn_write(struct tls_conn *c, const void *buf, size_t len)
     if (len > INT_MAX)
         len = INT_MAX;
     int n = SSL_write(c->ssl, buf, (int)len);
-    if (n > 0)
-        return n;
-    int e = SSL_get_error(c->ssl, n);
+    return n > 0 ? n : io_status(c, n, "write");
+}
+
+void tls_conn_close_notify(struct tls_conn *c)
+{
+    if (c == NULL || c->broken)
+        return;
+    SSL_shutdown(c->ssl); /* non-blocking: sends what the socket takes, awaits nothing */
     ERR_clear_error();
-    if (e == SSL_ERROR_SYSCALL || e == SSL_ERROR_SSL)
-        c->broken = 1;
-    return -1;
 }
 
 void tls_conn_free(struct tls_conn *c)
 {
     if (c == NULL)
         return;
-    if (!c->broken)
-        SSL_shutdown(c->ssl); /* send close_notify; the peer's is not awaited */
-    ERR_clear_error();
     SSL_free(c->ssl);
     free(c);
 }

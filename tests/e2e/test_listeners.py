@@ -116,6 +116,28 @@ def test_http_health_any_path(default_server, path):
     assert http_get(host, port, path) == (200, b"")
 
 
+def test_http_health_live_and_ready(default_server):
+    # Without probe callbacks (the server passes none yet) both probes pass.
+    host, port = default_server.hostport("health")
+    assert http_get(host, port, "/live") == (200, b"ok\n")
+    assert http_get(host, port, "/live?full=1") == (200, b"ok\n")
+    assert http_get(host, port, "/ready") == (200, b"")
+
+
+def test_http_health_headers_too_large(default_server):
+    # Request line + headers are capped at 8 KiB: past that the answer is 431, not a hang.
+    host, port = default_server.hostport("health")
+    with socket.create_connection((host, port), timeout=3) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 9000)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 431 "), data[:64]
+
+
 def test_http_health_many_sequential(default_server):
     host, port = default_server.hostport("health")
     for i in range(20):
