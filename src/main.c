@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -93,6 +94,27 @@ static int check_script(const char *path)
     return 0;
 }
 
+/* Liveness fails while a worker is stuck in a handler past its budget (the watchdog);
+ * readiness while every worker is. Called on the health listener's thread: reads atomics. */
+static bool probe_live(void *srv) { return server_stuck_workers(srv, NULL) == 0; }
+
+static bool probe_ready(void *srv)
+{
+    int n = 0;
+    return server_stuck_workers(srv, &n) < n;
+}
+
+/* Raises the soft limit on open files to the hard one: every stream's connection and every
+ * health probe is a descriptor, and the default soft limit of 1024 is small for a server. */
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
 /* Waits for a signal for up to TICK_MS; 0 when none came. */
 static int wait_signal(const sigset_t *set)
 {
@@ -146,6 +168,7 @@ int main(int argc, char **argv)
                      "for localhost, SHA-256 fingerprint %s", id.fingerprint);
     }
 
+    raise_nofile();
     stream_set_bench_echo(cfg.bench_echo);
     struct server *srv = server_start(&cfg, need_tls ? &id : NULL, err, sizeof err);
     if (!srv) {
@@ -154,8 +177,9 @@ int main(int argc, char **argv)
         return 1;
     }
     struct admin *admin = NULL;
+    struct admin_probes probes = {.live = probe_live, .ready = probe_ready, .ud = srv};
     if (!cfg.combined_health_check) {
-        admin = admin_start(cfg.health_address, cfg.secure_health_check ? &id : NULL, NULL, err,
+        admin = admin_start(cfg.health_address, cfg.secure_health_check ? &id : NULL, &probes, err,
                             sizeof err);
         if (!admin) {
             fprintf(stderr, "luacallout: %s\n", err);
