@@ -413,14 +413,14 @@ def _norm_flag(arg):
 
 
 class Server:
-    def __init__(self, argv, log_path, addresses, enabled, cwd):
+    def __init__(self, argv, log_path, addresses, enabled, cwd, preexec_fn=None):
         self.argv = argv
         self.log_path = Path(log_path)
         self.addresses = addresses      # listener -> "host:port"
         self.enabled = enabled          # listeners expected to accept connections
         self._log = open(self.log_path, "ab")   # O_APPEND: every writer appends
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=self._log, cwd=cwd)
+                                     stderr=self._log, cwd=cwd, preexec_fn=preexec_fn)
         self._channels = []
         self._stopped = False
         self._exit_code = None
@@ -581,14 +581,16 @@ class ServerFactory:
             enabled.discard("health")
         return args, addrs, enabled
 
-    def start(self, script, *extra, wait=True, **kw):
-        """script: a Path, or Lua source text (written to a tmp file)."""
+    def start(self, script, *extra, wait=True, preexec_fn=None, **kw):
+        """script: a Path, or Lua source text (written to a tmp file). preexec_fn runs in
+        the child before exec (e.g. to set its resource limits)."""
         if not isinstance(script, Path):
             script = self.script(script)
         for attempt in range(3):
             argv, addrs, enabled = self.argv(script, *extra, **kw)
             self._n += 1
-            srv = Server(argv, self.tmpdir / f"server{self._n}.log", addrs, enabled, cwd=self.tmpdir)
+            srv = Server(argv, self.tmpdir / f"server{self._n}.log", addrs, enabled,
+                         cwd=self.tmpdir, preexec_fn=preexec_fn)
             if not wait:
                 self.servers.append(srv)
                 return srv

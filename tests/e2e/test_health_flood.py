@@ -274,12 +274,10 @@ def test_full_table_closes_the_oldest(module_servers):
     # With RLIMIT_NOFILE 256 the listener keeps at most 64 connections (a quarter of the
     # limit, so the gRPC ports keep descriptors). 150 idle clients: the oldest are closed to
     # make room, the server's descriptors stay bounded, and probes are still answered.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-    try:
-        srv = module_servers.start(SCRIPT)     # inherits the limit
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # The server raises its soft limit to the hard one, so the child gets both lowered.
+    def limit_fds():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+    srv = module_servers.start(SCRIPT, preexec_fn=limit_fds)
     # The port accepts as soon as it is bound; the line saying so may come a moment later.
     end = time.monotonic() + 3
     while "health check listening" not in srv.log() and time.monotonic() < end:
