@@ -696,9 +696,9 @@ static void test_bad_returns(void)
     BAD("'x'", PBCONV_REQUEST_HEADERS, "returned a string, expected a table or nil");
     BAD("42", PBCONV_REQUEST_BODY, "returned a number, expected a table or nil");
     BAD("true", PBCONV_RESPONSE_TRAILERS, "returned a boolean, expected a table or nil");
-    BADT("{ ad = {} }", "unknown key 'ad'");
+    BADT("{ ad = {} }", "unknown key 'ad' (did you mean 'add'?)");
     BADT("{ {'a', 'b'} }", "unknown key [1]");
-    BADT("{ [true] = 1 }", "unknown key of type boolean");
+    BADT("{ [true] = 1 }", "unknown key [true]");
     BADT("{ add = 'x' }", "'add' must be a table, got string");
     BADT("{ remove = 'x' }", "'remove' must be a table, got string");
     BADT("{ clear_route_cache = 1 }", "'clear_route_cache' must be a boolean, got number");
@@ -733,7 +733,8 @@ static void test_bad_returns(void)
     BADT("{ immediate = { status = '403' } }", "'immediate.status' must be a number, got string");
     BADT("{ immediate = { grpc_status = -1 } }",
          "bad value for 'immediate.grpc_status': -1 (expected a gRPC status code 0-16)");
-    BADT("{ immediate = { stauts = 403 } }", "unknown key 'immediate.stauts'");
+    BADT("{ immediate = { stauts = 403 } }",
+         "unknown key 'immediate.stauts' (did you mean 'immediate.status'?)");
     BADT("{ immediate = { body = {} } }", "'immediate.body' must be a string, got table");
     BADT("{ immediate = { details = 'a\\0b' } }", "'immediate.details' contains a NUL byte");
     BADT("{ immediate = { headers = { {'a', {}} } } }",
@@ -1347,7 +1348,8 @@ static void test_new_bad_returns(void)
     /* mode_override */
     BADT("{ mode_override = 'STREAMED' }", "'mode_override' must be a table, got string");
     BADT("{ mode_override = { request_body = 'STREAMED' } }",
-         "unknown key 'mode_override.request_body'");
+         "unknown key 'mode_override.request_body' (did you mean "
+         "'mode_override.request_body_mode'?)");
     BADT("{ mode_override = { 'STREAMED' } }", "unknown key [1] in mode_override");
     BADT("{ mode_override = { request_body_mode = 'STREAM' } }",
          "bad value for 'mode_override.request_body_mode': 'STREAM' " BMODES);
@@ -1368,8 +1370,8 @@ static void test_new_bad_returns(void)
          "bad value for 'override_message_timeout': -1 (expected a number of seconds from 0.001 "
          "to 315576000000)");
     BADT("{ override_message_timeout = 0/0 }",
-         "bad value for 'override_message_timeout': not a finite number (expected a number of "
-         "seconds from 0.001 to 315576000000)");
+         "bad value for 'override_message_timeout': NaN (expected a number of seconds from "
+         "0.001 to 315576000000)");
     BADT("{ override_message_timeout = 1e12 }",
          "bad value for 'override_message_timeout': 1000000000000 (expected a number of seconds "
          "from 0.001 to 315576000000)");
@@ -1591,7 +1593,8 @@ static void test_lua_errors(void)
 
     /* the bad-table message points at the line where the handler is defined */
     send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
-    snprintf(want, sizeof want, "%s:8: on_request_body returned a bad table: unknown key 'ad'", path);
+    snprintf(want, sizeof want, "%s:8: on_request_body returned a bad table: unknown key 'ad' "
+             "(did you mean 'add'?)", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
 
     /* a failure ends one message, not the script: the next trailer still works */
