@@ -100,14 +100,6 @@ void checks_header_name_why(const char *s, size_t len, size_t at, char *buf, siz
                  "!#$%%&'*+-.^_`|~ only; Envoy refuses the whole mutation otherwise)", ch, at + 1);
 }
 
-bool checks_header_value(const char *s, size_t len)
-{
-    for (size_t i = 0; i < len; i++)
-        if (s[i] == '\0' || s[i] == '\r' || s[i] == '\n')
-            return false;
-    return true;
-}
-
 void checks_quote(const char *s, size_t len, char *buf, size_t size)
 {
     if (size == 0)

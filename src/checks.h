@@ -49,9 +49,6 @@ enum checks_name checks_header_name(const char *s, size_t len, size_t *at);
 /* The reason for a refused name that is not empty/NUL/UTF-8, e.g. "has ' ' at byte 2 (...)". */
 void checks_header_name_why(const char *s, size_t len, size_t at, char *buf, size_t size);
 
-/* Whether a header value is one Envoy accepts: no NUL, CR or LF (other bytes go). */
-bool checks_header_value(const char *s, size_t len);
-
 /* Writes s as 'text' for a message: bytes that are not printable ASCII as \xNN, cut with
  * "..." past 64 bytes. */
 void checks_quote(const char *s, size_t len, char *buf, size_t size);
