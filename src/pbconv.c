@@ -18,6 +18,7 @@
 
 #include <lauxlib.h>
 
+#include "checks.h"
 #include "pbstruct.h"
 
 typedef Envoy__Config__Core__V3__HeaderValue HeaderValue;
@@ -525,69 +526,18 @@ struct conv {
     struct arena *a;
     enum pbconv_phase phase;
     const struct pbconv_in *in;
-    char *err;
-    size_t errlen;
+    struct checks_err e;   /* "on_x returned a bad table: " and the message */
     bool nomem;
     Google__Protobuf__BoolValue *append_true;  /* shared by every APPEND_IF_EXISTS_OR_ADD entry */
 };
 
-static int bad(struct conv *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static int bad(struct conv *c, const char *fmt, ...)
-{
-    int n = snprintf(c->err, c->errlen, "%s returned a bad table: ", phases[c->phase].handler);
-    if (n >= 0 && (size_t)n < c->errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(c->err + n, c->errlen - (size_t)n, fmt, ap);
-        va_end(ap);
-    }
-    return -1;
-}
+#define bad(c, ...) checks_fail(&(c)->e, __VA_ARGS__)
 
 static int nomem(struct conv *c)
 {
     c->nomem = true;
-    snprintf(c->err, c->errlen, "out of memory");
+    snprintf(c->e.buf, c->e.size, "out of memory");
     return -1;
-}
-
-/* Writes a number the way a header value should read: integral values without ".0"
- * (10/2 is the float 5.0 in Lua 5.4, but "5" is what a script means), others as
- * tostring() would. Returns -1 for NaN and infinities. */
-static int format_number(lua_State *L, int idx, char *buf, size_t size)
-{
-    if (lua_isinteger(L, idx))
-        return snprintf(buf, size, "%lld", (long long)lua_tointeger(L, idx));
-    double v = (double)lua_tonumber(L, idx);
-    if (!isfinite(v))
-        return -1;
-    if (v == floor(v) && v >= -9223372036854775808.0 && v < 9223372036854775808.0)
-        return snprintf(buf, size, "%lld", (long long)v);
-    return snprintf(buf, size, "%.14g", v);
-}
-
-/* Describes a table key for an error message without converting it in place (which would
- * break a lua_next traversal in progress). */
-static void describe_key(lua_State *L, int idx, const char *prefix, char *buf, size_t size)
-{
-    switch (lua_type(L, idx)) {
-    case LUA_TSTRING:
-        snprintf(buf, size, "'%s%.64s'", prefix, lua_tostring(L, idx));
-        break;
-    case LUA_TNUMBER: {
-        char num[48];
-        if (format_number(L, idx, num, sizeof num) < 0)
-            snprintf(num, sizeof num, "?");
-        snprintf(buf, size, "[%s]%s%.*s", num, *prefix ? " in " : "",
-                 *prefix ? (int)strlen(prefix) - 1 : 0, prefix);
-        break;
-    }
-    default:
-        snprintf(buf, size, "of type %s%s%.*s", luaL_typename(L, idx), *prefix ? " in " : "",
-                 *prefix ? (int)strlen(prefix) - 1 : 0, prefix);
-        break;
-    }
 }
 
 /* Moves the value of each known key of the table at t into stack slot slot+i (i = its
@@ -608,31 +558,49 @@ static int scan_keys(struct conv *c, int t, const char *const *names, int n, int
                     break;
         }
         if (i == n) {
-            char kb[128];
-            describe_key(L, -2, prefix, kb, sizeof kb);
-            return bad(c, "unknown key %s", kb);
+            char kb[128], hint[160];
+            checks_describe_key(L, -2, prefix, kb, sizeof kb);
+            struct checks_near near;
+            checks_near_init_lua(&near, L, -2);
+            for (int j = 0; j < n; j++)
+                checks_near_offer(&near, names[j]);
+            checks_did_you_mean(checks_near_best(&near), prefix, hint, sizeof hint);
+            return bad(c, "unknown key %s%s", kb, hint);
         }
         lua_replace(L, slot + i);
     }
     return 0;
 }
 
-/* Checks a header name at idx and points *out at it. `what` names the key for errors. */
+/* Checks a header name at idx and points *out at it: a name Envoy's ext_proc would refuse
+ * fails its whole mutation, so it is refused here, naming the entry. `what` names the key. */
 static int header_name(struct conv *c, int idx, const char *what, size_t entry, char **out)
 {
     lua_State *L = c->L;
     if (lua_type(L, idx) != LUA_TSTRING)
         return bad(c, "'%s' entry %zu: the name is a %s, expected a string", what, entry,
                    luaL_typename(L, idx));
-    size_t len;
+    size_t len, at;
     const char *name = lua_tolstring(L, idx, &len);
-    if (len == 0)
+    char q[300], why[200];
+    switch (checks_header_name(name, len, &at)) {
+    case CHECKS_NAME_OK:
+        *out = (char *)name;
+        return 0;
+    case CHECKS_NAME_EMPTY:
         return bad(c, "'%s' entry %zu: empty header name", what, entry);
-    /* protobuf-c strings end at the first NUL: such a name would reach Envoy cut short */
-    if (memchr(name, '\0', len) != NULL)
+    case CHECKS_NAME_NUL:
+        /* protobuf-c strings end at the first NUL: such a name would reach Envoy cut short */
         return bad(c, "'%s': header name '%s' contains a NUL byte", what, name);
-    *out = (char *)name;
-    return 0;
+    case CHECKS_NAME_UTF8:
+        checks_quote(name, len, q, sizeof q);
+        return bad(c, "'%s' entry %zu: header name %s is not valid UTF-8", what, entry, q);
+    case CHECKS_NAME_CHAR:
+        break;
+    }
+    checks_quote(name, len, q, sizeof q);
+    checks_header_name_why(name, len, at, why, sizeof why);
+    return bad(c, "'%s' entry %zu: header name %s %s", what, entry, q, why);
 }
 
 /* Fills hv from the name at name_idx and the value at val_idx (string or number).
@@ -654,7 +622,7 @@ static int header_value(struct conv *c, HeaderValue *hv, int name_idx, int val_i
     case LUA_TNUMBER: {
         /* no lua_tolstring here: the converted string would not be anchored anywhere */
         char buf[48];
-        int n = format_number(L, val_idx, buf, sizeof buf);
+        int n = checks_format_number(L, val_idx, buf, sizeof buf);
         if (n < 0)
             return bad(c, "'%s': value of '%s' is not a finite number", what, hv->key);
         uint8_t *p = arena_alloc(c->a, (size_t)n);
@@ -692,20 +660,12 @@ static int read_enum(struct conv *c, int idx, const char *what, const ProtobufCE
         return bad(c, "'%s' must be a string, got %s", what, luaL_typename(L, idx));
     size_t len;
     const char *s = lua_tolstring(L, idx, &len);
-    const ProtobufCEnumValue *v =
-        strlen(s) == len ? protobuf_c_enum_descriptor_get_value_by_name(d, s) : NULL;
+    const ProtobufCEnumValue *v = checks_enum_by_name(d, s, len);
     if (v == NULL) {
-        char names[256];
-        size_t at = 0;
-        names[0] = '\0';
-        for (unsigned i = 0; i < d->n_values && at < sizeof names; i++) {
-            int n = snprintf(names + at, sizeof names - at, "%s%s",
-                             i == 0 ? "" : i + 1 == d->n_values ? " or " : ", ", d->values[i].name);
-            if (n < 0)
-                break;
-            at += (size_t)n;
-        }
-        return bad(c, "bad value for '%s': '%.64s' (expected %s)", what, s, names);
+        char names[256], q[300];
+        checks_enum_names(d, names, sizeof names);
+        checks_quote(s, len, q, sizeof q);
+        return bad(c, "bad value for '%s': %s (expected %s)", what, q, names);
     }
     *out = v->value;
     return 0;
@@ -752,10 +712,14 @@ static int check_pair_keys(struct conv *c, int idx, const char *what, size_t ent
             if (len == 13 && memcmp(k, "append_action", 13) == 0)
                 continue;
         }
-        char kb[128];
-        describe_key(L, -1, "", kb, sizeof kb);
-        return bad(c, "'%s' entry %zu has an unknown key %s (a pair takes {name, value, "
-                      "append_action = ...})", what, entry, kb);
+        char kb[128], hint[160];
+        checks_describe_key(L, -1, "", kb, sizeof kb);
+        struct checks_near near;
+        checks_near_init_lua(&near, L, -1);
+        checks_near_offer(&near, "append_action");
+        checks_did_you_mean(checks_near_best(&near), "", hint, sizeof hint);
+        return bad(c, "'%s' entry %zu has an unknown key %s%s (a pair takes {name, value, "
+                      "append_action = ...})", what, entry, kb, hint);
     }
     return 0;
 }
@@ -768,26 +732,19 @@ static int read_header_set(struct conv *c, int idx, const char *what, int action
                            HeaderValueOption ***out, size_t *n_out)
 {
     lua_State *L = c->L;
-    size_t nint = 0, nstr = 0;
+    struct checks_shape sh;
     *out = NULL;
     *n_out = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx) != 0) {
-        lua_pop(L, 1);
-        if (lua_type(L, -1) == LUA_TSTRING)
-            nstr++;
-        else if (lua_isinteger(L, -1))
-            nint++;
-        else
-            return bad(c, "'%s' has a key of type %s; expected a list of {name, value} "
-                          "pairs or a map of name = value", what, luaL_typename(L, -1));
-    }
-    if (nint > 0 && nstr > 0)
+    checks_table_shape(L, idx, &sh);
+    if (sh.other != LUA_TNONE)
+        return bad(c, "'%s' has a key of type %s; expected a list of {name, value} "
+                      "pairs or a map of name = value", what, lua_typename(L, sh.other));
+    size_t nint = sh.integers, n = sh.n;
+    if (nint > 0 && sh.strings > 0)
         return bad(c, "'%s' mixes {name, value} pairs with name = value entries", what);
-    size_t n = nint + nstr;
     if (n == 0)
         return 0;
-    if (nint > 0 && lua_rawlen(L, idx) != nint)
+    if (nint > 0 && !sh.seq)
         return bad(c, "'%s' is not a list: its keys are not 1..n", what);
 
     HeaderValueOption **ptrs = arena_alloc(c->a, n * sizeof *ptrs);
@@ -857,20 +814,15 @@ static int read_header_set(struct conv *c, int idx, const char *what, int action
 static int read_names(struct conv *c, int idx, const char *what, char ***out, size_t *n_out)
 {
     lua_State *L = c->L;
-    size_t count = 0;
+    struct checks_shape sh;
     *out = NULL;
     *n_out = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx) != 0) {
-        lua_pop(L, 1);
-        if (!lua_isinteger(L, -1))
-            return bad(c, "'%s' must be a list of header names", what);
-        count++;
-    }
+    checks_table_shape(L, idx, &sh);
+    if (!sh.seq)
+        return bad(c, "'%s' must be a list of header names", what);
+    size_t count = sh.n;
     if (count == 0)
         return 0;
-    if (lua_rawlen(L, idx) != count)
-        return bad(c, "'%s' must be a list of header names", what);
     char **names = arena_alloc(c->a, count * sizeof *names);
     if (names == NULL)
         return nomem(c);
@@ -932,17 +884,16 @@ static int read_integer(struct conv *c, int idx, const char *what, lua_Integer m
                         lua_Integer max, const char *expected, lua_Integer *out)
 {
     lua_State *L = c->L;
-    if (lua_type(L, idx) != LUA_TNUMBER)  /* also keeps lua_tointegerx off strings */
+    int64_t v;
+    enum checks_int r = checks_integer(L, idx, min, max, &v);
+    if (r == CHECKS_INT_NOT_NUMBER)
         return bad(c, "'%s' must be a number, got %s", what, luaL_typename(L, idx));
-    int isint;
-    lua_Integer v = lua_tointegerx(L, idx, &isint);
-    if (!isint || v < min || v > max) {
+    if (r != CHECKS_INT_OK) {
         char num[48];
-        if (format_number(L, idx, num, sizeof num) < 0)
-            snprintf(num, sizeof num, "%s", "not a finite number");
+        checks_describe_number(L, idx, num, sizeof num);
         return bad(c, "bad value for '%s': %s (expected %s)", what, num, expected);
     }
-    *out = v;
+    *out = (lua_Integer)v;
     return 0;
 }
 
@@ -995,8 +946,9 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
     if (!lua_isnil(L, slot + I_DETAILS)) {
         size_t len;
         const char *d = lua_tolstring(L, slot + I_DETAILS, &len);
-        if (memchr(d, '\0', len) != NULL)
-            return bad(c, "'immediate.details' contains a NUL byte");
+        const char *why = checks_proto_string(d, len);
+        if (why != NULL)
+            return bad(c, "'immediate.details' %s", why);
         ir->details = (char *)d;
     }
     if (!lua_isnil(L, slot + I_GRPC_STATUS)) {
@@ -1038,9 +990,15 @@ static int mode_override(struct conv *c, int t, ProcessingMode **out)
                 f = protobuf_c_message_descriptor_get_field_by_name(d, k);
         }
         if (f == NULL || f->type != PROTOBUF_C_TYPE_ENUM) {
-            char kb[128];
-            describe_key(L, -2, "mode_override.", kb, sizeof kb);
-            return bad(c, "unknown key %s", kb);
+            char kb[128], hint[160];
+            checks_describe_key(L, -2, "mode_override.", kb, sizeof kb);
+            struct checks_near near;
+            checks_near_init_lua(&near, L, -2);
+            for (unsigned i = 0; i < d->n_fields; i++)
+                if (d->fields[i].type == PROTOBUF_C_TYPE_ENUM)
+                    checks_near_offer(&near, d->fields[i].name);
+            checks_did_you_mean(checks_near_best(&near), "mode_override.", hint, sizeof hint);
+            return bad(c, "unknown key %s%s", kb, hint);
         }
         char what[96];
         snprintf(what, sizeof what, "mode_override.%s", f->name);
@@ -1061,8 +1019,7 @@ static int message_timeout(struct conv *c, int idx, Google__Protobuf__Duration *
     double v = (double)lua_tonumber(L, idx);
     if (!(v >= 0.001 && v <= 315576000000.0)) {
         char num[48];
-        if (format_number(L, idx, num, sizeof num) < 0)
-            snprintf(num, sizeof num, "%s", "not a finite number");
+        checks_describe_number(L, idx, num, sizeof num);
         return bad(c, "bad value for 'override_message_timeout': %s (expected a number of "
                       "seconds from 0.001 to 315576000000)", num);
     }
@@ -1157,16 +1114,11 @@ static int stream_answer(struct conv *c, int slot, const bool *on, const bool *p
     size_t n = 1;
     int chunks = slot + K_CHUNKS;
     if (present[K_CHUNKS]) {
-        size_t count = 0;
-        lua_pushnil(L);
-        while (lua_next(L, chunks) != 0) {
-            lua_pop(L, 1);
-            if (!lua_isinteger(L, -1))
-                return bad(c, "'chunks' must be a list of strings");
-            count++;
-        }
-        if (lua_rawlen(L, chunks) != count)
+        struct checks_shape sh;
+        checks_table_shape(L, chunks, &sh);
+        if (!sh.seq)
             return bad(c, "'chunks' must be a list of strings");
+        size_t count = sh.n;
         for (size_t i = 1; i <= count; i++) {
             int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
             lua_pop(L, 1);
@@ -1390,7 +1342,10 @@ enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbcon
     /* the top-level slots, the immediate slots, and a few working values on top */
     luaL_checkstack(L, K_COUNT + I_COUNT + 8, "converting a handler result");
     int top = lua_gettop(L);
-    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in, .err = err, .errlen = errlen};
+    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in};
+    checks_err_init(&c.e, err, errlen, NULL);
+    c.e.lead_name = phases[in->phase].handler;
+    c.e.lead_text = " returned a bad table: ";
     bool deny = false;
     int rc;
     if (type == LUA_TNIL) {

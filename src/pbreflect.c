@@ -9,7 +9,6 @@
  * Out (Lua -> message) never raises and never calls Lua code (lua_next/lua_rawgeti only,
  * key types checked before lua_tolstring), so it runs fine outside a protected call; the
  * messages live in the arena and their strings point into the Lua strings. */
-#include "errpath.h"
 #include "pbreflect.h"
 
 #include <float.h>
@@ -22,11 +21,10 @@
 
 #include <lauxlib.h>
 
+#include "checks.h"
 #include "google/protobuf/duration.pb-c.h"
 #include "pbstruct.h"
 
-/* Message nesting refused beyond this, both ways (also stops cycles in Lua tables). */
-#define MAX_DEPTH 100
 /* google.protobuf.Duration's range, 10000 years. */
 #define DURATION_MAX_SECONDS 315576000000.0
 
@@ -163,8 +161,8 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
                          const ProtobufCMessage *m, int depth)
 {
     luaL_checkstack(L, 6, "protobuf message nested too deeply");
-    if (depth > MAX_DEPTH)
-        luaL_error(L, "protobuf message nested more than %d levels deep", MAX_DEPTH);
+    if (depth > CHECKS_MAX_DEPTH)
+        luaL_error(L, "protobuf message nested more than %d levels deep", CHECKS_MAX_DEPTH);
     if (!m) {
         /* a default instance in scratch memory owned by Lua, removed after the push */
         void *scratch = lua_newuserdatauv(L, d->sizeof_message, 0);
@@ -258,40 +256,12 @@ void pbreflect_push(lua_State *L, const ProtobufCMessage *msg)
 struct conv {
     lua_State *L;
     struct arena *a;
-    char *err;
-    size_t errlen;
-    struct errpath path;   /* where in the value being converted */
+    struct checks_err e;   /* the message, and where in the value being converted */
 };
 
-static int fail(struct conv *c, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    errpath_vfail(&c->path, c->err, c->errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
+#define fail(c, ...) checks_fail(&(c)->e, __VA_ARGS__)
 
 static int oom(struct conv *c) { return fail(c, "out of memory"); }
-
-/* The map key at idx onto the path: .key, ["a.b"], [3] or [true]. */
-static size_t path_push_key(struct conv *c, int idx)
-{
-    lua_State *L = c->L;
-    switch (lua_type(L, idx)) {
-    case LUA_TSTRING: {
-        size_t len;
-        const char *k = lua_tolstring(L, idx, &len);
-        return errpath_push_key(&c->path, k, len);
-    }
-    case LUA_TNUMBER:
-        if (lua_isinteger(L, idx))
-            return errpath_push(&c->path, "[%lld]", (long long)lua_tointeger(L, idx));
-        return errpath_push(&c->path, "[%.14g]", lua_tonumber(L, idx));
-    case LUA_TBOOLEAN: return errpath_push(&c->path, "[%s]", lua_toboolean(L, idx) ? "true" : "false");
-    default: return errpath_push(&c->path, "[%s]", luaL_typename(L, idx));
-    }
-}
 
 /* "a string", "a number", "callout.null", ... for messages about the value at idx. */
 static const char *what(lua_State *L, int idx)
@@ -308,17 +278,6 @@ static const char *what(lua_State *L, int idx)
     case LUA_TTHREAD: return "a thread";
     default: return "a value";
     }
-}
-
-static void describe_number(lua_State *L, int idx, char *buf, size_t size)
-{
-    double d = lua_tonumber(L, idx);
-    if (lua_isinteger(L, idx))
-        snprintf(buf, size, "%lld", (long long)lua_tointeger(L, idx));
-    else if (isnan(d))
-        snprintf(buf, size, "NaN");
-    else
-        snprintf(buf, size, "%.17g", d); /* inf, -inf, or enough digits to round-trip */
 }
 
 static const char *type_name(ProtobufCType t)
@@ -349,54 +308,24 @@ static const char *type_name(ProtobufCType t)
  * [lo, hi]; uint64 fields use get_uint64. */
 static int get_int(struct conv *c, int idx, ProtobufCType t, int64_t lo, int64_t hi, int64_t *out)
 {
-    lua_State *L = c->L;
-    if (lua_type(L, idx) != LUA_TNUMBER)
-        return fail(c, "expected an integer (%s), got %s", type_name(t), what(L, idx));
-    lua_Integer v;
-    if (lua_isinteger(L, idx)) {
-        v = lua_tointeger(L, idx);
-    } else {
-        int ok;
-        v = lua_tointegerx(L, idx, &ok); /* a number: no string conversion here */
-        if (!ok) {
-            char num[40];
-            describe_number(L, idx, num, sizeof num);
-            double d = lua_tonumber(L, idx);
-            if (isfinite(d) && d == floor(d))
-                return fail(c, "%s is out of range for %s (%lld..%lld)", num, type_name(t),
-                            (long long)lo, (long long)hi);
-            return fail(c, "expected an integer (%s), got %s", type_name(t), num);
-        }
-    }
-    if (v < lo || v > hi)
-        return fail(c, "%lld is out of range for %s (%lld..%lld)", (long long)v, type_name(t),
-                    (long long)lo, (long long)hi);
-    *out = v;
-    return 0;
+    enum checks_int r = checks_integer(c->L, idx, lo, hi, out);
+    if (r == CHECKS_INT_OK)
+        return 0;
+    char range[48], msg[160];
+    snprintf(range, sizeof range, "%lld..%lld", (long long)lo, (long long)hi);
+    checks_integer_message(c->L, idx, r, type_name(t), range, what(c->L, idx), msg, sizeof msg);
+    return fail(c, "%s", msg);
 }
 
 static int get_uint64(struct conv *c, int idx, ProtobufCType t, uint64_t *out)
 {
-    lua_State *L = c->L;
-    if (lua_type(L, idx) != LUA_TNUMBER)
-        return fail(c, "expected an integer (%s), got %s", type_name(t), what(L, idx));
-    if (lua_isinteger(L, idx)) {
-        lua_Integer v = lua_tointeger(L, idx);
-        if (v < 0)
-            return fail(c, "%lld is out of range for %s (0..18446744073709551615)",
-                        (long long)v, type_name(t));
-        *out = (uint64_t)v;
+    enum checks_int r = checks_uint64(c->L, idx, out);
+    if (r == CHECKS_INT_OK)
         return 0;
-    }
-    double d = lua_tonumber(L, idx);
-    char num[40];
-    describe_number(L, idx, num, sizeof num);
-    if (!isfinite(d) || d != floor(d))
-        return fail(c, "expected an integer (%s), got %s", type_name(t), num);
-    if (d < 0 || d >= 18446744073709551616.0)
-        return fail(c, "%s is out of range for %s (0..18446744073709551615)", num, type_name(t));
-    *out = (uint64_t)d;
-    return 0;
+    char msg[160];
+    checks_integer_message(c->L, idx, r, type_name(t), "0..18446744073709551615",
+                           what(c->L, idx), msg, sizeof msg);
+    return fail(c, "%s", msg);
 }
 
 static int get_string(struct conv *c, int idx, const char **s, size_t *len, const char *what_)
@@ -467,10 +396,24 @@ static int conv_scalar(struct conv *c, int idx, const ProtobufCFieldDescriptor *
         if (lua_type(L, idx) == LUA_TSTRING) {
             size_t len;
             const char *s = lua_tolstring(L, idx, &len);
-            const ProtobufCEnumValue *ev =
-                strlen(s) == len ? protobuf_c_enum_descriptor_get_value_by_name(ed, s) : NULL;
-            if (!ev)
-                return fail(c, "unknown %s value '%.64s'", ed->name, s);
+            const ProtobufCEnumValue *ev = checks_enum_by_name(ed, s, len);
+            if (!ev) {
+                /* a short list of names is the best hint; a long one (StatusCode) is noise */
+                char q[300], hint[400];
+                checks_quote(s, len, q, sizeof q);
+                if (ed->n_values <= 8) {
+                    char names[300];
+                    checks_enum_names(ed, names, sizeof names);
+                    snprintf(hint, sizeof hint, " (expected %s, or a number)", names);
+                } else {
+                    struct checks_near near;
+                    checks_near_init(&near, s, len);
+                    for (unsigned i = 0; i < ed->n_values; i++)
+                        checks_near_offer(&near, ed->values[i].name);
+                    checks_did_you_mean(checks_near_best(&near), "", hint, sizeof hint);
+                }
+                return fail(c, "unknown %s value %s%s", ed->name, q, hint);
+            }
             *(int32_t *)p = ev->value;
             return 0;
         }
@@ -489,10 +432,9 @@ static int conv_scalar(struct conv *c, int idx, const ProtobufCFieldDescriptor *
         if (get_string(c, idx, &s, &len, "a string") < 0)
             return -1;
         /* Envoy's parser rejects a string field that is not UTF-8; NUL would truncate */
-        if (memchr(s, '\0', len))
-            return fail(c, "the string contains a NUL byte (use a bytes field)");
-        if (!pbstruct_utf8_valid(s, len))
-            return fail(c, "the string is not valid UTF-8 (use a bytes field)");
+        const char *why = checks_proto_string(s, len);
+        if (why != NULL)
+            return fail(c, "the string %s (use a bytes field)", why);
         *(const char **)p = s;
         return 0;
     }
@@ -512,28 +454,6 @@ static int conv_scalar(struct conv *c, int idx, const ProtobufCFieldDescriptor *
     return fail(c, "unsupported field type %d", (int)f->type);
 }
 
-/* Counts the entries of the table at idx and whether they are exactly 1..n (n may be 0). */
-static size_t seq_len(lua_State *L, int idx, bool *is_seq)
-{
-    size_t n = 0;
-    bool ints = true;
-    lua_Integer max = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        n++;
-        if (ints && lua_type(L, -2) == LUA_TNUMBER && lua_isinteger(L, -2) &&
-            lua_tointeger(L, -2) >= 1) {
-            if (lua_tointeger(L, -2) > max)
-                max = lua_tointeger(L, -2);
-        } else {
-            ints = false;
-        }
-        lua_pop(L, 1);
-    }
-    *is_seq = ints && (lua_Unsigned)max == n;
-    return n;
-}
-
 /* A repeated field from the sequence at idx. */
 static int conv_repeated(struct conv *c, int idx, const ProtobufCFieldDescriptor *f, void *msg,
                          int depth)
@@ -541,22 +461,23 @@ static int conv_repeated(struct conv *c, int idx, const ProtobufCFieldDescriptor
     lua_State *L = c->L;
     if (lua_type(L, idx) != LUA_TTABLE)
         return fail(c, "expected a list (repeated %s), got %s", type_name(f->type), what(L, idx));
-    bool is_seq;
-    size_t n = seq_len(L, idx, &is_seq);
-    if (!is_seq)
+    struct checks_shape sh;
+    checks_table_shape(L, idx, &sh);
+    size_t n = sh.n;
+    if (!sh.seq)
         return fail(c, "expected a list (repeated %s): keys must be 1..n", type_name(f->type));
     size_t sz = type_size(f->type);
     char *arr = NULL;
     if (n > 0 && !(arr = arena_calloc(c->a, n, sz)))
         return oom(c);
     for (size_t j = 0; j < n; j++) {
-        size_t old = errpath_push(&c->path, "[%zu]", j + 1);
+        size_t old = checks_path_push(&c->e.path, "[%zu]", j + 1);
         lua_rawgeti(L, idx, (lua_Integer)j + 1);
         int rc = conv_scalar(c, lua_gettop(L), f, arr + j * sz, depth);
         lua_pop(L, 1);
         if (rc < 0)
             return -1;
-        errpath_restore(&c->path, old);
+        checks_path_restore(&c->e.path, old);
     }
     *AT(msg, f->quantifier_offset, size_t) = n;
     *AT(msg, f->offset, char *) = arr;
@@ -572,8 +493,9 @@ static int conv_map(struct conv *c, int idx, const ProtobufCFieldDescriptor *f, 
         return fail(c, "expected a table (map), got %s", what(L, idx));
     const ProtobufCMessageDescriptor *e = f->descriptor;
     const ProtobufCFieldDescriptor *kf = &e->fields[0], *vf = &e->fields[1];
-    bool unused;
-    size_t n = seq_len(L, idx, &unused);
+    struct checks_shape sh;
+    checks_table_shape(L, idx, &sh);
+    size_t n = sh.n;
     ProtobufCMessage **arr = NULL;
     if (n > 0 && !(arr = arena_alloc(c->a, n * sizeof *arr)))
         return oom(c);
@@ -581,7 +503,7 @@ static int conv_map(struct conv *c, int idx, const ProtobufCFieldDescriptor *f, 
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         int kidx = lua_gettop(L) - 1, vidx = lua_gettop(L);
-        size_t old = path_push_key(c, kidx);
+        size_t old = checks_path_push_lua_key(&c->e.path, L, kidx);
         ProtobufCMessage *em = count < n ? arena_alloc(c->a, e->sizeof_message) : NULL;
         if (!em) {
             lua_pop(L, 2);
@@ -593,7 +515,7 @@ static int conv_map(struct conv *c, int idx, const ProtobufCFieldDescriptor *f, 
             lua_pop(L, 2);
             return -1;
         }
-        errpath_restore(&c->path, old);
+        checks_path_restore(&c->e.path, old);
         arr[count++] = em;
         lua_pop(L, 1);
     }
@@ -610,16 +532,16 @@ static int conv_wkt(struct conv *c, int idx, const ProtobufCMessageDescriptor *d
     switch (wkt_of(d)) {
     case WKT_NONE: return 1;
     case WKT_STRUCT:
-        return pbstruct_from_lua(L, idx, c->path.buf, c->a, (Google__Protobuf__Struct **)out, c->err,
-                                 c->errlen);
+        return pbstruct_from_lua(L, idx, c->e.path.buf, c->a, (Google__Protobuf__Struct **)out, c->e.buf,
+                                 c->e.size);
     case WKT_VALUE:
-        return pbstruct_value_from_lua(L, idx, c->path.buf, c->a, (Google__Protobuf__Value **)out,
-                                       c->err, c->errlen);
+        return pbstruct_value_from_lua(L, idx, c->e.path.buf, c->a, (Google__Protobuf__Value **)out,
+                                       c->e.buf, c->e.size);
     case WKT_LIST: {
         Google__Protobuf__Value *v;
         if (lua_type(L, idx) != LUA_TTABLE)
             return fail(c, "expected a list, got %s", what(L, idx));
-        if (pbstruct_value_from_lua(L, idx, c->path.buf, c->a, &v, c->err, c->errlen) < 0)
+        if (pbstruct_value_from_lua(L, idx, c->e.path.buf, c->a, &v, c->e.buf, c->e.size) < 0)
             return -1;
         if (v->kind_case == GOOGLE__PROTOBUF__VALUE__KIND_LIST_VALUE) {
             *out = &v->list_value->base;
@@ -642,7 +564,7 @@ static int conv_wkt(struct conv *c, int idx, const ProtobufCMessageDescriptor *d
         double s = lua_tonumber(L, idx);
         if (!(s >= 0) || !(s <= DURATION_MAX_SECONDS)) { /* NaN fails both */
             char num[40];
-            describe_number(L, idx, num, sizeof num);
+            checks_describe_number(L, idx, num, sizeof num);
             return fail(c, "expected a number of seconds from 0 to %.0f (Duration), got %s",
                         DURATION_MAX_SECONDS, num);
         }
@@ -689,9 +611,9 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
 {
     lua_State *L = c->L;
     *out = NULL;
-    if (depth > MAX_DEPTH)
+    if (depth > CHECKS_MAX_DEPTH)
         return fail(c, "nested more than %d levels deep (a table containing itself?)",
-                    MAX_DEPTH);
+                    CHECKS_MAX_DEPTH);
     if (!lua_checkstack(L, 6))
         return fail(c, "out of Lua stack space");
     int rc = conv_wkt(c, idx, d, out, depth);
@@ -708,11 +630,8 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
     while (lua_next(L, idx)) {
         int vidx = lua_gettop(L);
         if (lua_type(L, -2) != LUA_TSTRING) {
-            char key[48];
-            if (lua_type(L, -2) == LUA_TNUMBER)
-                describe_number(L, -2, key, sizeof key);
-            else
-                snprintf(key, sizeof key, "%s", what(L, -2));
+            char key[80];
+            checks_describe_key(L, -2, "", key, sizeof key);
             lua_pop(L, 2);
             return fail(c, "key %s is not a field name", key);
         }
@@ -721,10 +640,17 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
         const ProtobufCFieldDescriptor *f =
             strlen(k) == klen ? protobuf_c_message_descriptor_get_field_by_name(d, k) : NULL;
         if (!f) {
+            char q[300], hint[160];
+            checks_quote(k, klen, q, sizeof q);
+            struct checks_near near;
+            checks_near_init(&near, k, klen);
+            for (unsigned i = 0; i < d->n_fields; i++)
+                checks_near_offer(&near, d->fields[i].name);
+            checks_did_you_mean(checks_near_best(&near), "", hint, sizeof hint);
             lua_pop(L, 2);
-            return fail(c, "unknown field '%.64s'", k);
+            return fail(c, "unknown field %s%s", q, hint);
         }
-        size_t old = errpath_push(&c->path, "%s%s", c->path.len ? "." : "", f->name);
+        size_t old = checks_path_push(&c->e.path, "%s%s", c->e.path.len ? "." : "", f->name);
         void *p = AT(m, f->offset, char);
         if (f->label == PROTOBUF_C_LABEL_REPEATED) {
             rc = is_map(d, f) ? conv_map(c, vidx, f, m, depth) : conv_repeated(c, vidx, f, m, depth);
@@ -738,7 +664,7 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
                         a = b;
                         b = t;
                     }
-                    errpath_restore(&c->path, old);
+                    checks_path_restore(&c->e.path, old);
                     lua_pop(L, 2);
                     return fail(c, "'%s' and '%s' are members of one oneof: set only one", a,
                                 b);
@@ -754,7 +680,7 @@ static int conv_message(struct conv *c, int idx, const ProtobufCMessageDescripto
             lua_pop(L, 2);
             return -1;
         }
-        errpath_restore(&c->path, old);
+        checks_path_restore(&c->e.path, old);
         lua_pop(L, 1);
     }
     *out = m;
@@ -765,10 +691,7 @@ int pbreflect_from_lua(lua_State *L, int idx, const ProtobufCMessageDescriptor *
                        const char *path, struct arena *a, ProtobufCMessage **out, char *err,
                        size_t errlen)
 {
-    struct conv c = {.L = L, .a = a, .err = err, .errlen = errlen};
-    if (errlen > 0)
-        err[0] = '\0';
-    if (path)
-        errpath_push(&c.path, "%s", path);
+    struct conv c = {.L = L, .a = a};
+    checks_err_init(&c.e, err, errlen, path);
     return conv_message(&c, lua_absindex(L, idx), desc, out, 1);
 }

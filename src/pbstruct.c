@@ -4,7 +4,6 @@
  * lua_next/lua_rawgeti only, keys are type-checked before lua_tolstring, and every error
  * is a message naming the path of the offending entry. Strings point into the Lua strings
  * (no copies), so the source value must stay reachable until the message is packed. */
-#include "errpath.h"
 #include "pbstruct.h"
 
 #include <math.h>
@@ -16,6 +15,8 @@
 
 #include <lauxlib.h>
 
+#include "checks.h"
+
 typedef Google__Protobuf__Struct Struct;
 typedef Google__Protobuf__Struct__FieldsEntry FieldsEntry;
 typedef Google__Protobuf__Value Value;
@@ -23,8 +24,6 @@ typedef Google__Protobuf__ListValue ListValue;
 
 #define KIND(x) GOOGLE__PROTOBUF__VALUE__KIND_##x
 
-/* Deeper nesting is refused both ways; it also stops cycles in Lua tables. */
-#define MAX_DEPTH 100
 /* Numbers whose magnitude is at most 2^53 are exact in a double. */
 #define EXACT_INT_MAX 9007199254740992.0
 
@@ -67,8 +66,8 @@ static void push_value(lua_State *L, const Value *v, int depth)
     case KIND(STRUCT_VALUE): push_struct(L, v->struct_value, depth); break;
     case KIND(LIST_VALUE): {
         luaL_checkstack(L, 4, "protobuf Struct nested too deeply");
-        if (depth > MAX_DEPTH)
-            luaL_error(L, "protobuf Struct nested more than %d levels deep", MAX_DEPTH);
+        if (depth > CHECKS_MAX_DEPTH)
+            luaL_error(L, "protobuf Struct nested more than %d levels deep", CHECKS_MAX_DEPTH);
         const ListValue *l = v->list_value;
         size_t n = l ? l->n_values : 0;
         lua_createtable(L, n > INT32_MAX ? 0 : (int)n, 0);
@@ -87,8 +86,8 @@ static void push_value(lua_State *L, const Value *v, int depth)
 static void push_struct(lua_State *L, const Struct *s, int depth)
 {
     luaL_checkstack(L, 4, "protobuf Struct nested too deeply");
-    if (depth > MAX_DEPTH)
-        luaL_error(L, "protobuf Struct nested more than %d levels deep", MAX_DEPTH);
+    if (depth > CHECKS_MAX_DEPTH)
+        luaL_error(L, "protobuf Struct nested more than %d levels deep", CHECKS_MAX_DEPTH);
     size_t n = s ? s->n_fields : 0;
     lua_createtable(L, 0, n > INT32_MAX ? 0 : (int)n);
     for (size_t i = 0; i < n; i++) {
@@ -110,107 +109,20 @@ void pbstruct_push_value(lua_State *L, const Value *v) { push_value(L, v, 1); }
 struct conv {
     lua_State *L;
     struct arena *a;
-    char *err;
-    size_t errlen;
-    struct errpath path;   /* where in the value being converted */
+    struct checks_err e;   /* the message, and where in the value being converted */
 };
 
-static int fail(struct conv *c, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    errpath_vfail(&c->path, c->err, c->errlen, fmt, ap);
-    va_end(ap);
-    return -1;
-}
-
-bool pbstruct_utf8_valid(const char *str, size_t len)
-{
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-    while (i < len) {
-        unsigned char b = s[i];
-        if (b < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        uint32_t cp, min;
-        if ((b & 0xe0) == 0xc0) {
-            n = 2, cp = b & 0x1f, min = 0x80;
-        } else if ((b & 0xf0) == 0xe0) {
-            n = 3, cp = b & 0x0f, min = 0x800;
-        } else if ((b & 0xf8) == 0xf0) {
-            n = 4, cp = b & 0x07, min = 0x10000;
-        } else {
-            return false;
-        }
-        if (len - i < n)
-            return false;
-        for (size_t j = 1; j < n; j++) {
-            if ((s[i + j] & 0xc0) != 0x80)
-                return false;
-            cp = (cp << 6) | (s[i + j] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return false;
-        i += n;
-    }
-    return true;
-}
+#define fail(c, ...) checks_fail(&(c)->e, __VA_ARGS__)
 
 /* A protobuf string: NUL-terminated (Lua strings are), no NUL inside, valid UTF-8
  * (Envoy's parser rejects a message with anything else). */
 static int check_string(struct conv *c, const char *s, size_t len, const char *what)
 {
-    if (memchr(s, '\0', len))
-        return fail(c, "%s contains a NUL byte", what);
-    if (!pbstruct_utf8_valid(s, len))
-        return fail(c, "%s is not valid UTF-8", what);
-    return 0;
-}
-
-static void describe_key(lua_State *L, int idx, char *buf, size_t size)
-{
-    switch (lua_type(L, idx)) {
-    case LUA_TNUMBER:
-        if (lua_isinteger(L, idx))
-            snprintf(buf, size, "%lld", (long long)lua_tointeger(L, idx));
-        else
-            snprintf(buf, size, "%.14g", lua_tonumber(L, idx));
-        break;
-    case LUA_TBOOLEAN: snprintf(buf, size, "%s", lua_toboolean(L, idx) ? "true" : "false"); break;
-    default: snprintf(buf, size, "of type %s", luaL_typename(L, idx)); break;
-    }
+    const char *why = checks_proto_string(s, len);
+    return why != NULL ? fail(c, "%s %s", what, why) : 0;
 }
 
 static int conv_value(struct conv *c, int idx, Value *out, int depth);
-
-/* Counts the entries of the table at idx and whether they form a sequence 1..n (n >= 1).
- * stack unchanged. */
-static size_t table_shape(lua_State *L, int idx, bool *is_list)
-{
-    size_t n = 0;
-    bool ints = true;
-    lua_Integer max = 0;
-    lua_pushnil(L);
-    while (lua_next(L, idx)) {
-        n++;
-        if (ints && lua_type(L, -2) == LUA_TNUMBER && lua_isinteger(L, -2)) {
-            lua_Integer k = lua_tointeger(L, -2);
-            if (k < 1)
-                ints = false;
-            else if (k > max)
-                max = k;
-        } else {
-            ints = false;
-        }
-        lua_pop(L, 1);
-    }
-    /* n distinct integer keys in 1..n are exactly 1..n */
-    *is_list = ints && n >= 1 && (lua_Unsigned)max == n;
-    return n;
-}
 
 /* The table at idx (absolute) as a Struct; it must have only string keys. */
 static int conv_struct(struct conv *c, int idx, size_t n, Struct **out, int depth)
@@ -231,8 +143,8 @@ static int conv_struct(struct conv *c, int idx, size_t n, Struct **out, int dept
     lua_pushnil(L);
     while (lua_next(L, idx)) {
         if (lua_type(L, -2) != LUA_TSTRING) {
-            char key[64];
-            describe_key(L, -2, key, sizeof key);
+            char key[80];
+            checks_describe_key(L, -2, "", key, sizeof key);
             lua_pop(L, 2);
             return fail(c, "key %s is not a string (a protobuf Struct has string keys; a list "
                            "must be a sequence 1..n)",
@@ -244,7 +156,7 @@ static int conv_struct(struct conv *c, int idx, size_t n, Struct **out, int dept
         }
         size_t klen;
         const char *k = lua_tolstring(L, -2, &klen);
-        size_t old = errpath_push_key(&c->path, k, klen);
+        size_t old = checks_path_push_key(&c->e.path, k, klen);
         if (check_string(c, k, klen, "the key") < 0) {
             lua_pop(L, 2);
             return -1;
@@ -257,7 +169,7 @@ static int conv_struct(struct conv *c, int idx, size_t n, Struct **out, int dept
             lua_pop(L, 2);
             return -1;
         }
-        errpath_restore(&c->path, old);
+        checks_path_restore(&c->e.path, old);
         s->fields[s->n_fields++] = e;
         lua_pop(L, 1);
     }
@@ -277,13 +189,13 @@ static int conv_list(struct conv *c, int idx, size_t n, ListValue **out, int dep
     l->values = ptrs;
     *out = l;
     for (size_t i = 0; i < n; i++) {
-        size_t old = errpath_push(&c->path, "[%zu]", i + 1);
+        size_t old = checks_path_push(&c->e.path, "[%zu]", i + 1);
         lua_rawgeti(L, idx, (lua_Integer)i + 1);
         int rc = conv_value(c, lua_gettop(L), &values[i], depth + 1);
         lua_pop(L, 1);
         if (rc < 0)
             return -1;
-        errpath_restore(&c->path, old);
+        checks_path_restore(&c->e.path, old);
         ptrs[l->n_values++] = &values[i];
     }
     return 0;
@@ -324,19 +236,19 @@ static int conv_value(struct conv *c, int idx, Value *out, int depth)
     }
     case LUA_TTABLE: {
         /* depth is this table's nesting level; the top-level Struct is 1 */
-        if (depth > MAX_DEPTH)
+        if (depth > CHECKS_MAX_DEPTH)
             return fail(c, "nested more than %d levels deep (a table containing itself?)",
-                        MAX_DEPTH);
+                        CHECKS_MAX_DEPTH);
         if (!lua_checkstack(L, 4))
             return fail(c, "out of Lua stack space");
-        bool is_list;
-        size_t n = table_shape(L, idx, &is_list);
-        if (is_list) {
+        struct checks_shape sh;
+        checks_table_shape(L, idx, &sh);
+        if (sh.seq && sh.n >= 1) {   /* {} is an empty Struct */
             out->kind_case = KIND(LIST_VALUE);
-            return conv_list(c, idx, n, &out->list_value, depth);
+            return conv_list(c, idx, sh.n, &out->list_value, depth);
         }
         out->kind_case = KIND(STRUCT_VALUE);
-        return conv_struct(c, idx, n, &out->struct_value, depth);
+        return conv_struct(c, idx, sh.n, &out->struct_value, depth);
     }
     case LUA_TLIGHTUSERDATA:
         if (pbstruct_is_null(L, idx)) {
@@ -356,14 +268,7 @@ static void conv_init(struct conv *c, lua_State *L, const char *path, struct are
 {
     c->L = L;
     c->a = a;
-    c->err = err;
-    c->errlen = errlen;
-    c->path.len = 0;
-    c->path.buf[0] = '\0';
-    if (path)
-        errpath_push(&c->path, "%s", path);
-    if (errlen > 0)
-        err[0] = '\0';
+    checks_err_init(&c->e, err, errlen, path);
 }
 
 int pbstruct_from_lua(lua_State *L, int idx, const char *path, struct arena *a, Struct **out,
@@ -377,9 +282,9 @@ int pbstruct_from_lua(lua_State *L, int idx, const char *path, struct arena *a, 
         return fail(&c, "expected a table with string keys, got a %s", luaL_typename(L, idx));
     if (!lua_checkstack(L, 4))
         return fail(&c, "out of Lua stack space");
-    bool is_list;
-    size_t n = table_shape(L, idx, &is_list);
-    return conv_struct(&c, idx, n, out, 1);
+    struct checks_shape sh;
+    checks_table_shape(L, idx, &sh);
+    return conv_struct(&c, idx, sh.n, out, 1);
 }
 
 int pbstruct_value_from_lua(lua_State *L, int idx, const char *path, struct arena *a,

@@ -39,8 +39,4 @@ int pbstruct_from_lua(lua_State *L, int idx, const char *path, struct arena *a,
 int pbstruct_value_from_lua(lua_State *L, int idx, const char *path, struct arena *a,
                             Google__Protobuf__Value **out, char *err, size_t errlen);
 
-/* Whether s[0..len) is valid UTF-8 (no overlongs, surrogates or code points past
- * U+10FFFF): Envoy's parser rejects a message whose string fields are not. */
-bool pbstruct_utf8_valid(const char *s, size_t len);
-
 #endif

@@ -73,6 +73,12 @@ local R = {
   body_status_bogus = function() return { status = "REPLACE_PLEASE" } end,
   body_number = function() return { body = 12 } end,
   array = function() return { 1, 2 } end,
+  add_name_not_utf8 = function() return { add = { {"x-bad\xff", "v"} } } end,
+  add_map_name_not_utf8 = function() return { add = { ["x-\xc3\x28"] = "v" } } end,
+  remove_not_utf8 = function() return { remove = { "ok", "\xed\xa0\x80" } } end,
+  imm_header_not_utf8 = function() return { immediate = { headers = { {"\xff", "v"} } } } end,
+  imm_details_not_utf8 = function() return { immediate = { details = "x\xff" } } end,
+  add_name_space = function() return { add = { {"a b", "v"} } } end,
 }
 
 local function hcase(h)
@@ -245,6 +251,28 @@ def test_bad_return_table_body(bad, case, key):
     responses, code, details = h.process(bad, [h.body_req("request_body", case.encode())])
     assert responses == [] and code == INTERNAL, (responses, code, details)
     assert key_named(details, key), details
+
+
+@pytest.mark.parametrize("case,detail", [
+    ("add_name_not_utf8", "'add' entry 1: header name 'x-bad\\xff' is not valid UTF-8"),
+    ("add_map_name_not_utf8", "'add' entry 1: header name 'x-\\xc3(' is not valid UTF-8"),
+    ("remove_not_utf8", "'remove' entry 2: header name '\\xed\\xa0\\x80' is not valid UTF-8"),
+    ("imm_header_not_utf8", "'immediate.headers' entry 1: header name '\\xff' is not valid UTF-8"),
+    ("imm_details_not_utf8", "'immediate.details' is not valid UTF-8"),
+    ("add_name_space", "'add' entry 1: header name 'a b' has ' ' at byte 2"),
+])
+def test_strings_not_valid_for_their_proto_type(bad, case, detail):
+    # Bytes protobuf's C++ parser (Envoy) refuses are a bad table, never sent.
+    responses, code, details = h.process(bad, [h.headers_req("request_headers", [("x-case", case)])])
+    assert responses == [] and code == INTERNAL, (responses, code, details)
+    assert LOC_RE.search(details), f"no bad_return.lua:LINE: in {details!r}"
+    assert f"on_request_headers returned a bad table: {detail}" in details, details
+    assert_still_serving_bad(bad)
+
+
+def assert_still_serving_bad(bad):
+    responses, code, details = h.process(bad, [h.headers_req("request_headers", [])])
+    assert (code, responses) == (OK, [h.wrap("request_headers", h.add_header_mutation(add=[("x-fine", "1")]))]), details
 
 
 def test_bad_server_still_serving(bad):

@@ -562,7 +562,8 @@ def test_process_bad_field_names_the_path(process_stub):
     code, details = failure(process_stub, h.headers_req("request_headers", [("badfield", "1")]))
     assert code == INTERNAL
     names(details, "raw.lua:1", "process returned a bad response: "
-          "response.request_headers.response: unknown field 'header_mutaton'")
+          "response.request_headers.response: unknown field 'header_mutaton' "
+          "(did you mean 'header_mutation'?)")
 
 
 def test_process_wrong_phase(process_stub):

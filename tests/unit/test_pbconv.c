@@ -705,9 +705,9 @@ static void test_bad_returns(void)
     BAD("'x'", PBCONV_REQUEST_HEADERS, "returned a string, expected a table or nil");
     BAD("42", PBCONV_REQUEST_BODY, "returned a number, expected a table or nil");
     BAD("true", PBCONV_RESPONSE_TRAILERS, "returned a boolean, expected a table or nil");
-    BADT("{ ad = {} }", "unknown key 'ad'");
+    BADT("{ ad = {} }", "unknown key 'ad' (did you mean 'add'?)");
     BADT("{ {'a', 'b'} }", "unknown key [1]");
-    BADT("{ [true] = 1 }", "unknown key of type boolean");
+    BADT("{ [true] = 1 }", "unknown key [true]");
     BADT("{ add = 'x' }", "'add' must be a table, got string");
     BADT("{ remove = 'x' }", "'remove' must be a table, got string");
     BADT("{ clear_route_cache = 1 }", "'clear_route_cache' must be a boolean, got number");
@@ -742,7 +742,8 @@ static void test_bad_returns(void)
     BADT("{ immediate = { status = '403' } }", "'immediate.status' must be a number, got string");
     BADT("{ immediate = { grpc_status = -1 } }",
          "bad value for 'immediate.grpc_status': -1 (expected a gRPC status code 0-16)");
-    BADT("{ immediate = { stauts = 403 } }", "unknown key 'immediate.stauts'");
+    BADT("{ immediate = { stauts = 403 } }",
+         "unknown key 'immediate.stauts' (did you mean 'immediate.status'?)");
     BADT("{ immediate = { body = {} } }", "'immediate.body' must be a string, got table");
     BADT("{ immediate = { details = 'a\\0b' } }", "'immediate.details' contains a NUL byte");
     BADT("{ immediate = { headers = { {'a', {}} } } }",
@@ -763,6 +764,58 @@ static void test_bad_returns(void)
          "name = value");
     BADT("{ remove = { 1 } }", "'remove' entry 1: the name is a number, expected a string");
     BADT("{ remove = { x = 'y' } }", "'remove' must be a list of header names");
+    /* every string reaching a proto `string` field is UTF-8 (protobuf's parser refuses the
+     * whole message otherwise), and header names are what Envoy's ext_proc accepts */
+    BADT("{ add = { {'x-bad\\xff', 'v'} } }",
+         "'add' entry 1: header name 'x-bad\\xff' is not valid UTF-8");
+    BADT("{ add = { ['x-\\xc3\\x28'] = 'v' } }",
+         "'add' entry 1: header name 'x-\\xc3(' is not valid UTF-8");
+    BADT("{ remove = { 'ok', '\\xed\\xa0\\x80' } }",
+         "'remove' entry 2: header name '\\xed\\xa0\\x80' is not valid UTF-8");
+    BADT("{ immediate = { headers = { {'\\xff', 'v'} } } }",
+         "'immediate.headers' entry 1: header name '\\xff' is not valid UTF-8");
+    BADT("{ immediate = { details = 'x\\xff' } }", "'immediate.details' is not valid UTF-8");
+    BADT("{ add = { {'a b', 'v'} } }",
+         "'add' entry 1: header name 'a b' has ' ' at byte 2 (a header name is letters, digits "
+         "and !#$%&'*+-.^_`|~ only; Envoy refuses the whole mutation otherwise)");
+    BADT("{ remove = { 'caf\\xc3\\xa9' } }",
+         "'remove' entry 1: header name 'caf\\xc3\\xa9' has '\\xc3' at byte 4 (a header name "
+         "is letters, digits and !#$%&'*+-.^_`|~ only; Envoy refuses the whole mutation "
+         "otherwise)");
+    BADT("{ add = { {':Path', '/'} } }",
+         "'add' entry 1: header name ':Path' has 'P' at byte 2 (a pseudo-header name is lower "
+         "case)");
+    BADT("{ add = { {':', '/'} } }",
+         "'add' entry 1: header name ':' is ':' alone (a pseudo-header needs a name after the "
+         "colon)");
+    BADT("{ add = { {'x', 'v', append_acton = 'ADD_IF_ABSENT'} } }",
+         "'add' entry 1 has an unknown key 'append_acton' (did you mean 'append_action'?) (a "
+         "pair takes {name, value, append_action = ...})");
+    BADT("{ clear = true }", "unknown key 'clear'");  /* two keys start so: no guess */
+    BADT("{ add_headers = {} }", "unknown key 'add_headers' (did you mean 'add'?)");
+    BADT("{ Immediate = {} }", "unknown key 'Immediate' (did you mean 'immediate'?)");
+    BADT("{ xyz = 1 }", "unknown key 'xyz'");
+}
+
+/* What the handler may send: names Envoy accepts go through untouched. */
+static void test_valid_names(void)
+{
+    struct script *s = load(
+        "function on_request_headers()\n"
+        "  return { add = { {':path', '/x'}, {'X-Mixed_Case.1~', 'caf\\xc3\\xa9'} },\n"
+        "           remove = { \"!#$%&'*+-.^_`|~\" } }\n"
+        "end\n");
+    struct script_stream *st = script_stream_open(s, 9);
+    Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
+    CHECK(r != NULL);
+    HeaderMutation *hm = common(r)->header_mutation;
+    CHECK(hm->n_set_headers == 2 && hm->n_remove_headers == 1);
+    CHECK_STR(hm->set_headers[0]->header->key, ":path");
+    CHECK_STR(hm->set_headers[1]->header->key, "X-Mixed_Case.1~");
+    CHECK_BYTES(hm->set_headers[1]->header->raw_value, "caf\xc3\xa9", 5);
+    CHECK_STR(hm->remove_headers[0], "!#$%&'*+-.^_`|~");
+    script_stream_close(st);
+    script_close(s);
 }
 
 /* ---- the whole protocol (issue 3) ------------------------------------------------------- */
@@ -1356,7 +1409,8 @@ static void test_new_bad_returns(void)
     /* mode_override */
     BADT("{ mode_override = 'STREAMED' }", "'mode_override' must be a table, got string");
     BADT("{ mode_override = { request_body = 'STREAMED' } }",
-         "unknown key 'mode_override.request_body'");
+         "unknown key 'mode_override.request_body' (did you mean "
+         "'mode_override.request_body_mode'?)");
     BADT("{ mode_override = { 'STREAMED' } }", "unknown key [1] in mode_override");
     BADT("{ mode_override = { request_body_mode = 'STREAM' } }",
          "bad value for 'mode_override.request_body_mode': 'STREAM' " BMODES);
@@ -1377,8 +1431,8 @@ static void test_new_bad_returns(void)
          "bad value for 'override_message_timeout': -1 (expected a number of seconds from 0.001 "
          "to 315576000000)");
     BADT("{ override_message_timeout = 0/0 }",
-         "bad value for 'override_message_timeout': not a finite number (expected a number of "
-         "seconds from 0.001 to 315576000000)");
+         "bad value for 'override_message_timeout': NaN (expected a number of seconds from "
+         "0.001 to 315576000000)");
     BADT("{ override_message_timeout = 1e12 }",
          "bad value for 'override_message_timeout': 1000000000000 (expected a number of seconds "
          "from 0.001 to 315576000000)");
@@ -1600,7 +1654,8 @@ static void test_lua_errors(void)
 
     /* the bad-table message points at the line where the handler is defined */
     send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
-    snprintf(want, sizeof want, "%s:8: on_request_body returned a bad table: unknown key 'ad'", path);
+    snprintf(want, sizeof want, "%s:8: on_request_body returned a bad table: unknown key 'ad' "
+             "(did you mean 'add'?)", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
 
     /* a failure ends one message, not the script: the next trailer still works */
@@ -1783,6 +1838,7 @@ int main(void)
     test_return_keys();
     test_immediate_and_deny();
     test_bad_returns();
+    test_valid_names();
     test_lua_errors();
     test_malformed();
     test_observability_and_extras();

@@ -271,7 +271,7 @@ static void test_struct_errors(void)
     CHECK(struct_of(L, "'x'", &s) == -1);
     CHECK_STR(err, "dm: expected a table with string keys, got a string");
     CHECK(struct_of(L, "{1, 2}", &s) == -1);
-    CHECK_STR(err, "dm: key 1 is not a string (a protobuf Struct has string keys; a list must "
+    CHECK_STR(err, "dm: key [1] is not a string (a protobuf Struct has string keys; a list must "
                    "be a sequence 1..n)");
     CHECK(struct_of(L, "{ ns = { list = {1, print} } }", &s) == -1);
     CHECK_STR(err, "dm.ns.list[2]: a function cannot be converted to a protobuf Value");
@@ -280,10 +280,10 @@ static void test_struct_errors(void)
     CHECK(struct_of(L, "{ u = io.stdout }", &s) == -1);
     CHECK_STR(err, "dm.u: a userdata cannot be converted to a protobuf Value");
     CHECK(struct_of(L, "{ ns = { [true] = 1 } }", &s) == -1);
-    CHECK_STR(err, "dm.ns: key true is not a string (a protobuf Struct has string keys; a list "
+    CHECK_STR(err, "dm.ns: key [true] is not a string (a protobuf Struct has string keys; a list "
                    "must be a sequence 1..n)");
     CHECK(struct_of(L, "{ ns = { [1.5] = 1 } }", &s) == -1);
-    CHECK_STR(err, "dm.ns: key 1.5 is not a string (a protobuf Struct has string keys; a list "
+    CHECK_STR(err, "dm.ns: key [1.5] is not a string (a protobuf Struct has string keys; a list "
                    "must be a sequence 1..n)");
     /* a list with a hole or an extra key is an object with non-string keys */
     CHECK(struct_of(L, "{ l = {1, nil, 3} }", &s) == -1);
@@ -291,7 +291,7 @@ static void test_struct_errors(void)
     CHECK(struct_of(L, "{ l = {1, 2, x = 3} }", &s) == -1);
     CHECK(strstr(err, "dm.l: key ") == err);
     CHECK(struct_of(L, "{ l = {[0] = 1} }", &s) == -1);
-    CHECK(strstr(err, "dm.l: key 0 is not a string") == err);
+    CHECK(strstr(err, "dm.l: key [0] is not a string") == err);
     CHECK(struct_of(L, "{ x = 0/0 }", &s) == -1);
     CHECK_STR(err, "dm.x: NaN cannot be converted to a protobuf Value (not a finite number)");
     CHECK(struct_of(L, "{ x = {1, math.huge} }", &s) == -1);
@@ -683,12 +683,14 @@ static void test_response_build(void)
 static void test_response_errors(void)
 {
     lua_State *L = fresh();
-    CHECK_ERR(L, MUT("{ header = { kye = 'x' } }"), SH ".header: unknown field 'kye'");
+    CHECK_ERR(L, MUT("{ header = { kye = 'x' } }"), SH ".header: unknown field 'kye' (did you mean 'key'?)");
     CHECK_ERR(L, "{ request_headers = { response = { header_mutaton = {} } } }",
-              "response.request_headers.response: unknown field 'header_mutaton'");
-    CHECK_ERR(L, "{ [1] = {} }", "response: key 1 is not a field name");
-    CHECK_ERR(L, "{ [true] = {} }", "response: key a boolean is not a field name");
-    CHECK_ERR(L, "{ ['request_headers\\0x'] = {} }", "response: unknown field 'request_headers'");
+              "response.request_headers.response: unknown field 'header_mutaton' "
+              "(did you mean 'header_mutation'?)");
+    CHECK_ERR(L, "{ [1] = {} }", "response: key [1] is not a field name");
+    CHECK_ERR(L, "{ [true] = {} }", "response: key [true] is not a field name");
+    CHECK_ERR(L, "{ ['request_headers\\0x'] = {} }", "response: unknown field 'request_headers\\x00x' "
+              "(did you mean 'request_headers'?)");
     CHECK_ERR(L, "'x'", "response: expected a table (envoy.service.ext_proc.v3.ProcessingResponse), "
                         "got a string");
     /* wrong types */
@@ -717,13 +719,14 @@ static void test_response_errors(void)
     /* enums */
     CHECK_ERR(L, MUT("{ append_action = 'ADD' }"),
               SH ".append_action: unknown envoy.config.core.v3.HeaderValueOption.HeaderAppendAction "
-              "value 'ADD'");
+              "value 'ADD' (expected APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD or "
+              "OVERWRITE_IF_EXISTS, or a number)");
     CHECK_ERR(L, MUT("{ append_action = true }"),
               SH ".append_action: expected an enum name or number "
               "(envoy.config.core.v3.HeaderValueOption.HeaderAppendAction), got a boolean");
     CHECK_ERR(L, "{ immediate_response = { status = { code = 'Forbiden' } } }",
               "response.immediate_response.status.code: unknown envoy.type.v3.StatusCode value "
-              "'Forbiden'");
+              "'Forbiden' (did you mean 'Forbidden'?)");
     CHECK_ERR(L, "{ immediate_response = { status = { code = 2^31 } } }",
               "response.immediate_response.status.code: 2147483648 is out of range for enum "
               "(-2147483648..2147483647)");
@@ -749,8 +752,8 @@ static void test_response_errors(void)
               "response.immediate_response.grpc_status.status: expected an integer (uint32), "
               "got NaN");
     CHECK_ERR(L, "{ immediate_response = { grpc_status = { status = 1e300 } } }",
-              "response.immediate_response.grpc_status.status: 1.0000000000000001e+300 is out "
-              "of range for uint32 (0..4294967295)");
+              "response.immediate_response.grpc_status.status: 1e+300 is out of range for "
+              "uint32 (0..4294967295)");
     /* oneofs */
     CHECK_ERR(L, "{ request_headers = {}, immediate_response = {} }",
               "response: 'immediate_response' and 'request_headers' are members of one oneof: "
@@ -789,14 +792,15 @@ static void test_response_errors(void)
               "response.dynamic_metadata.ns.list[2]: a function cannot be converted to a "
               "protobuf Value");
     CHECK_ERR(L, "{ dynamic_metadata = { 1 } }",
-              "response.dynamic_metadata: key 1 is not a string (a protobuf Struct has string "
+              "response.dynamic_metadata: key [1] is not a string (a protobuf Struct has string "
               "keys; a list must be a sequence 1..n)");
     CHECK_ERR(L, "{ dynamic_metadata = 'x' }",
               "response.dynamic_metadata: expected a table with string keys, got a string");
     CHECK_ERR(L, "{ mode_override = { request_body_mode = 'STREAMING' } }",
               "response.mode_override.request_body_mode: unknown "
               "envoy.extensions.filters.http.ext_proc.v3.ProcessingMode.BodySendMode value "
-              "'STREAMING'");
+              "'STREAMING' (expected NONE, STREAMED, "
+              "BUFFERED, BUFFERED_PARTIAL or FULL_DUPLEX_STREAMED, or a number)");
 
     /* maps */
     ProtobufCMessage *m;
