@@ -19,6 +19,7 @@
 #include <lua.h>
 
 #include "arena.h"
+#include "checks.h"
 #include "log.h"
 #include "pbconv.h"
 #include "pbreflect.h"
@@ -244,7 +245,8 @@ static int run_handler(lua_State *L)
         lua_Debug ar;
         lua_pushvalue(L, 2);
         lua_getinfo(L, ">S", &ar);
-        snprintf(c->err, sizeof c->err, "%s:%d: %s", ar.short_src, ar.linedefined, detail);
+        checks_bad_table_message(c->err, sizeof c->err, ar.short_src, ar.linedefined,
+                                 c->handler, detail);
     }
     lua_replace(L, 1);
     lua_settop(L, 1);

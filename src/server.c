@@ -278,6 +278,11 @@ static struct vm **load_generation(struct server *srv, uint64_t generation, char
     atomic_store(&metrics.script_generation, generation);
     atomic_store(&metrics.script_loaded_unix_ms, now_us(CLOCK_REALTIME) / 1000u);
     atomic_store(&metrics.script_load_us, now_us(CLOCK_MONOTONIC) - t0);
+    char typos[2048];
+    if (vm_misspellings(vms[0], typos, sizeof typos)) {
+        for (char *line = strtok(typos, "\n"); line; line = strtok(NULL, "\n"))
+            log_warn("%s", line);
+    }
     log_info("loaded %s as generation %llu (sha256 %s, %zu bytes, %zu files read while "
              "loading)", srv->script_path, (unsigned long long)generation,
              vms[0]->snap->sha256, vms[0]->snap->len, vms[0]->snap->nfiles);

@@ -27,9 +27,7 @@
 #include <lualib.h>
 
 #include "calloutlib.h"
-#ifdef HAVE_CHECKS
 #include "checks.h"
-#endif
 #include "generation.h"
 #include "log.h"
 #include "pbconv.h"
@@ -802,12 +800,7 @@ size_t vm_misspellings(struct vm *vm, char *buf, size_t len)
     while (lua_next(L, -2) != 0) {
         if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TFUNCTION) {
             const char *name = lua_tostring(L, -2);
-#ifdef HAVE_CHECKS
             const char *meant = checks_misspelled_handler(name);
-#else
-            const char *meant = NULL;
-            (void)name;
-#endif
             if (meant) {
                 lua_Debug ar;
                 lua_pushvalue(L, -1);

@@ -266,7 +266,7 @@ def test_strings_not_valid_for_their_proto_type(bad, case, detail):
     responses, code, details = h.process(bad, [h.headers_req("request_headers", [("x-case", case)])])
     assert responses == [] and code == INTERNAL, (responses, code, details)
     assert LOC_RE.search(details), f"no bad_return.lua:LINE: in {details!r}"
-    assert f"on_request_headers returned a bad table: {detail}" in details, details
+    assert f"on_request_headers (defined here) returned a bad table: {detail}" in details, details
     assert_still_serving_bad(bad)
 
 

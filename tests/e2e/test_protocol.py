@@ -345,7 +345,7 @@ def test_immediate_in_every_phase(cases, phase):
 def test_strict_values_refused(cases, case, detail):
     code, details = failure(cases, case_req("request_headers", case))
     assert code == INTERNAL
-    names(details, f"cases.lua:{HEADERS_LINE}", f"on_request_headers returned a bad table: {detail}")
+    names(details, f"cases.lua:{HEADERS_LINE}", f"on_request_headers (defined here) returned a bad table: {detail}")
 
 
 def test_deny_callout_is_permission_denied(cases):
@@ -465,7 +465,7 @@ def test_full_duplex_refuses_non_streamed_keys(module_servers):
         h.headers_req("request_headers", protocol_config=fds_config()),
         h.body_req("request_body", "x")])
     assert code == INTERNAL
-    names(details, "fdbad.lua:1", "on_request_body returned a bad table: 'clear_body' is not "
+    names(details, "fdbad.lua:1", "on_request_body (defined here) returned a bad table: 'clear_body' is not "
           "allowed in request_body in FULL_DUPLEX_STREAMED mode (see docs/streaming.md)")
 
 
@@ -561,7 +561,7 @@ def test_process_nil_is_empty_response(process_stub, phase):
 def test_process_bad_field_names_the_path(process_stub):
     code, details = failure(process_stub, h.headers_req("request_headers", [("badfield", "1")]))
     assert code == INTERNAL
-    names(details, "raw.lua:1", "process returned a bad response: "
+    names(details, "raw.lua:1", "process (defined here) returned a bad response: "
           "response.request_headers.response: unknown field 'header_mutaton' "
           "(did you mean 'header_mutation'?)")
 
@@ -569,6 +569,6 @@ def test_process_bad_field_names_the_path(process_stub):
 def test_process_wrong_phase(process_stub):
     code, details = failure(process_stub, h.headers_req("request_headers", [("wrong", "1")]))
     assert code == INTERNAL
-    names(details, "raw.lua:1", "process returned a bad response: response.response_headers does "
+    names(details, "raw.lua:1", "process (defined here) returned a bad response: response.response_headers does "
           "not answer a request_headers message (expected response.request_headers or "
           "response.immediate_response)")

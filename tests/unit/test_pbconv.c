@@ -690,7 +690,7 @@ static void check_bad_return(const char *expr, enum pbconv_phase phase, const ch
     char src[1024], want[1024];
     snprintf(src, sizeof src, "function %s() return %s end\n", pbconv_handler_name(phase), expr);
     struct vm *s = load(src);
-    snprintf(want, sizeof want, "%s:1: %s %s", last_path, pbconv_handler_name(phase), detail);
+    snprintf(want, sizeof want, "%s:1: %s (defined here) %s", last_path, pbconv_handler_name(phase), detail);
     struct dispatch_stream *st = dispatch_stream_open(s, 8);
     send(st, &(struct req){.phase = phase, .kv = no_headers});
     check_fail(GRPC_STATUS_INTERNAL, want, line);
@@ -800,12 +800,12 @@ static void test_bad_returns(void)
 /* What the handler may send: names Envoy accepts go through untouched. */
 static void test_valid_names(void)
 {
-    struct script *s = load(
+    struct vm *s = load(
         "function on_request_headers()\n"
         "  return { add = { {':path', '/x'}, {'X-Mixed_Case.1~', 'caf\\xc3\\xa9'} },\n"
         "           remove = { \"!#$%&'*+-.^_`|~\" } }\n"
         "end\n");
-    struct script_stream *st = script_stream_open(s, 9);
+    struct dispatch_stream *st = dispatch_stream_open(s, 9);
     Resp *r = send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers});
     CHECK(r != NULL);
     HeaderMutation *hm = common(r)->header_mutation;
@@ -814,8 +814,8 @@ static void test_valid_names(void)
     CHECK_STR(hm->set_headers[1]->header->key, "X-Mixed_Case.1~");
     CHECK_BYTES(hm->set_headers[1]->header->raw_value, "caf\xc3\xa9", 5);
     CHECK_STR(hm->remove_headers[0], "!#$%&'*+-.^_`|~");
-    script_stream_close(st);
-    script_close(s);
+    dispatch_stream_close(st);
+    vm_close(s);
 }
 
 /* ---- the whole protocol (issue 3) ------------------------------------------------------- */
@@ -1654,7 +1654,7 @@ static void test_lua_errors(void)
 
     /* the bad-table message points at the line where the handler is defined */
     send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
-    snprintf(want, sizeof want, "%s:8: on_request_body returned a bad table: unknown key 'ad' "
+    snprintf(want, sizeof want, "%s:8: on_request_body (defined here) returned a bad table: unknown key 'ad' "
              "(did you mean 'add'?)", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
 
