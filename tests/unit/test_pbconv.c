@@ -1063,7 +1063,7 @@ static void test_dynamic_metadata(void)
 
     send(st, &(struct req){.phase = PBCONV_REQUEST_BODY});
     char want[512];
-    snprintf(want, sizeof want, "%s:7: on_request_body returned a bad table: 'deny' cannot be "
+    snprintf(want, sizeof want, "%s:7: on_request_body (defined here) returned a bad table: 'deny' cannot be "
              "combined with 'dynamic_metadata'", last_path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
     dispatch_stream_close(st);
@@ -1305,7 +1305,7 @@ static void test_full_duplex(void)
 #define BADCHUNK(text, e, detail)                                                          \
     do {                                                                                   \
         CHUNK(text, e);                                                                    \
-        snprintf(want, sizeof want, "%s:2: on_request_body returned a bad table: %s", path, \
+        snprintf(want, sizeof want, "%s:2: on_request_body (defined here) returned a bad table: %s", path, \
                  detail);                                                                  \
         CHECK_FAIL(GRPC_STATUS_INTERNAL, want);                                            \
     } while (0)
@@ -1341,7 +1341,7 @@ static void test_full_duplex(void)
     CHECK(common(r)->body_mutation->mutation_case == ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_BODY);
     CHECK_BYTES(common(r)->body_mutation->body, "ABC", 3);
     CHUNK("c", false);
-    snprintf(want, sizeof want, "%s:1: on_request_body returned a bad table: 'chunks' is allowed "
+    snprintf(want, sizeof want, "%s:1: on_request_body (defined here) returned a bad table: 'chunks' is allowed "
              "only in body phases in FULL_DUPLEX_STREAMED mode, not in request_body", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
     send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "rb", .body_len = 2, .eos = true});
@@ -1556,21 +1556,21 @@ static void test_process(void)
     static const char *const badfield[] = {"badfield", "1"};
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = badfield, .n = 1});
     CHECK(reply.outcome == DISPATCH_FAIL && reply.status == GRPC_STATUS_INTERNAL);
-    snprintf(want, sizeof want, "%s:1: process returned a bad response: response.request_headers."
+    snprintf(want, sizeof want, "%s:1: process (defined here) returned a bad response: response.request_headers."
              "response.header_mutation.set_headers[1].header", path);
     CHECK(strncmp(reply.message, want, strlen(want)) == 0);
     CHECK(strstr(reply.message, "'kye'") != NULL);
 
     static const char *const wrong[] = {"wrong", "1"};
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = wrong, .n = 1});
-    snprintf(want, sizeof want, "%s:1: process returned a bad response: response.response_headers "
+    snprintf(want, sizeof want, "%s:1: process (defined here) returned a bad response: response.response_headers "
              "does not answer a request_headers message (expected response.request_headers or "
              "response.immediate_response)", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
 
     static const char *const none[] = {"none", "1"};
     send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = none, .n = 1});
-    snprintf(want, sizeof want, "%s:1: process returned a bad response: response: none of the "
+    snprintf(want, sizeof want, "%s:1: process (defined here) returned a bad response: response: none of the "
              "'response' oneof is set (a request_headers message needs response.request_headers "
              "or response.immediate_response)", path);
     CHECK_FAIL(GRPC_STATUS_INTERNAL, want);
