@@ -16,6 +16,11 @@ import harness as h
 
 OK = grpc.StatusCode.OK
 MiB = 1 << 20
+# Under AddressSanitizer RSS says nothing about our buffers (its quarantine holds freed
+# memory, its allocator ignores malloc_trim): the memory assertions are skipped there, the
+# behaviour ones are kept.
+with open(h.BIN, "rb") as _f:
+    SANITIZED = b"__asan_init" in _f.read()
 
 ECHO = "function on_request_body(b) return {body=b.body} end\n"
 
@@ -196,8 +201,9 @@ def test_client_that_never_reads_cannot_exhaust_memory(servers):
     assert messages == {"answers not read by the client exceed 64 MB"}, messages
     # ... the others stopped receiving: nothing holds more than the first message of each
     # stream (received in full: a posted read opens the window for it) plus the total.
-    assert peak - base < 40 * 4 + 64 + 48, (base, peak)
-    assert after - base < 64, (base, peak, after)
+    if not SANITIZED:
+        assert peak - base < 40 * 4 + 64 + 48, (base, peak)
+        assert after - base < 64, (base, peak, after)
     assert not failures and served[0] >= 20, (served, failures[:3])
     assert srv.alive()
     echo_ok(stub)
@@ -214,7 +220,8 @@ def test_per_stream_bound_stops_receiving(servers):
     statuses = [c.status(s) for s in sids]
     c.close()
     assert statuses == [None] * 40, statuses          # paused, not failed
-    assert peak - base < 40 * 8 + 48, (base, peak)
+    if not SANITIZED:
+        assert peak - base < 40 * 8 + 48, (base, peak)
     echo_ok(srv.stub())
 
 
