@@ -30,10 +30,6 @@
 /* A packed-answer buffer grown past this for one large answer is given back afterwards. */
 #define OUT_KEEP_BYTES ((size_t)64 << 10)
 
-#ifndef log_warn_limited
-#define log_warn_limited log_warn
-#endif
-
 struct dispatch_stream {
     struct vm *vm;
     uint64_t id;

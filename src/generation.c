@@ -307,10 +307,10 @@ struct vm *generation_current(struct worker_vms *w)
     if (!next && tainted) {
         next = take_spare(w);
         if (next) {
-            log_warn("a handler exceeded its budget: new streams start on a fresh Lua VM "
+            log_warn_limited("a handler exceeded its budget: new streams start on a fresh Lua VM "
                      "of generation %llu", (unsigned long long)next->snap->generation);
         } else {
-            log_warn("a handler exceeded its budget and no fresh Lua VM is ready yet: new "
+            log_warn_limited("a handler exceeded its budget and no fresh Lua VM is ready yet: new "
                      "streams stay on the current one until it is");
             w->current->tainted = true;   /* look again at the next call */
             want_spare(w);

@@ -170,6 +170,12 @@ int main(int argc, char **argv)
 
     raise_nofile();
     stream_set_bench_echo(cfg.bench_echo);
+    struct stream_limits stream_limits = {
+        .max_queued_bytes = (size_t)cfg.max_queued_kb << 10,
+        .max_queued_total_bytes = (size_t)cfg.max_queued_total_mb << 20,
+        .idle_timeout_ms = cfg.stream_idle_timeout_ms,
+    };
+    stream_set_limits(&stream_limits);
     struct server *srv = server_start(&cfg, need_tls ? &id : NULL, err, sizeof err);
     if (!srv) {
         fprintf(stderr, "luacallout: %s\n", err);

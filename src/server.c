@@ -35,13 +35,17 @@
 /* Requests kept posted per worker: enough that a burst of new streams never waits for a
  * worker to re-post, few enough to cost nothing. */
 #define REQUESTS_PER_WORKER 8
-#define MAX_MESSAGE_BYTES (64 * 1024 * 1024)
 /* A handler running this long past its time budget is stuck in C code the budget cannot
  * interrupt: the watchdog reports it and liveness fails while it lasts. */
 #define WATCHDOG_MARGIN_MS 1000
 /* After the drain grace and the cancellation of what was left, how long shutdown waits for
  * the workers before it gives up on them. */
 #define ABANDON_AFTER_MS 2000
+/* Request metadata of one call (HTTP/2 header list): Envoy sends a few hundred bytes plus
+ * any initial_metadata its grpc_service sets; its own limit for HTTP requests is 60 KiB. */
+#define MAX_METADATA_BYTES (64 * 1024)
+/* A TLS or HTTP/2 handshake not done by then holds a connection for nothing. */
+#define HANDSHAKE_TIMEOUT_MS 10000
 
 struct worker;
 
@@ -120,10 +124,11 @@ static void *worker_main(void *arg)
 {
     struct worker *w = arg;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(w->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC),
-                                                   NULL);
+        /* Wakes up on its own only when the stream layer has a deadline (idle streams) */
+        grpc_event ev = grpc_completion_queue_next(w->cq, stream_worker_deadline(), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
+        stream_worker_tick();
         if (ev.type == GRPC_OP_COMPLETE) {
             struct tag *t = ev.tag;
             t->done(t, ev.success != 0);
@@ -357,13 +362,38 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
     }
     free(vms);
 
+    /* What one connection may make grpc buffer (docs/operations.md, Limits). A limit of 0
+     * on the command line means none: grpc's "unlimited" is -1 for sizes, and no setting
+     * at all for the stream count. */
     grpc_arg args[] = {
         /* A second server on the same port must fail, not silently share it. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        /* A longer message fails with RESOURCE_EXHAUSTED before it reaches the script. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
-         .value.integer = MAX_MESSAGE_BYTES},
+         .value.integer = cfg->max_message_kb ? cfg->max_message_kb * 1024 : -1},
+        /* No BDP probing: grpc would otherwise grow every stream's HTTP/2 window (up to
+         * megabytes) to fit the link, and a stream we have stopped reading (its client does
+         * not read our answers) could still push that much into our buffers. A posted read
+         * opens the window for the whole message it awaits, so large bodies still flow. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_BDP_PROBE, .value.integer = 0},
+        /* grpc's default (16 KiB) stated: the largest frame a client may send us. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MAX_FRAME_SIZE, .value.integer = 16384},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_METADATA_SIZE,
+         .value.integer = MAX_METADATA_BYTES},
+        /* Ping floods: grpc's defaults stated. A client may ping at most once per 5 min
+         * without sending data; the second offence closes the connection (GOAWAY
+         * ENHANCE_YOUR_CALM), so PING ACKs cannot pile up for a client that does not read. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MAX_PING_STRIKES, .value.integer = 2},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
+         .value.integer = 300000},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
+         .value.integer = HANDSHAKE_TIMEOUT_MS},
+        /* Last, so that it can be left out: SETTINGS_MAX_CONCURRENT_STREAMS. */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
+         .value.integer = cfg->max_streams_per_connection},
     };
-    grpc_channel_args channel_args = {.num_args = sizeof args / sizeof args[0], .args = args};
+    size_t nargs = sizeof args / sizeof args[0] - (cfg->max_streams_per_connection ? 0 : 1);
+    grpc_channel_args channel_args = {.num_args = nargs, .args = args};
     srv->grpc = grpc_server_create(&channel_args, NULL);
     srv->process_method = grpc_server_register_method(srv->grpc, PROCESS_METHOD, NULL,
                                                       GRPC_SRM_PAYLOAD_NONE, 0);

@@ -5,15 +5,29 @@
  * as it arrives and the next receive is posted right away; answers queue behind the send in
  * flight, so they leave strictly in request order. When the client half-closes (or the
  * script fails the stream), the status goes out after every queued answer. The stream is
- * freed when its last batch has completed, whichever way the call ended. */
+ * freed when its last batch has completed, whichever way the call ended.
+ *
+ * Limits (docs/operations.md, Limits). Answers queued or in flight are counted per stream
+ * and in total: past the per-stream bound the stream stops posting receives, so HTTP/2 flow
+ * control holds the client back until its answers drain; past the total bound the stream
+ * that would add more is cancelled with RESOURCE_EXHAUSTED. Each worker keeps a list of its
+ * streams and sweeps it a few times per idle timeout: a stream with no message received or
+ * answer delivered for that long is cancelled with DEADLINE_EXCEEDED. The per-message cost
+ * is one stored timestamp (the worker's clock, read once per completion-queue event) and,
+ * for the total, an addition to a worker-local delta that reaches the shared atomic only
+ * once per QUEUED_FLUSH bytes. */
 #include "stream.h"
 
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/support/alloc.h>
+#include <malloc.h>
 #include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "log.h"
 #include "metrics.h"
@@ -24,6 +38,7 @@
 
 struct pending_send {
     grpc_byte_buffer *payload;
+    size_t len;
     struct pending_send *next;
 };
 
@@ -33,6 +48,9 @@ struct stream {
     struct dispatch_stream *script;
     uint64_t id;
     struct stream *vm_prev, *vm_next;   /* the streams of the same VM (vm->stream_list) */
+    struct stream *prev, *next;   /* the worker's list of its streams */
+    int64_t last_active_ms;       /* last message received or answer delivered */
+    size_t queued;                /* bytes of answers queued or in flight */
 
     struct tag recv_tag, send_tag, status_tag, close_tag;
     grpc_byte_buffer *recv_payload;
@@ -45,6 +63,9 @@ struct stream {
     bool finishing;               /* status decided: no more receives */
     bool status_sent;
     bool dead;                    /* call cancelled or a batch failed: send nothing more */
+    bool recv_paused;             /* too many answers unread: no receive posted */
+    bool aborted;                 /* cancelled by a limit (counted as an error) */
+    bool had_big;                 /* a big message or answer (see TRIM_BIG_BYTES) */
     grpc_status_code status;
     grpc_slice status_details;
 };
@@ -57,14 +78,83 @@ static _Atomic long live_streams;
 
 long stream_live_count(void) { return atomic_load(&live_streams); }
 
+static struct stream_limits limits;
+
+void stream_set_limits(const struct stream_limits *l) { limits = *l; }
+
+/* A message or answer at least this big may leave the allocator holding pages the process
+ * no longer uses: the worker then trims, once it has seen no such message for TRIM_QUIET_MS
+ * (and no worker trimmed in the last TRIM_QUIET_MS). malloc_trim walks every arena, so it
+ * is kept off the path of ordinary traffic. */
+#define TRIM_BIG_BYTES (256 * 1024)
+#define TRIM_QUIET_MS 1000
+/* The shared total of queued bytes is updated once a worker's own delta passes this: the
+ * total is then exact within QUEUED_FLUSH bytes per worker, for one atomic per 64 KiB. */
+#define QUEUED_FLUSH (64 * 1024)
+
+static _Atomic long queued_total;     /* bytes, less the deltas workers have not flushed */
+static _Atomic int64_t last_trim_ms;
+
+/* What a worker thread knows about its own streams. Thread-local: every event of a stream
+ * is handled by the worker that accepted it, so none of this is shared. */
+struct worker_streams {
+    struct stream *head;
+    int64_t now_ms;           /* the worker's clock, refreshed by stream_worker_tick */
+    int64_t next_sweep_ms;
+    long queued_delta;        /* not yet added to queued_total */
+    bool big_seen;            /* a big message since this worker last trimmed */
+    int64_t last_big_ms;
+};
+static _Thread_local struct worker_streams here;
+
+static int64_t coarse_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void account_queued(struct stream *s, long delta)
+{
+    s->queued = (size_t)((long)s->queued + delta);
+    here.queued_delta += delta;
+    if (here.queued_delta > QUEUED_FLUSH || here.queued_delta < -QUEUED_FLUSH) {
+        atomic_fetch_add_explicit(&queued_total, here.queued_delta, memory_order_relaxed);
+        here.queued_delta = 0;
+    }
+}
+
+/* Called when a big buffer is made and again when it is freed (the pages are free only
+ * then): the trim comes TRIM_QUIET_MS after the last of either. */
+static void note_big(void)
+{
+    here.big_seen = true;
+    here.last_big_ms = here.now_ms;
+}
+
+static void note_size(struct stream *s, size_t len)
+{
+    if (len >= TRIM_BIG_BYTES) {
+        s->had_big = true;
+        note_big();
+    }
+}
+
 static void stream_free(struct stream *s)
 {
     while (s->queue_head) {
         struct pending_send *p = s->queue_head;
         s->queue_head = p->next;
+        account_queued(s, -(long)p->len);
         grpc_byte_buffer_destroy(p->payload);
         free(p);
     }
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        here.head = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
     if (s->recv_payload)
         grpc_byte_buffer_destroy(s->recv_payload);
     grpc_slice_unref(s->status_details);
@@ -77,9 +167,11 @@ static void stream_free(struct stream *s)
     if (s->vm_next)
         s->vm_next->vm_prev = s->vm_prev;
     generation_release(s->vm);
-    if (s->status_sent && s->status != GRPC_STATUS_OK)
+    if ((s->status_sent && s->status != GRPC_STATUS_OK) || s->aborted)
         atomic_fetch_add(&metrics.stream_errors_total, 1);
     grpc_call_unref(s->call);
+    if (s->had_big)
+        note_big();   /* grpc frees the call's buffers now too */
     free(s);
     atomic_fetch_sub(&live_streams, 1);
     atomic_fetch_sub(&metrics.streams_active, 1);
@@ -111,9 +203,26 @@ static void pop_sent(struct stream *s)
     s->queue_head = p->next;
     if (!s->queue_head)
         s->queue_tail = NULL;
+    account_queued(s, -(long)p->len);
+    if (p->len >= TRIM_BIG_BYTES)
+        note_big();
     grpc_byte_buffer_destroy(p->payload);
     free(p);
     s->sending = false;
+}
+
+/* Ends the stream now, whatever it has queued: for a client that is not reading, a status
+ * queued behind its answers would never leave. grpc fails the batches in flight, which
+ * frees the stream as usual. */
+static void abort_stream(struct stream *s, grpc_status_code status, const char *message)
+{
+    if (s->dead)
+        return;
+    grpc_call_cancel_with_status(s->call, status, message, NULL);
+    s->dead = true;
+    s->aborted = true;
+    s->finishing = true;
+    s->status = status;
 }
 
 /* Posts the next receive. When exactly one answer waits and nothing is being sent, the
@@ -135,6 +244,17 @@ static void post_recv(struct stream *s)
         s->sending = true;
         s->send_with_recv = true;
     }
+}
+
+/* Posts the next receive unless this stream's unread answers are over the limit: then the
+ * client is held back by flow control until on_send sees them drain. */
+static void want_recv(struct stream *s)
+{
+    if (limits.max_queued_bytes && s->queued > limits.max_queued_bytes) {
+        s->recv_paused = true;
+        return;
+    }
+    post_recv(s);
 }
 
 /* Starts the next send: the oldest queued answer, else the final status once decided. */
@@ -170,23 +290,40 @@ static void finish(struct stream *s, grpc_status_code status, const char *messag
     pump(s);
 }
 
-/* Queues an answer; the caller decides when to send (post_recv may carry it). */
-static void enqueue(struct stream *s, const uint8_t *data, size_t len)
+/* Queues an answer; the caller decides when to send (post_recv may carry it). Returns
+ * false when the stream has been ended instead (the total of unread answers is over its
+ * limit, or no memory). */
+static bool enqueue(struct stream *s, const uint8_t *data, size_t len)
 {
+    if (limits.max_queued_total_bytes &&
+        atomic_load_explicit(&queued_total, memory_order_relaxed) + here.queued_delta +
+                (long)len > (long)limits.max_queued_total_bytes) {
+        char msg[128];
+        snprintf(msg, sizeof msg, "answers not read by the client exceed %zu MB",
+                 limits.max_queued_total_bytes >> 20);
+        log_warn_limited("stream %llu: %s (all streams together): ending it",
+                         (unsigned long long)s->id, msg);
+        abort_stream(s, GRPC_STATUS_RESOURCE_EXHAUSTED, msg);
+        return false;
+    }
     struct pending_send *p = malloc(sizeof *p);
     if (!p) {
         finish(s, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
-        return;
+        return false;
     }
     grpc_slice slice = grpc_slice_from_copied_buffer((const char *)data, len);
     p->payload = grpc_raw_byte_buffer_create(&slice, 1);
     grpc_slice_unref(slice);
+    p->len = len;
     p->next = NULL;
     if (s->queue_tail)
         s->queue_tail->next = p;
     else
         s->queue_head = p;
     s->queue_tail = p;
+    account_queued(s, (long)len);
+    note_size(s, len);
+    return true;
 }
 
 /* Hands one received message to the script. The payload is read in place when it is one
@@ -198,8 +335,9 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
          * no Lua; the answer is a fixed ProcessingResponse{request_headers: {}}. */
         static const uint8_t fixed[] = {0x0a, 0x00};
         atomic_fetch_add(&metrics.messages_total, 1);
-        enqueue(s, fixed, sizeof fixed);
-        post_recv(s);
+        if (!enqueue(s, fixed, sizeof fixed))
+            return;
+        want_recv(s);
         pump(s);
         return;
     }
@@ -219,6 +357,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
     }
 
     atomic_fetch_add(&metrics.messages_total, 1);
+    note_size(s, GRPC_SLICE_LENGTH(flat));
     struct dispatch_reply reply;
     dispatch_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
     grpc_slice_unref(flat);
@@ -226,7 +365,8 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
     switch (reply.outcome) {
     case DISPATCH_RESPOND:
         for (size_t i = 0, at = 0; i < reply.count; at += reply.lens[i], i++)
-            enqueue(s, reply.data + at, reply.lens[i]);
+            if (!enqueue(s, reply.data + at, reply.lens[i]))
+                return;
         break;
     case DISPATCH_NO_RESPONSE:
         break;
@@ -235,7 +375,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
         return;
     }
     if (!s->finishing)
-        post_recv(s);
+        want_recv(s);
     pump(s);
 }
 
@@ -251,8 +391,10 @@ static void on_recv(struct tag *tag, bool ok)
     if (!ok) {
         s->dead = true;            /* the call is over (cancelled or torn down) */
     } else if (!payload) {
-        finish(s, GRPC_STATUS_OK, NULL);   /* client half-close: all answered */
+        if (!s->finishing)
+            finish(s, GRPC_STATUS_OK, NULL);   /* client half-close: all answered */
     } else if (!s->dead && !s->finishing) {
+        s->last_active_ms = here.now_ms;
         handle_message(s, payload);
     }
     if (payload)
@@ -266,6 +408,13 @@ static void on_send(struct tag *tag, bool ok)
     pop_sent(s);
     if (!ok)
         s->dead = true;
+    else
+        s->last_active_ms = here.now_ms;
+    if (s->recv_paused && !s->dead && !s->finishing &&
+        s->queued <= limits.max_queued_bytes) {
+        s->recv_paused = false;
+        post_recv(s);
+    }
     pump(s);
     batch_done(s);
 }
@@ -315,6 +464,11 @@ void stream_start(grpc_call *call, struct vm *vm)
     s->status_tag.done = on_status;
     s->close_tag.done = on_close;
     s->batches = 1;   /* held until the end of this function */
+    s->last_active_ms = here.now_ms;
+    s->next = here.head;
+    if (here.head)
+        here.head->prev = s;
+    here.head = s;
 
     grpc_op close_op = {.op = GRPC_OP_RECV_CLOSE_ON_SERVER};
     close_op.data.recv_close_on_server.cancelled = &s->close_cancelled;
@@ -339,6 +493,67 @@ void stream_evict(struct vm *vm)
                                      "the script generation this stream started on had to be "
                                      "closed (too many older generations still in use)",
                                      NULL);
+}
+
+/* --- the worker's clock: idle streams, memory given back ------------------------------- */
+
+/* Often enough that a stream ends within a quarter of the timeout after it expires, rarely
+ * enough that a worker with thousands of streams spends nothing on it. */
+static int sweep_interval_ms(void)
+{
+    int ms = limits.idle_timeout_ms / 4;
+    if (ms <= 0 || ms > TRIM_QUIET_MS)
+        ms = TRIM_QUIET_MS;
+    return ms < 10 ? 10 : ms;
+}
+
+gpr_timespec stream_worker_deadline(void)
+{
+    bool idle_due = limits.idle_timeout_ms > 0 && here.head;
+    if (!idle_due && !here.big_seen)
+        return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+    int64_t wait = here.next_sweep_ms - coarse_ms();
+    if (wait < 1)
+        wait = 1;
+    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(wait, GPR_TIMESPAN));
+}
+
+static void sweep_idle(void)
+{
+    char msg[64];
+    snprintf(msg, sizeof msg, "no message for %d ms", limits.idle_timeout_ms);
+    for (struct stream *s = here.head; s; s = s->next) {
+        if (!s->dead && here.now_ms - s->last_active_ms >= limits.idle_timeout_ms) {
+            log_debug("stream %llu: %s, ending it", (unsigned long long)s->id, msg);
+            abort_stream(s, GRPC_STATUS_DEADLINE_EXCEEDED, msg);
+        }
+    }
+}
+
+/* After big messages the allocator keeps the pages it got for them (free chunks inside
+ * the heaps, per-thread arenas): once this worker has seen none for a while, give them
+ * back, at most once per TRIM_QUIET_MS for the whole process. */
+static void maybe_trim(void)
+{
+    if (!here.big_seen || here.now_ms - here.last_big_ms < TRIM_QUIET_MS)
+        return;
+    int64_t last = atomic_load_explicit(&last_trim_ms, memory_order_relaxed);
+    if (here.now_ms - last < TRIM_QUIET_MS ||
+        !atomic_compare_exchange_strong(&last_trim_ms, &last, here.now_ms))
+        return;   /* another worker trimmed lately; try again at the next sweep */
+    here.big_seen = false;
+    malloc_trim(0);
+}
+
+void stream_worker_tick(void)
+{
+    here.now_ms = coarse_ms();
+    if (here.now_ms < here.next_sweep_ms)
+        return;
+    here.next_sweep_ms = here.now_ms + sweep_interval_ms();
+    if (limits.idle_timeout_ms > 0)
+        sweep_idle();
+    maybe_trim();
 }
 
 /* --- calls to any other method ------------------------------------------------------------ */
@@ -368,7 +583,7 @@ void stream_reject_unknown(grpc_call *call, const grpc_slice *method)
     r->tag.done = on_rejected;
     r->call = call;
     char *name = grpc_slice_to_c_string(*method);
-    log_warn("rejecting a call to unknown method %s", name);
+    log_warn_limited("rejecting a call to unknown method %s", name);
     gpr_free(name);
     grpc_slice details = grpc_slice_from_static_string(
         "luacallout serves only envoy.service.ext_proc.v3.ExternalProcessor/Process");

@@ -151,7 +151,9 @@ def cases(cases_server):
 
 @pytest.fixture(scope="module")
 def echo_server(module_servers):
-    return module_servers.start(module_servers.script(ECHO_LUA, "echo.lua"))
+    # above the 4 MiB default message limit, for test_large_body_8mib_echoed
+    return module_servers.start(module_servers.script(ECHO_LUA, "echo.lua"),
+                                "--max_message_kb", "16384")
 
 
 @pytest.fixture(scope="module")
