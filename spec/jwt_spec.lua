@@ -6,13 +6,20 @@ local testing = require "callout.testing"
 local tokens = dofile("spec/support/jwt_tokens.lua")
 local sh = tokens.sh
 
--- x-key: a key file or PEM text, x-token, x-opts: a Lua table constructor. (A handler may not
--- read files: the sandbox allows that only while the script loads.)
+-- x-key: a key file or PEM text, x-token, x-opts: a Lua table constructor. A handler may not
+-- read files (the sandbox allows that only while the script loads), so the key files of DIR
+-- are loaded at the top level, and a load's error is raised when a request names that file.
 local ECHO = [[
+local DIR = %q
 local jwt = callout.jwt
-local cache = {}
+local cache, load_errors = {}, {}
+for _, name in ipairs { "spki.pub", "pkcs1.pub", "k.key", "ec.key", "input", "nope" } do
+  local ok, key = pcall(jwt.load_key, DIR .. "/" .. name)
+  if ok then cache[DIR .. "/" .. name] = key else load_errors[DIR .. "/" .. name] = key end
+end
 function on_request_headers(h, ctx)
   local src = h:get("x-key")
+  if load_errors[src] then error(load_errors[src], 0) end
   cache[src] = cache[src] or jwt.load_key(src)
   local opts = h:get("x-opts") and assert(load("return " .. h:get("x-opts")))()
   local claims, why = jwt.decode(h:get("x-token"), cache[src], opts)
@@ -40,7 +47,8 @@ describe("callout.jwt", function()
     return tokens.sign(dir, dir .. "/k.key", payload, header or '{"alg":"RS256"}')
   end
 
-  local script = testing.load_string(ECHO)
+  sh(("printf 'not a key' > %s/input"):format(dir))
+  local script = testing.load_string(ECHO:format(dir))
 
   -- The echo for a token: { order = ..., arrays = ... } or { why = reason }.
   local function decode(token, opts, extra)

@@ -31,6 +31,7 @@
 #include <openssl/evp.h>
 
 #include "pbstruct.h"
+#include "vm.h"
 
 #define KEY_MT "callout.jwt.key"
 #define OBJECT_MT "callout.jwt.object"
@@ -549,8 +550,13 @@ static int l_load_key(lua_State *L)
     EVP_PKEY **k = lua_newuserdatauv(L, sizeof *k, 0);
     *k = NULL;
     luaL_setmetatable(L, KEY_MT);
+    /* a path is read under the sandbox's rules: once, while the script loads */
+    size_t flen = 0;
+    const char *file = pem ? NULL : vm_read_file(L, "callout.jwt.load_key", arg, &flen);
     ERR_clear_error();
-    BIO *bio = pem ? BIO_new_mem_buf(arg, (int)len) : BIO_new_file(arg, "rb");
+    BIO *bio = pem    ? BIO_new_mem_buf(arg, (int)len)
+               : file ? BIO_new_mem_buf(file, (int)flen)
+                      : BIO_new_file(arg, "rb");
     if (bio == NULL) {
         int e = errno;
         ERR_clear_error();

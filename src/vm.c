@@ -405,6 +405,24 @@ static const struct snapshot_file *load_time_file(lua_State *L, const char *fn,
     return f && f->data ? f : NULL;
 }
 
+const char *vm_read_file(lua_State *L, const char *fn, const char *name, size_t *len)
+{
+    if (limits.unsafe_stdlib)
+        return NULL;
+    struct vm *vm = vm_of(L);
+    if (!vm->loading)
+        refuse(L, "%s in a handler: files can be read only while the script loads (read "
+                  "them at the top level)", fn);
+    int e = 0;
+    char err[256] = "";
+    const struct snapshot_file *f = snapshot_file_for(vm->snap, name, &e, err, sizeof err);
+    if (!f || !f->data)
+        luaL_error(L, "%s: cannot read '%s': %s", fn, name,
+                   f ? "it is a C module" : err[0] ? err : strerror(e));
+    *len = f->len;
+    return f->data;
+}
+
 /* io.open(name [, mode]): read modes only, at load time, from the snapshot. */
 static int sandbox_open(lua_State *L)
 {

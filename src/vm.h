@@ -96,6 +96,12 @@ struct vm {
 struct vm *vm_open(struct snapshot *snap, char *err, size_t errlen);
 void vm_close(struct vm *vm);
 
+/* The bytes of a file a library function was given the path of (callout.jwt.load_key),
+ * under the sandbox's rules: while the script loads, read once through the generation's
+ * snapshot; in a handler, refused (raises). NULL with --unsafe_stdlib: the caller reads the
+ * file itself. The bytes live as long as the VM. */
+const char *vm_read_file(lua_State *L, const char *fn, const char *name, size_t *len);
+
 /* The VM a lua_State belongs to (its extra space). */
 static inline struct vm *vm_of(lua_State *L) { return *(struct vm **)lua_getextraspace(L); }
 
