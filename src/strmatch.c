@@ -432,6 +432,31 @@ static int is_plain(const char *p, size_t lp)
     return 1;
 }
 
+/* Plain search. memchr for the first byte and a compare is the fastest on text, but costs
+ * up to lp per candidate ("aaa...b" in "aaaa..."): once the compares add up to the subject's
+ * length, glibc's memmem (two-way, linear, slower to start) does the rest. Linear either
+ * way, so it needs no budget. */
+static const char *find_text(const char *s, size_t ls, const char *p, size_t lp)
+{
+    if (lp == 0)
+        return s;
+    if (lp > ls)
+        return NULL;
+    const char *last = s + (ls - lp); /* the last place a match can start */
+    size_t work = 0;
+    for (const char *q = s; q <= last; q++) {
+        q = memchr(q, p[0], (size_t)(last - q) + 1);
+        if (q == NULL)
+            return NULL;
+        if (memcmp(q + 1, p + 1, lp - 1) == 0)
+            return q;
+        work += lp;
+        if (work > ls)
+            return memmem(q + 1, (size_t)(s + ls - (q + 1)), p, lp);
+    }
+    return NULL;
+}
+
 static strmatch_expired_fn host_expired(lua_State *L)
 {
     return ((struct host *)lua_touserdata(L, lua_upvalueindex(1)))->expired;
@@ -448,8 +473,7 @@ static int find_or_match(lua_State *L, int find)
         return 1;
     }
     if (find && (lua_toboolean(L, 4) || is_plain(p, lp))) {
-        /* memmem is linear in glibc (two-way): no budget needed */
-        const char *at = lp == 0 ? s + init : memmem(s + init, ls - init, p, lp);
+        const char *at = find_text(s + init, ls - init, p, lp);
         if (at == NULL) {
             luaL_pushfail(L);
             return 1;

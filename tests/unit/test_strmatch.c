@@ -150,6 +150,14 @@ static void test_budget(void)
     expect_budget_error(L, "local s = ('a'):rep(20000) return s:find('(a*)%1b')", 100);
     expect_budget_error(L, "local s = ('('):rep(100000) return s:find('%b()')", 100);
 
+    /* plain find is linear (stock: 10^10 byte compares), so it needs no budget */
+    double start = now_ms();
+    CHECK(luaL_dostring(L, "local s = ('a'):rep(200000) "
+                           "return s:find(('a'):rep(100000) .. 'b', 1, true)") == LUA_OK);
+    CHECK(lua_isnil(L, -1));
+    CHECK(now_ms() - start < 100);
+    lua_pop(L, 1);
+
     /* the host is asked every STRMATCH_CHECK_STEPS steps, and ordinary matches are cheap */
     expired_calls = 0;
     CHECK(luaL_dostring(L, "return ('k = v'):match('^%s*(.-)%s*=%s*(.-)%s*$')") == LUA_OK);
