@@ -92,7 +92,7 @@ static const char *class_end(struct matcher *m, const char *p)
     }
     if (*p != '[')
         return p + 1;
-    p++;
+    const char *start = p++;
     if (p < m->pat_end && *p == '^')
         p++;
     /* The first byte of a set is a member even when it is ']' ("[]]", "[^]]"). */
@@ -101,8 +101,10 @@ static const char *class_end(struct matcher *m, const char *p)
             luaL_error(m->L, "malformed pattern (missing ']')");
         if (*p++ == ESC && p < m->pat_end)
             p++; /* "%]" is a member, not the end */
-        if (p < m->pat_end && *p == ']')
+        if (p < m->pat_end && *p == ']') {
+            spend(m, (size_t)(p - start)); /* a set may be as long as the pattern */
             return p + 1;
+        }
     }
 }
 
@@ -152,8 +154,9 @@ static int in_set(int c, const char *p, const char *close)
     return !member;
 }
 
-/* Does the subject byte at s match the class [p, ep)? Never past the subject's end. */
-static int one_char(const struct matcher *m, const char *s, const char *p, const char *ep)
+/* Does the subject byte at s match the class [p, ep)? Never past the subject's end. Testing
+ * a set costs its length: "[" .. 60 KB .. "]*" is slow per subject byte. */
+static int one_char(struct matcher *m, const char *s, const char *p, const char *ep)
 {
     if (s >= m->subj_end)
         return 0;
@@ -161,7 +164,7 @@ static int one_char(const struct matcher *m, const char *s, const char *p, const
     switch (*p) {
     case '.': return 1;
     case ESC: return in_class(c, (unsigned char)p[1]);
-    case '[': return in_set(c, p, ep - 1);
+    case '[': spend(m, (size_t)(ep - p)); return in_set(c, p, ep - 1);
     default: return (unsigned char)*p == c;
     }
 }
@@ -566,6 +569,7 @@ static void add_expansion(struct matcher *m, luaL_Buffer *b, const char *s, cons
                           const char *r, size_t lr)
 {
     const char *r_end = r + lr, *esc;
+    spend(m, lr); /* "%0%0..." over empty matches writes nothing but takes time */
     while ((esc = memchr(r, ESC, (size_t)(r_end - r))) != NULL) {
         luaL_addlstring(b, r, (size_t)(esc - r));
         char c = esc + 1 < r_end ? esc[1] : '\0';

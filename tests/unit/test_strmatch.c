@@ -149,6 +149,13 @@ static void test_budget(void)
                            "return s:match(('a'):rep(100000) .. 'b')", 100);
     expect_budget_error(L, "local s = ('a'):rep(20000) return s:find('(a*)%1b')", 100);
     expect_budget_error(L, "local s = ('('):rep(100000) return s:find('%b()')", 100);
+    /* costs that hide inside one step: a long set, a long replacement of empty matches */
+    expect_budget_error(L, "local s = ('x'):rep(100000) "
+                           "return s:find('[' .. ('a'):rep(100000) .. ']')", 100);
+    expect_budget_error(L, "local s = ('x'):rep(100000) "
+                           "return s:find('[' .. ('a'):rep(100000) .. 'x]*y')", 100);
+    expect_budget_error(L, "local s = ('x'):rep(100000) "
+                           "return s:gsub('', ('%0'):rep(100000))", 100);
 
     /* plain find is linear (stock: 10^10 byte compares), so it needs no budget */
     double start = now_ms();
