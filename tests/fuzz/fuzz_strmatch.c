@@ -5,7 +5,12 @@
  * op picks find, plain find, match, gmatch or a gsub (strmatch_diff.h); init 0 means no
  * init argument, otherwise it is the byte as a signed number (gsub with max n uses it as
  * n). Ours runs first under a step budget: the stock functions have none, so an input on
- * which ours runs out (exponential backtracking) is not given to them. */
+ * which ours runs out (exponential backtracking) is not given to them.
+ *
+ * cmake -S . -B build-fuzz -DFUZZ=ON -DSANITIZE=ON -DCMAKE_C_COMPILER=clang -DWERROR=OFF
+ * cmake --build build-fuzz --target fuzz_strmatch
+ * build-fuzz/fuzz_strmatch -max_len=512 -dict=tests/fuzz/fuzz_strmatch.dict CORPUS_DIR
+ * (CORPUS_DIR: a copy of tests/fuzz/corpus/strmatch; libFuzzer adds to it) */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
