@@ -31,9 +31,7 @@
 #include "generation.h"
 #include "log.h"
 #include "pbconv.h"
-#ifdef HAVE_STRMATCH
 #include "strmatch.h"
-#endif
 
 /* Instructions between two looks at the clock: cheap enough to leave on all the time
  * (HAProxy measured a count of 5000 and more as near free), fine enough to stop a runaway
@@ -761,11 +759,7 @@ static int open_state(lua_State *L)
         wrap_field(L, "rep", rep_bounded, -1);
         lua_pop(L, 1);
     }
-#ifdef HAVE_STRMATCH
     strmatch_open(L, pattern_expired);
-#else
-    (void)pattern_expired;
-#endif
     pbconv_open(L);
     calloutlib_open(L, &vm_of(L)->current_stream);
 
