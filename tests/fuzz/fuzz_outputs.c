@@ -331,9 +331,6 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     for (size_t i = 0; i < sizeof contract_words / sizeof *contract_words; i++)
         add_word(contract_words[i]);
     collect(&envoy__service__ext_proc__v3__processing_response__descriptor, 0);
-    L = luaL_newstate();
-    if (L == NULL)
-        abort();
     arena_init(&arena, 0);
     out_cap = 4096;
     out = malloc(out_cap);
@@ -350,18 +347,16 @@ static int open_pbconv(lua_State *L)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    static bool opened;
-    if (!opened) {
-        lua_settop(L, 0);
-        lua_pushcfunction(L, open_pbconv);
-        if (lua_pcall(L, 0, 0, 0) != LUA_OK)
-            fuzzcheck_fail("pbconv_open: %s", lua_tostring(L, -1));
-        opened = true;
-    }
     if (size == 0)
         return 0;
+    /* a fresh state per input: what one input leaves allocated is a leak libFuzzer sees */
+    L = luaL_newstate();
+    if (L == NULL)
+        abort();
+    lua_pushcfunction(L, open_pbconv);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK)
+        fuzzcheck_fail("pbconv_open: %s", lua_tostring(L, -1));
     struct run r = {data, size};
-    lua_settop(L, 0);
     lua_pushcfunction(L, run);
     lua_pushlightuserdata(L, &r);
     if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
@@ -370,7 +365,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (lua_type(L, -1) != LUA_TSTRING)
             fuzzcheck_fail("converter raised a non-string error");
     }
-    lua_settop(L, 0);
+    lua_close(L);
     arena_reset(&arena);
     return 0;
 }

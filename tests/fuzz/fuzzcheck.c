@@ -83,22 +83,23 @@ static bool known_gap(const char *msg, const char *field)
     return false;
 }
 
+/* path: where m sits, e.g. "request_headers.response.header_mutation.set_headers[0]" */
 static void check_string(const ProtobufCMessageDescriptor *d, const ProtobufCFieldDescriptor *f,
-                         const char *s)
+                         const char *s, const char *path)
 {
     if (s == NULL || fuzzcheck_utf8(s, strlen(s)))
         return;
     if (!known_gap(d->short_name, f->name))
-        fuzzcheck_fail("%s.%s is not valid UTF-8", d->short_name, f->name);
+        fuzzcheck_fail("%s (%s.%s) is not valid UTF-8", path, d->short_name, f->name);
     static bool told;
     if (!told) {
-        fprintf(stderr, "fuzzcheck: known gap hit (FUZZ_KNOWN_UTF8): %s.%s\n", d->short_name,
-                f->name);
+        fprintf(stderr, "fuzzcheck: known gap hit (FUZZ_KNOWN_UTF8): %s (%s.%s)\n", path,
+                d->short_name, f->name);
         told = true;
     }
 }
 
-void fuzzcheck_strings(const ProtobufCMessage *m)
+static void strings_at(const ProtobufCMessage *m, char *path, size_t len, size_t cap)
 {
     const ProtobufCMessageDescriptor *d = m->descriptor;
     for (unsigned i = 0; i < d->n_fields; i++) {
@@ -108,7 +109,8 @@ void fuzzcheck_strings(const ProtobufCMessage *m)
         const char *member = (const char *)m + f->offset;
         size_t n = 1;
         const void *const *items = (const void *const *)member;
-        if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+        bool repeated = f->label == PROTOBUF_C_LABEL_REPEATED;
+        if (repeated) {
             n = *(const size_t *)((const char *)m + f->quantifier_offset);
             items = *(const void *const *const *)member;
         } else if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) {
@@ -116,12 +118,23 @@ void fuzzcheck_strings(const ProtobufCMessage *m)
                 continue;
         }
         for (size_t k = 0; k < n; k++) {
+            int w = repeated ? snprintf(path + len, cap - len, "%s%s[%zu]", len ? "." : "",
+                                        f->name, k)
+                             : snprintf(path + len, cap - len, "%s%s", len ? "." : "", f->name);
+            size_t end = w < 0 || (size_t)w >= cap - len ? cap - 1 : len + (size_t)w;
             if (f->type == PROTOBUF_C_TYPE_STRING)
-                check_string(d, f, items[k]);
+                check_string(d, f, items[k], path);
             else if (items[k] != NULL)
-                fuzzcheck_strings(items[k]);
+                strings_at(items[k], path, end, cap);
+            path[len] = '\0';
         }
     }
+}
+
+void fuzzcheck_strings(const ProtobufCMessage *m)
+{
+    char path[1024] = "";
+    strings_at(m, path, 0, sizeof path);
 }
 
 void fuzzcheck_response(const uint8_t *data, size_t len, const char *what)
