@@ -28,6 +28,11 @@ bool fuzzcheck_utf8(const char *s, size_t len);
  * those is reported once on stderr instead. */
 void fuzzcheck_strings(const ProtobufCMessage *m);
 
+/* Whether `name` is listed in FUZZ_KNOWN (comma-separated): a known failure, named where
+ * it is checked (e.g. "empty-fail-message" in fuzz_dispatch.c), that a run exploring past
+ * it tolerates. */
+bool fuzzcheck_known(const char *name);
+
 /* Aborts unless data[0..len) decodes as a ProcessingResponse with protobuf-c, packs back
  * to the same bytes and passes fuzzcheck_strings. `what` names the producer in the
  * message printed before aborting. */
