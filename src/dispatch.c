@@ -249,13 +249,22 @@ static int run_handler(lua_State *L)
     return 1;
 }
 
+/* Ends the stream with status and msg. The message travels as a C string (grpc-message):
+ * a NUL byte, which a script's deny or error text may hold, is written as "\0" so that
+ * nothing after it is lost. */
 static void fail(struct vm *s, struct dispatch_reply *reply, int status, const char *msg,
                  size_t len)
 {
-    if (len > VM_MESSAGE_MAX - 1)
-        len = VM_MESSAGE_MAX - 1;
-    memcpy(s->message, msg, len);
-    s->message[len] = '\0';
+    size_t at = 0;
+    for (size_t i = 0; i < len && at + 3 < VM_MESSAGE_MAX; i++) {
+        if (msg[i] == '\0') {
+            s->message[at++] = '\\';
+            s->message[at++] = '0';
+        } else {
+            s->message[at++] = msg[i];
+        }
+    }
+    s->message[at] = '\0';
     reply->outcome = DISPATCH_FAIL;
     reply->status = status;
     reply->message = s->message;

@@ -71,7 +71,7 @@ static int msghandler(lua_State *L)
     if (calloutlib_is_deny(L, 1, &deny, &deny_len)) {
         /* callout.deny_callout(msg): the message alone, as the status text */
         vm_of(L)->denied = true;
-        lua_pushlstring(L, deny, strnlen(deny, deny_len));
+        lua_pushlstring(L, deny, deny_len);
         vm_of(L)->errmsg_len = lua_rawlen(L, -1);
         return 1;
     }
