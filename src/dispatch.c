@@ -80,6 +80,8 @@ static void new_ctx(lua_State *L, struct dispatch_stream *st)
         lua_setfield(L, -2, "__index");
         lua_pushliteral(L, "luacallout.ctx");
         lua_setfield(L, -2, "__name");
+        lua_pushliteral(L, "locked");   /* getmetatable(ctx) must not hand out the shared one */
+        lua_setfield(L, -2, "__metatable");
         lua_pushvalue(L, -1);
         lua_rawsetp(L, LUA_REGISTRYINDEX, &ctx_mt_key);
     }

@@ -2,6 +2,8 @@
 #include "generation.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,16 +37,23 @@ static void hex_sha256(const char *data, size_t len, char out[65])
         snprintf(out + 2 * i, 3, "%02x", md[i]);
 }
 
-/* Reads a whole regular file, at most `max` bytes. NULL with errno set (EFBIG past max). */
+/* Reads a whole regular file, at most `max` bytes. NULL with errno set (EFBIG past max,
+ * EINVAL for anything but a regular file: a FIFO or a device could block the load). */
 static char *read_file(const char *path, size_t max, size_t *len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
         return NULL;
     struct stat st;
-    if (fstat(fileno(f), &st) == 0 && S_ISDIR(st.st_mode)) {
-        fclose(f);
-        errno = EISDIR;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        int e = S_ISDIR(st.st_mode) ? EISDIR : EINVAL;
+        close(fd);
+        errno = e;
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
         return NULL;
     }
     size_t cap = 4096, n = 0;
@@ -193,7 +202,7 @@ const struct snapshot_file *snapshot_file_for(struct snapshot *snap, const char 
             snprintf(err, errlen, "the script and the files it reads exceed %zu MiB",
                      SNAPSHOT_MAX_BYTES >> 20);
         else
-            snprintf(err, errlen, "%s", strerror(errno));
+            snprintf(err, errlen, "%s", errno == EINVAL ? "not a regular file" : strerror(errno));
         return NULL;
     }
     f = snapshot_add(snap, name, data, len, err, errlen);

@@ -16,6 +16,7 @@
 
 #include <assert.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -195,6 +196,14 @@ static int pattern_expired(lua_State *L)
     push_timeout(L, lua_getstack(L, 1, &ar) ? &ar : NULL, " (in a string pattern)");
     arm_kill(L);
     return 1;
+}
+
+/* For C loops a script drives without running Lua instructions: raises the budget error
+ * once the deadline has passed. */
+static void check_deadline(lua_State *L)
+{
+    if (pattern_expired(L))
+        lua_error(L);
 }
 
 int vm_call(struct vm *vm, int narg, int nres, uint64_t stream, const char *where)
@@ -508,6 +517,8 @@ static int sandbox_dofile(lua_State *L)
     return lua_gettop(L);
 }
 
+static int reader_budgeted(lua_State *L);
+
 /* load(chunk [, name [, mode [, env]]]) in text mode only: crafted bytecode can crash the
  * VM. Delegates to the original load (upvalue 1) with mode "t". */
 static int load_text_only(lua_State *L)
@@ -516,6 +527,11 @@ static int load_text_only(lua_State *L)
     if (strchr(mode, 'b') != NULL)
         return refuse(L, "load of a binary chunk");
     lua_settop(L, 4);
+    if (lua_type(L, 1) == LUA_TFUNCTION) {
+        lua_pushvalue(L, 1);
+        lua_pushcclosure(L, reader_budgeted, 1);
+        lua_replace(L, 1);
+    }
     lua_pushliteral(L, "t");
     lua_replace(L, 3);
     lua_pushvalue(L, lua_upvalueindex(1));
@@ -674,6 +690,160 @@ static void sandbox_package(lua_State *L, const char *dir)
     stub(L, "package", "searchpath");
 }
 
+/* xpcall(f, msgh, ...): Lua calls a message handler with hooks off when the error comes
+ * from the budget hook, so the script's handler is skipped once the call is out of time. */
+static int skip_handler_when_out_of_time(lua_State *L)
+{
+    if (vm_of(L)->timed_out)
+        return 1;   /* the error as it is */
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, 1);
+    return 1;
+}
+
+static int xpcall_budgeted(lua_State *L)
+{
+    luaL_checktype(L, 2, LUA_TFUNCTION);
+    lua_pushvalue(L, 2);
+    lua_pushcclosure(L, skip_handler_when_out_of_time, 1);
+    lua_replace(L, 2);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, lua_gettop(L) - 1, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* load's reader function, behind a look at the deadline: a C function as reader (say
+ * collectgarbage) never runs a Lua instruction. */
+static int reader_budgeted(lua_State *L)
+{
+    check_deadline(L);
+    lua_settop(L, 0);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_call(L, 0, 1);
+    return 1;
+}
+
+/* table.concat(list [, sep [, i [, j]]]) with a look at the deadline every few thousand
+ * elements: over a proxy whose __index is a C function, the stock loop runs no Lua. */
+static int concat_budgeted(lua_State *L)
+{
+    luaL_Buffer b;
+    size_t lsep;
+    const char *sep = luaL_optlstring(L, 2, "", &lsep);
+    lua_Integer i = luaL_optinteger(L, 3, 1);
+    lua_Integer last = lua_isnoneornil(L, 4) ? luaL_len(L, 1) : luaL_checkinteger(L, 4);
+    luaL_buffinit(L, &b);
+    for (lua_Integer n = 0; i <= last; i++, n++) {
+        if ((n & 4095) == 4095)
+            check_deadline(L);
+        lua_geti(L, 1, i);
+        if (!lua_isstring(L, -1))
+            return luaL_error(L, "invalid value (at index %I) in table for 'concat'",
+                              (LUAI_UACINT)i);
+        luaL_addvalue(&b);
+        if (i < last)
+            luaL_addlstring(&b, sep, lsep);
+        if (i == LUA_MAXINTEGER)
+            break;
+    }
+    luaL_pushresult(&b);
+    return 1;
+}
+
+/* table.sort(list [, comp]): a heap sort with a look at the deadline every few thousand
+ * steps (the stock quicksort over a proxy runs no Lua). Not stable, as the stock one. */
+static bool sort_less(lua_State *L, int a, int b)
+{
+    if (lua_isnoneornil(L, 2))
+        return lua_compare(L, a, b, LUA_OPLT);
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, a - 1);
+    lua_pushvalue(L, b - 2);
+    lua_call(L, 2, 1);
+    bool r = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return r;
+}
+
+static void sift_down(lua_State *L, lua_Integer root, lua_Integer n, unsigned *steps)
+{
+    for (;;) {
+        if ((++*steps & 1023) == 0)
+            check_deadline(L);
+        lua_Integer child = 2 * root;
+        if (child > n)
+            return;
+        lua_geti(L, 1, child);
+        if (child + 1 <= n) {
+            lua_geti(L, 1, child + 1);
+            if (sort_less(L, -2, -1)) {      /* the larger child is the right one */
+                lua_remove(L, -2);
+                child++;
+            } else {
+                lua_pop(L, 1);
+            }
+        }
+        lua_geti(L, 1, root);                /* child_v root_v */
+        if (!sort_less(L, -1, -2)) {
+            lua_pop(L, 2);
+            return;
+        }
+        lua_seti(L, 1, child);               /* t[child] = root_v */
+        lua_seti(L, 1, root);                /* t[root] = child_v */
+        root = child;
+    }
+}
+
+static int sort_budgeted(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_Integer n = luaL_len(L, 1);
+    if (n > 1) {
+        luaL_argcheck(L, n < INT_MAX, 1, "array too big");
+        if (!lua_isnoneornil(L, 2))
+            luaL_checktype(L, 2, LUA_TFUNCTION);
+        lua_settop(L, 2);
+        luaL_checkstack(L, 8, "sort");
+        unsigned steps = 0;
+        for (lua_Integer root = n / 2; root >= 1; root--)
+            sift_down(L, root, n, &steps);
+        for (lua_Integer end = n; end > 1; end--) {
+            lua_geti(L, 1, 1);
+            lua_geti(L, 1, end);
+            lua_seti(L, 1, 1);
+            lua_seti(L, 1, end);
+            sift_down(L, 1, end - 1, &steps);
+        }
+    }
+    return 0;
+}
+
+/* Gives every metatable C code made with luaL_newmetatable (file handles, headers, keys,
+ * ...) a __metatable field, so getmetatable() hands a script "locked" instead of the
+ * shared table: otherwise a script could add __gc to it and every object made later would
+ * run that finalizer outside the budget. */
+static void lock_metatables(lua_State *L)
+{
+    lua_pushnil(L);
+    while (lua_next(L, LUA_REGISTRYINDEX) != 0) {      /* key mt */
+        if (lua_type(L, -2) == LUA_TSTRING && lua_type(L, -1) == LUA_TTABLE) {
+            lua_getfield(L, -1, "__name");              /* key mt name */
+            bool named = lua_rawequal(L, -1, -3);
+            lua_pop(L, 1);
+            lua_pushliteral(L, "__metatable");
+            if (named && lua_rawget(L, -2) == LUA_TNIL) {
+                lua_pushliteral(L, "__metatable");
+                lua_pushliteral(L, "locked");
+                lua_rawset(L, -4);
+            }
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);                                  /* key */
+    }
+}
+
 /* Makes the table on top of the stack the global `name` and package.loaded[name]; pops it. */
 static void set_library(lua_State *L, const char *name)
 {
@@ -750,7 +920,14 @@ static int open_state(lua_State *L)
         lua_getglobal(L, "setmetatable");
         lua_pushcclosure(L, setmetatable_no_gc, 1);
         lua_setglobal(L, "setmetatable");
+        lua_getglobal(L, "xpcall");
+        lua_pushcclosure(L, xpcall_budgeted, 1);
+        lua_setglobal(L, "xpcall");
         lua_getglobal(L, LUA_TABLIBNAME);
+        lua_pushcfunction(L, concat_budgeted);
+        lua_setfield(L, -2, "concat");
+        lua_pushcfunction(L, sort_budgeted);
+        lua_setfield(L, -2, "sort");
         wrap_field(L, "insert", shift_bounded, 0);
         wrap_field(L, "remove", shift_bounded, 1);
         wrap_field(L, "move", shift_bounded, 2);
@@ -762,6 +939,8 @@ static int open_state(lua_State *L)
     strmatch_open(L, pattern_expired);
     pbconv_open(L);
     calloutlib_open(L, &vm_of(L)->current_stream);
+    if (!limits.unsafe_stdlib)
+        lock_metatables(L);
 
     struct vm *vm = vm_of(L);
     lua_pushliteral(L, "process");

@@ -33,7 +33,6 @@ MARGIN_S = 1.3            # budget + margin: a stopped stream ends within 1.5 s
 LIBC = next((p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6",
                          "/usr/lib/libc.so.6", "/lib/libc.so.6") if os.path.exists(p)), "libc.so.6")
 
-STRMATCH_XFAIL = pytest.mark.xfail(strict=False, reason="strmatch not merged")
 
 
 def lua_str(s):
@@ -370,9 +369,9 @@ def assert_stopped_within_budget(hs, case, *extra, allowed=(DEADLINE, INTERNAL))
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param("find_rep", marks=STRMATCH_XFAIL),
-    pytest.param("cookie", marks=STRMATCH_XFAIL),
-    pytest.param("gmatch", marks=STRMATCH_XFAIL),
+    "find_rep",
+    "cookie",
+    "gmatch",
 ])
 def test_pattern_matching_is_budgeted(disposable, case):
     hs = disposable()
@@ -382,7 +381,6 @@ def test_pattern_matching_is_budgeted(disposable, case):
         assert f"{hs.name}:{hs.line(case)}:" in details, details
 
 
-@STRMATCH_XFAIL
 def test_hostile_cookie_does_not_delay_an_unrelated_stream(killed_at_teardown):
     """Two workers, one fed the 60 KB cookie: streams on the other keep being served, and
     the hostile one ends within its budget."""
@@ -444,19 +442,10 @@ def test_c_paths_are_bounded(hostile, case, allowed):
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param("concat_proxy", marks=pytest.mark.xfail(
-        strict=True, reason="bug: table.concat over a proxy whose __index is a C function "
-                            "(table.concat) loops 2^40 times in C, never reaching the hook")),
-    pytest.param("sort_proxy", marks=pytest.mark.xfail(
-        strict=True, reason="bug: table.sort over a proxy (__len 2^31-2, __index a table whose "
-                            "__index is table.concat, __newindex rawequal) sorts in C without reaching the hook")),
-    pytest.param("xpcall_loop", marks=pytest.mark.xfail(
-        strict=True, reason="bug: the budget error is raised from the count hook, where Lua has "
-                            "hooks off (allowhook = 0) until the pcall unwinds: xpcall's message "
-                            "handler then runs unbudgeted, so xpcall(loop, loop) never ends")),
-    pytest.param("load_reader", marks=pytest.mark.xfail(
-        strict=True, reason="bug: load(collectgarbage) reads an endless numeral one '0' per "
-                            "full GC, all in C: the hook never runs")),
+    "concat_proxy",
+    "sort_proxy",
+    "xpcall_loop",
+    "load_reader",
 ])
 def test_c_function_metamethods_and_readers_are_bounded(disposable, case):
     hs = disposable()
@@ -537,9 +526,6 @@ def answer(stub, case, timeout=5):
     return code, details, value, time.monotonic() - t0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: getmetatable(ctx) is the shared luacallout.ctx "
-                   "metatable, unprotected: a __gc set on it finalizes every later ctx with the "
-                   "script's loop, run by the GC with hooks off")
 def test_gc_through_the_ctx_metatable(killed_at_teardown):
     srv, stub = gc_server(killed_at_teardown, GC_CTX)
     code, details, armed, _ = answer(stub, "arm")
@@ -553,9 +539,6 @@ def test_gc_through_the_ctx_metatable(killed_at_teardown):
     assert answer(stub, "x", timeout=3)[0] == OK
 
 
-@pytest.mark.xfail(strict=True, reason="bug: getmetatable(io file) is the shared LUA_FILEHANDLE "
-                   "metatable: replacing its __gc makes a file kept from the top level run the "
-                   "script's loop in the GC, hooks off")
 def test_gc_through_the_file_handle_metatable(killed_at_teardown):
     srv, stub = gc_server(killed_at_teardown, GC_FILE)
     code, details, armed, _ = answer(stub, "x")
@@ -608,7 +591,6 @@ def test_check_reports_a_caught_os_exit(servers):
     assert "caught.lua:3: warning: os.execute is refused by the sandbox" in out, out
 
 
-@pytest.mark.xfail(strict=False, reason="misspelled-handler warnings (checks.c) not merged yet")
 def test_check_reports_a_misspelled_handler(servers):
     script = servers.script("function on_request_headers() end\n"
                             "function on_request_header() end\n", "typo.lua")
@@ -655,9 +637,9 @@ def script_sha(server):
     return m.group(1)
 
 
-def health_status(server):
+def health_status(server, path="/live"):
     try:
-        with urllib.request.urlopen(f"http://{server.target('health')}/", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{server.target('health')}{path}", timeout=5) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -758,8 +740,6 @@ def test_watchdog_reports_a_stuck_handler(servers):
         ss.end_sleeps()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the health listener answers 200 while a worker is "
-                   "stuck (admin.c never asks server_stuck_workers)")
 def test_liveness_fails_while_a_worker_is_stuck(servers):
     ss = StuckServer(servers, 1, "live")
     try:
@@ -768,8 +748,11 @@ def test_liveness_fails_while_a_worker_is_stuck(servers):
         ss.start_stream(3)
         wait_for(lambda: "watchdog: worker 0 has been in" in srv.log(), 5, "the watchdog line")
         assert health_status(srv) == 503
+        assert health_status(srv, "/ready") == 503     # the only worker is stuck
+        assert health_status(srv, "/") == 200          # any other path: the SDK's 200
         wait_for(lambda: "serving again" in srv.log(), 5, "serving again")
         assert health_status(srv) == 200
+        assert health_status(srv, "/ready") == 200
     finally:
         ss.end_sleeps()
 
@@ -918,9 +901,6 @@ def test_generation_is_one_script_on_every_worker(servers):
     assert metric(srv, "luacallout_reloads_total") >= 2
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a reload runs the top level on the control thread, "
-                   "and io.open of a FIFO blocks there in fopen, outside every budget: SIGTERM "
-                   "(handled by that thread) then never ends the process")
 def test_reload_blocked_in_a_fifo_does_not_hold_up_shutdown(servers):
     d = servers.tmpdir
     fifo, arm = d / "fifo", d / "arm"
