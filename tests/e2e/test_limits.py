@@ -197,7 +197,8 @@ def test_client_that_never_reads_cannot_exhaust_memory(servers):
           f"({time.monotonic() - t_close:.1f} s after the client left)")
 
     # Over the total: the streams that would add more failed with RESOURCE_EXHAUSTED ...
-    assert statuses.count(8) >= 10, statuses
+    # (a sanitizer build is slower: fewer streams reach the total in the same 6 s)
+    assert statuses.count(8) >= (1 if SANITIZED else 10), statuses
     assert messages == {"answers not read by the client exceed 64 MB"}, messages
     # ... the others stopped receiving: nothing holds more than the first message of each
     # stream (received in full: a posted read opens the window for it) plus the total.
