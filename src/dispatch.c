@@ -29,6 +29,10 @@
 
 /* A packed-answer buffer grown past this for one large answer is given back afterwards. */
 #define OUT_KEEP_BYTES ((size_t)64 << 10)
+/* After a message this large, a full collection gives its strings back at once, instead of
+ * whenever the VM next allocates (an idle VM would hold them). Its cost, proportional to the
+ * heap, is small next to the message's. */
+#define COLLECT_AFTER_BYTES ((size_t)1 << 20)
 
 struct dispatch_stream {
     struct vm *vm;
@@ -485,4 +489,6 @@ done:
     assert(lua_gettop(L) == top);
     (void)top;
     arena_reset(&s->arena);
+    if (len >= COLLECT_AFTER_BYTES)
+        lua_gc(L, LUA_GCCOLLECT);
 }

@@ -220,9 +220,14 @@ int main(int argc, char **argv)
     watch_stop(watch);
     if (admin)
         admin_stop(admin);
-    if (server_stop(srv, SHUTDOWN_GRACE_MS) != 0) {
+    int stopped = server_stop(srv, SHUTDOWN_GRACE_MS);
+    if (stopped == -1) {
         log_error("stopped, abandoning streams a stuck handler still holds");
         _exit(3);
+    }
+    if (stopped == -2) {
+        log_info("stopped");
+        _exit(0);
     }
     tls_identity_free(&id);
     log_info("stopped");

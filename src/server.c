@@ -223,10 +223,17 @@ static int teardown(struct server *srv, int grace_ms)
             gpr_sleep_until(gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(5, GPR_TIMESPAN)));
         if (!notified || stream_live_count() > 0) {
-            log_error("shutdown: %ld streams did not end within %d ms of their cancellation "
-                      "(a worker is stuck in a handler): abandoning them",
-                      stream_live_count(), ABANDON_AFTER_MS);
-            return -1;
+            int stuck = server_stuck_workers(srv, NULL);
+            if (stuck)
+                log_error("shutdown: %ld streams did not end within %d ms of their "
+                          "cancellation: %d worker%s stuck in a handler; abandoning them",
+                          stream_live_count(), ABANDON_AFTER_MS, stuck, stuck == 1 ? " is" : "s are");
+            else
+                log_warn("shutdown: %ld streams did not end within %d ms of their "
+                         "cancellation (their clients stopped reading, so the transport "
+                         "cannot end them); abandoning them", stream_live_count(),
+                         ABANDON_AFTER_MS);
+            return stuck ? -1 : -2;
         }
         grpc_server_destroy(srv->grpc);
     }

@@ -21,8 +21,9 @@ int server_reload(struct server *srv);
 
 /* Stops accepting calls, lets calls in flight finish for up to `grace_ms`, cancels the
  * rest, joins the workers and frees everything: 0. When streams did not end within 2 s of
- * their cancellation (a worker stuck in a handler), gives up on them and returns -1
- * without freeing anything: the process should exit, with a non-zero status. */
+ * their cancellation, gives up on them without freeing anything, and the process should
+ * exit: -1 when a worker is stuck in a handler (a failure), -2 when no worker is and the
+ * streams are held by the transport (clients that stopped reading). */
 int server_stop(struct server *srv, int grace_ms);
 
 /* The control thread's periodic work (every 100 ms or so): builds the spare VMs workers
