@@ -854,6 +854,25 @@ static void set_library(lua_State *L, const char *name)
     lua_setglobal(L, name);
 }
 
+/* Opens a library (not registered in package.loaded: require cannot reach the original)
+ * and makes a new table of it the global `name`: the functions in `keep`, our own `own`,
+ * and stubs that refuse the names in `refuse`. */
+static void sandboxed_library(lua_State *L, const char *name, lua_CFunction open,
+                              const char *const *keep, const luaL_Reg *own,
+                              const char *const *refuse)
+{
+    lua_pushcfunction(L, open);
+    lua_call(L, 0, 1);
+    lua_createtable(L, 0, 16);
+    copy_fields(L, -2, keep);
+    if (own)
+        luaL_setfuncs(L, own, 0);
+    for (; *refuse; refuse++)
+        stub(L, name, *refuse);
+    set_library(L, name);
+    lua_pop(L, 1);
+}
+
 /* Opens the libraries scripts may use. Runs under docall. stack: dir -> (empty) */
 static int open_state(lua_State *L)
 {
@@ -880,33 +899,18 @@ static int open_state(lua_State *L)
         lua_pop(L, 2);
     } else {
         /* os: the clock and the environment only */
-        lua_pushcfunction(L, luaopen_os);   /* not registered: require cannot reach it */
-        lua_call(L, 0, 1);
-        lua_createtable(L, 0, 16);
         static const char *const os_keep[] = {"clock", "date", "difftime", "getenv", "time",
                                               NULL};
-        copy_fields(L, -2, os_keep);
         static const char *const os_refuse[] = {"exit", "execute", "remove", "rename",
                                                 "tmpname", "setlocale", NULL};
-        for (const char *const *n = os_refuse; *n; n++)
-            stub(L, "os", *n);
-        set_library(L, LUA_OSLIBNAME);
-        lua_pop(L, 1);
+        sandboxed_library(L, LUA_OSLIBNAME, luaopen_os, os_keep, NULL, os_refuse);
         /* io: files of the snapshot, read-only, at load time; no standard streams */
-        lua_pushcfunction(L, luaopen_io);
-        lua_call(L, 0, 1);
-        lua_createtable(L, 0, 16);
         static const char *const io_keep[] = {"type", NULL};
-        copy_fields(L, -2, io_keep);
         static const luaL_Reg io_own[] = {{"open", sandbox_open}, {"lines", sandbox_lines},
                                           {"close", sandbox_close}, {NULL, NULL}};
-        luaL_setfuncs(L, io_own, 0);
         static const char *const io_refuse[] = {"popen", "tmpfile", "input", "output",
                                                 "read", "write", NULL};
-        for (const char *const *n = io_refuse; *n; n++)
-            stub(L, "io", *n);
-        set_library(L, LUA_IOLIBNAME);
-        lua_pop(L, 1);
+        sandboxed_library(L, LUA_IOLIBNAME, luaopen_io, io_keep, io_own, io_refuse);
         /* the package library of the loaded table stays the one require uses */
         lua_getglobal(L, LUA_LOADLIBNAME);
         sandbox_package(L, dir);

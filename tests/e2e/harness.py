@@ -396,6 +396,28 @@ SANITIZER_MARKERS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "ERROR: 
 UBSAN_RE = re.compile(r"\.[ch]:\d+:\d+: runtime error:")
 
 
+def _is_sanitized():
+    try:
+        with open(BIN, "rb") as f:
+            return b"__asan_init" in f.read()
+    except OSError:
+        return False
+
+
+# An ASan build holds freed memory in quarantine and ignores malloc_trim: tests skip their
+# assertions on RSS there and keep the behaviour ones.
+SANITIZED = _is_sanitized()
+
+
+def rss_mb(server):
+    """The server process's resident memory, in MiB."""
+    with open(f"/proc/{server.proc.pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def sanitizer_report(text):
     for m in SANITIZER_MARKERS:
         if m in text:

@@ -19,22 +19,13 @@ MiB = 1 << 20
 # Under AddressSanitizer RSS says nothing about our buffers (its quarantine holds freed
 # memory, its allocator ignores malloc_trim): the memory assertions are skipped there, the
 # behaviour ones are kept.
-with open(h.BIN, "rb") as _f:
-    SANITIZED = b"__asan_init" in _f.read()
+SANITIZED = h.SANITIZED
 
 ECHO = "function on_request_body(b) return {body=b.body} end\n"
 
 
 def body(n, eos=False):
     return h.body_req("request_body", b"x" * n, end_of_stream=eos)
-
-
-def rss_mb(srv):
-    with open(f"/proc/{srv.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
 
 
 def echo_ok(stub, n=16):
@@ -155,7 +146,7 @@ def flood(srv, streams, seconds):
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end and not c.closed:
         c.pump(0.2)
-        peak = max(peak, rss_mb(srv))
+        peak = max(peak, h.rss_mb(srv))
     return c, sids, peak
 
 
@@ -165,7 +156,7 @@ def test_client_that_never_reads_cannot_exhaust_memory(servers):
     stub = srv.stub()
     echo_ok(stub)
     time.sleep(0.3)
-    base = rss_mb(srv)
+    base = h.rss_mb(srv)
 
     served, failures, stop = [0], [], threading.Event()
 
@@ -189,10 +180,10 @@ def test_client_that_never_reads_cannot_exhaust_memory(servers):
     messages = {c.trailers[s].get("grpc-message") for s in sids if c.status(s) == 8}
     c.close()
     t_close = time.monotonic()
-    after = rss_mb(srv)
+    after = h.rss_mb(srv)
     while time.monotonic() - t_close < 5 and after > base + 32:
         time.sleep(0.25)
-        after = rss_mb(srv)
+        after = h.rss_mb(srv)
     print(f"RSS baseline {base:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB "
           f"({time.monotonic() - t_close:.1f} s after the client left)")
 
@@ -216,7 +207,7 @@ def test_per_stream_bound_stops_receiving(servers):
     srv = servers.start(ECHO, "--threads", "2", "--max_message_kb", "8192",
                         "--max_queued_kb", "1024", "--max_queued_total_mb", "0")
     echo_ok(srv.stub())
-    base = rss_mb(srv)
+    base = h.rss_mb(srv)
     c, sids, peak = flood(srv, 40, 4.0)
     statuses = [c.status(s) for s in sids]
     c.close()

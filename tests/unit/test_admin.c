@@ -15,18 +15,7 @@
 
 #include "admin.h"
 
-static int passed;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (cond) {                                                                    \
-            passed++;                                                                  \
-        } else {                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, "%d passed, 1 failed\n", passed);                          \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
+#include "check.h"
 
 struct flags {
     atomic_bool live, ready;

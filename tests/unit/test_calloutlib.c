@@ -15,18 +15,7 @@
 #include "log.h"
 #include "pbstruct.h"
 
-static int passed;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (cond) {                                                                    \
-            passed++;                                                                  \
-        } else {                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, "%d passed, 1 failed\n", passed);                          \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
+#include "check.h"
 
 static lua_State *L;
 static uint64_t stream_id;

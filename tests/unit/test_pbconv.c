@@ -19,18 +19,7 @@
 #include "generation.h"
 #include "vm.h"
 
-static int passed;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (cond) {                                                                    \
-            passed++;                                                                  \
-        } else {                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, "%d passed, 1 failed\n", passed);                          \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
+#include "check.h"
 #define CHECK_STR(a, b) CHECK((a) != NULL && strcmp((a), (b)) == 0)
 #define CHECK_BYTES(bd, s, n) CHECK((bd).len == (n) && ((n) == 0 || memcmp((bd).data, (s), (n)) == 0))
 

@@ -20,18 +20,7 @@
 #include "pbreflect.h"
 #include "pbstruct.h"
 
-static int passed;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (cond) {                                                                    \
-            passed++;                                                                  \
-        } else {                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, "%d passed, 1 failed\n", passed);                          \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
+#include "check.h"
 #define CHECK_STR(a, b)                                                                \
     do {                                                                               \
         const char *a_ = (a), *b_ = (b);                                               \

@@ -9,18 +9,7 @@
 
 #include "envoy/service/ext_proc/v3/external_processor.pb-c.h"
 
-static int passed;
-
-#define CHECK(cond)                                                                    \
-    do {                                                                               \
-        if (cond) {                                                                    \
-            passed++;                                                                  \
-        } else {                                                                       \
-            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond);   \
-            fprintf(stderr, "%d passed, 1 failed\n", passed);                          \
-            exit(1);                                                                   \
-        }                                                                              \
-    } while (0)
+#include "check.h"
 
 /* A pointer to a static message of type T (descriptor D) with the given fields set. */
 #define M(T, D, ...) (&(T){.base = PROTOBUF_C_MESSAGE_INIT(&D), __VA_ARGS__})
