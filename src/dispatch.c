@@ -428,7 +428,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
     lua_pushcfunction(L, run_handler);
     lua_pushlightuserdata(L, &c);
-    int status = vm_call(s, 1, 1, st->id, s->where[phase]);
+    int status = vm_call(s, 1, 1, st->id, s->where[s->has_process ? PBCONV_PHASE_COUNT : phase]);
     bool observe = req->observability_mode;
     if (status != LUA_OK && (s->timed_out || s->mem_exceeded)) {
         /* A budget stopped the handler: say which, and where (the hook's error carries the
@@ -441,8 +441,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
             snprintf(m, sizeof m, "%.*s", (int)mlen, e);
         else
             snprintf(m, sizeof m, "%s exceeded the script memory limit (%zu MB)",
-                     c.handler == pbconv_handler_name(phase) ? s->where[phase]
-                                                             : s->where[PBCONV_PHASE_COUNT],
+                     s->where[s->has_process ? PBCONV_PHASE_COUNT : phase],
                      vm_get_limits()->memory_bytes >> 20);
         log_error("stream %" PRIu64 ": %s stopped: %s", st->id, c.handler,
                   s->timed_out ? e : m);

@@ -1029,6 +1029,8 @@ static void note_handlers(struct vm *vm)
             lua_getinfo(L, ">S", &ar);
             snprintf(vm->where[p], sizeof vm->where[p], "%s (%s:%d)", name, ar.short_src,
                      ar.linedefined);
+            if (p == PBCONV_PHASE_COUNT)
+                vm->has_process = true;
         } else {
             lua_pop(L, 1);
         }

@@ -83,6 +83,7 @@ struct vm {
     /* "on_x (file:line)" of each handler the script defines, [PBCONV_PHASE_COUNT] for
      * process(): what the watchdog names when a call hangs */
     char where[PBCONV_PHASE_COUNT + 1][160];
+    bool has_process;       /* process() is defined: it answers every phase */
 
     char refusals[VM_REFUSALS_MAX];  /* what the sandbox refused, one per line */
     size_t refusals_len;

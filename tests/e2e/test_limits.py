@@ -196,7 +196,7 @@ def test_client_that_never_reads_cannot_exhaust_memory(servers):
     if not SANITIZED:
         assert peak - base < 40 * 4 + 64 + 48, (base, peak)
         assert after - base < 64, (base, peak, after)
-    assert not failures and served[0] >= 20, (served, failures[:3])
+    assert not failures and served[0] >= (10 if SANITIZED else 20), (served, failures[:3])
     assert srv.alive()
     echo_ok(stub)
 
