@@ -12,6 +12,7 @@
 #include <grpc/support/log.h>
 #include <grpc/support/sync.h>
 #include <grpc/support/time.h>
+#include <malloc.h>
 #include <netdb.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -44,6 +45,8 @@
 /* Request metadata of one call (HTTP/2 header list): Envoy sends a few hundred bytes plus
  * any initial_metadata its grpc_service sets; its own limit for HTTP requests is 60 KiB. */
 #define MAX_METADATA_BYTES (64 * 1024)
+/* Memory grpc's transport may use for all connections (buffers, messages being received). */
+#define TRANSPORT_MEMORY_BYTES ((size_t)256 << 20)
 /* A TLS or HTTP/2 handshake not done by then holds a connection for nothing. */
 #define HANDSHAKE_TIMEOUT_MS 10000
 
@@ -80,6 +83,8 @@ struct server {
     _Atomic bool stopping;
     int nworkers;
     struct worker *workers;
+    uint64_t last_trim_check_ns;     /* control thread: trim_after_streams_end */
+    int64_t last_active_streams;
 };
 
 static void post_request(struct call_request *r)
@@ -372,6 +377,8 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
     /* What one connection may make grpc buffer (docs/operations.md, Limits). A limit of 0
      * on the command line means none: grpc's "unlimited" is -1 for sizes, and no setting
      * at all for the stream count. */
+    grpc_resource_quota *quota = grpc_resource_quota_create("luacallout");
+    grpc_resource_quota_resize(quota, TRANSPORT_MEMORY_BYTES);
     grpc_arg args[] = {
         /* A second server on the same port must fail, not silently share it. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
@@ -395,6 +402,11 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
          .value.integer = 300000},
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
          .value.integer = HANDSHAKE_TIMEOUT_MS},
+        /* The memory grpc's transport may use, all connections together: past it grpc
+         * stops reading from sockets and shrinks windows (memory pressure), so partly
+         * received messages cannot add up without bound. */
+        {.type = GRPC_ARG_POINTER, .key = GRPC_ARG_RESOURCE_QUOTA,
+         .value.pointer = {.p = quota, .vtable = grpc_resource_quota_arg_vtable()}},
         /* Last, so that it can be left out: SETTINGS_MAX_CONCURRENT_STREAMS. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_CONCURRENT_STREAMS,
          .value.integer = cfg->max_streams_per_connection},
@@ -402,6 +414,7 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
     size_t nargs = sizeof args / sizeof args[0] - (cfg->max_streams_per_connection ? 0 : 1);
     grpc_channel_args channel_args = {.num_args = nargs, .args = args};
     srv->grpc = grpc_server_create(&channel_args, NULL);
+    grpc_resource_quota_unref(quota);   /* the server holds its own reference */
     srv->process_method = grpc_server_register_method(srv->grpc, PROCESS_METHOD, NULL,
                                                       GRPC_SRM_PAYLOAD_NONE, 0);
     srv->shutdown_cq = grpc_completion_queue_create_for_next(NULL);
@@ -475,9 +488,24 @@ static uint64_t stuck_since(struct worker *w, uint64_t now)
     return since && now > since && now - since > limit ? since : 0;
 }
 
+/* Once a second: when streams ended since the last look, gives the allocator's free pages
+ * back. Streams a client abandoned half-received never pass a large message through the
+ * workers (whose own trim waits for one), yet their buffers were large. */
+static void trim_after_streams_end(struct server *srv, uint64_t now)
+{
+    if (now - srv->last_trim_check_ns < 1000000000u)
+        return;
+    srv->last_trim_check_ns = now;
+    int64_t active = atomic_load(&metrics.streams_active);
+    if (active < srv->last_active_streams)
+        malloc_trim(0);
+    srv->last_active_streams = active;
+}
+
 void server_tick(struct server *srv)
 {
     uint64_t now = now_ns();
+    trim_after_streams_end(srv, now);
     for (int i = 0; i < srv->nworkers; i++) {
         struct worker *w = &srv->workers[i];
         generation_fill_spare(&w->vms);
