@@ -143,6 +143,15 @@ int main(int argc, char **argv)
         break;
     }
     log_set_level(cfg.log_level);
+    /* A reload reads the path again: made absolute now, so that nothing that changes the
+     * working directory later can change which file that is. */
+    char abs_path[4096];
+    if (cfg.script_path[0] != '/' && getcwd(abs_path, sizeof abs_path - 1)) {
+        size_t n = strlen(abs_path);
+        if (snprintf(abs_path + n, sizeof abs_path - n, "/%s", cfg.script_path) <
+            (int)(sizeof abs_path - n))
+            cfg.script_path = abs_path;
+    }
     struct vm_limits limits = {
         .timeout_ms = cfg.script_timeout_ms,
         .memory_bytes = (size_t)cfg.script_memory_mb << 20,

@@ -202,8 +202,13 @@ static int pattern_expired(lua_State *L)
  * once the deadline has passed. */
 static void check_deadline(lua_State *L)
 {
-    if (pattern_expired(L))
-        lua_error(L);
+    struct vm *vm = vm_of(L);
+    if (vm->deadline_ns == 0 || (!vm->timed_out && now_ns() < vm->deadline_ns))
+        return;
+    lua_Debug ar;
+    push_timeout(L, lua_getstack(L, 1, &ar) ? &ar : NULL, "");
+    arm_kill(L);
+    lua_error(L);
 }
 
 int vm_call(struct vm *vm, int narg, int nres, uint64_t stream, const char *where)
@@ -224,6 +229,21 @@ int vm_call(struct vm *vm, int narg, int nres, uint64_t stream, const char *wher
         atomic_store_explicit(&act->since_ns, t0, memory_order_release);
     }
     int status = docall(L, narg, nres);
+    if (status == LUA_OK && t0 && now_ns() > vm->deadline_ns) {
+        /* It returned, but late: C code the budget could not interrupt held it. The call is
+         * over, so the VM is consistent; the stream still ends as out of time. */
+        lua_pop(L, nres);
+        lua_pushfstring(L, "%s: execution budget of %d ms exceeded in C code that could not "
+                        "be interrupted", where ? where : "the call", limits.timeout_ms);
+        vm->errmsg_len = lua_rawlen(L, -1);
+        vm->timed_out = true;
+        status = LUA_ERRRUN;
+        vm->deadline_ns = 0;
+        if (act)
+            atomic_store_explicit(&act->since_ns, 0, memory_order_release);
+        vm->current_stream = 0;
+        return status;
+    }
     if (act && t0)
         atomic_store_explicit(&act->since_ns, 0, memory_order_release);
     vm->deadline_ns = 0;
@@ -559,6 +579,10 @@ static int each_candidate(lua_State *L, const char *path, const char *name,
         }
         luaL_pushresult(&b);                       /* mod file */
         int r = len ? fn(L, lua_tostring(L, -1), ud) : 0;
+        if (r < 0) {                               /* found, nothing pushed */
+            lua_pop(L, 2);
+            return r;
+        }
         if (r) {                                   /* mod file r1..rn */
             lua_remove(L, -1 - r);
             lua_remove(L, -1 - r);
@@ -632,7 +656,28 @@ static int try_c_module(lua_State *L, const char *file, void *ud)
     return 2;
 }
 
+/* Whether a C module file is there (for the refusal's message): pushes nothing. */
+static int exists_c_module(lua_State *L, const char *file, void *ud)
+{
+    (void)L, (void)ud;
+    return access(file, R_OK) == 0 ? -1 : 0;
+}
+
 /* package.searchers[3]: C modules on the fixed C path (upvalue 1), only while loading. */
+/* C modules of the system's Lua folders a sandboxed script may load: they add no way out of
+ * the sandbox (no file system, no sleeping, no process state). Others there (lfs, luasystem,
+ * ...) would write files, change the working directory or block in C; C modules in the
+ * script's own folder are the operator's, and load. */
+static const char *const c_modules_allowed[] = {"cjson", NULL};
+
+static bool c_module_allowed(const char *name)
+{
+    for (const char *const *n = c_modules_allowed; *n; n++)
+        if (strcmp(*n, name) == 0)
+            return true;
+    return false;
+}
+
 static int search_c(lua_State *L)
 {
     const char *name = luaL_checkstring(L, 1);
@@ -647,13 +692,24 @@ static int search_c(lua_State *L)
     lua_pushfstring(L, "luaopen_%s", sym);
     lua_replace(L, -3);
     lua_pop(L, 1);
-    int r = each_candidate(L, lua_tostring(L, lua_upvalueindex(1)), name, try_c_module,
-                           (void *)lua_tostring(L, -1));
+    /* the script's folder for any module, the whole C path for the allowed ones */
+    bool allowed = c_module_allowed(name);
+    if (allowed)
+        lua_pushvalue(L, lua_upvalueindex(1));
+    else
+        lua_pushfstring(L, "%s/?.so", vm_of(L)->snap->dir);
+    int r = each_candidate(L, lua_tostring(L, -1), name, try_c_module,
+                           (void *)lua_tostring(L, -2));
     if (r) {
+        lua_remove(L, -1 - r);
         lua_remove(L, -1 - r);
         return r;
     }
-    lua_pop(L, 1);
+    lua_pop(L, 2);
+    if (!allowed &&
+        each_candidate(L, lua_tostring(L, lua_upvalueindex(1)), name, exists_c_module, NULL))
+        return refuse(L, "require '%s', a C module of the system's Lua folders (only %s "
+                         "may be loaded from there)", name, c_modules_allowed[0]);
     lua_pushfstring(L, "no C module for '%s' on %s", name, lua_tostring(L, lua_upvalueindex(1)));
     return 1;
 }

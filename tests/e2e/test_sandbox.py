@@ -926,3 +926,53 @@ def test_reload_blocked_in_a_fifo_does_not_hold_up_shutdown(servers):
         if srv.alive():
             srv.proc.kill()
         srv.signal_and_wait(send=False)
+
+
+# --- found by the docs-only attacker -------------------------------------------------------
+
+SYSTEM_LFS = Path("/usr/lib/x86_64-linux-gnu/lua/5.4/lfs.so")
+
+
+@pytest.mark.skipif(not SYSTEM_LFS.exists(), reason="Debian's lua-filesystem is not installed")
+def test_system_c_modules_other_than_cjson_are_refused(servers):
+    # lfs (installed with busted) would write the file system and chdir the whole process
+    script = servers.script('local lfs = require "lfs"\nfunction on_request_headers() end\n',
+                            "lfs_user.lua")
+    rc, out, err = servers.run_to_exit(["--check", script])
+    assert rc == 1, (out, err)
+    assert "require 'lfs', a C module of the system's Lua folders" in err, err
+    assert "the sandbox refuses it" in err, err
+    ok = servers.script('local cjson = require "cjson"\n'
+                        'function on_request_headers() return { add = {{"x-j", cjson.encode({1})}} } end\n',
+                        "cjson_user.lua")
+    rc, out, err = servers.run_to_exit(["--check", ok])
+    assert rc == 0, (out, err)
+
+
+def test_handler_returning_late_from_c_is_deadline_exceeded(servers):
+    # C code the hook cannot interrupt (here os.execute, with --unsafe_stdlib) held the call
+    # past its budget: the answer it then returns is not sent
+    srv = servers.start(servers.script(
+        'function on_request_headers() os.execute("sleep 0.6") return { add = {{"x-late", "1"}} } end\n',
+        "late.lua"), "--unsafe_stdlib", "--script_timeout_ms", "100", "--threads", "1")
+    responses, code, details = h.process(srv.stub(), [h.headers_req("request_headers", [])])
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert responses == []
+    assert "execution budget of 100 ms exceeded in C code that could not be interrupted" in details
+    responses, code, _ = h.process(srv.stub(), [h.headers_req("request_headers", [])])
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED   # the VM serves on (no rebuild needed)
+
+
+def test_reload_reads_the_path_resolved_at_start_up(servers, tmp_path):
+    # a relative script path is made absolute at start-up: changing the working directory
+    # later (which --unsafe_stdlib scripts can) cannot change the file a SIGHUP loads
+    (tmp_path / "rel.lua").write_text('function on_request_headers() return { add = {{"x-who", "real"}} } end\n')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "rel.lua").write_text('function on_request_headers() return { add = {{"x-who", "impostor"}} } end\n')
+    argv, addrs, enabled = servers.argv(Path("rel.lua"))
+    assert "rel.lua" in argv
+    srv = h.Server(argv, tmp_path / "rel.log", addrs, enabled, cwd=tmp_path)
+    servers.servers.append(srv)
+    srv.wait_ready()
+    assert "loaded " + str(tmp_path / "rel.lua") in srv.log()
