@@ -92,6 +92,8 @@ void stream_set_limits(const struct stream_limits *l) { limits = *l; }
  * total is then exact within QUEUED_FLUSH bytes per worker, for one atomic per 64 KiB. */
 #define QUEUED_FLUSH (64 * 1024)
 
+/* See enqueue: an answer this small to a stream with nothing unread is never refused. */
+#define SMALL_ANSWER_BYTES (64 * 1024)
 static _Atomic long queued_total;     /* bytes, less the deltas workers have not flushed */
 static _Atomic int64_t last_trim_ms;
 
@@ -295,7 +297,11 @@ static void finish(struct stream *s, grpc_status_code status, const char *messag
  * limit, or no memory). */
 static bool enqueue(struct stream *s, const uint8_t *data, size_t len)
 {
-    if (limits.max_queued_total_bytes &&
+    /* A small answer to a stream that has nothing unread goes out whatever the total: the
+     * clients that read their answers are not the ones that filled it, and what such answers
+     * add is bounded by SMALL_ANSWER_BYTES per stream. */
+    bool innocent = s->queued == 0 && len <= SMALL_ANSWER_BYTES;
+    if (limits.max_queued_total_bytes && !innocent &&
         atomic_load_explicit(&queued_total, memory_order_relaxed) + here.queued_delta +
                 (long)len > (long)limits.max_queued_total_bytes) {
         char msg[128];
