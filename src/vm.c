@@ -413,39 +413,54 @@ static int push_memfile(lua_State *L, const struct snapshot_file *f)
     return 1;
 }
 
-/* The snapshot's file `name` for reading at load time: NULL after pushing fail, msg, errno. */
-static const struct snapshot_file *load_time_file(lua_State *L, const char *fn,
-                                                  const char *name)
+/* The snapshot's file `name`, for `fn` at load time (refused in a handler). NULL when there
+ * is none, with why in *why and the errno in *err_no (err holds the text). */
+static const struct snapshot_file *file_at_load(lua_State *L, const char *fn, const char *name,
+                                                const char **why, int *err_no, char *err,
+                                                size_t errlen)
 {
     struct vm *vm = vm_of(L);
     if (!vm->loading)
         refuse(L, "%s in a handler: files can be read only while the script loads (read "
                   "them at the top level)", fn);
-    int e = 0;
-    char err[256] = "";
-    const struct snapshot_file *f = snapshot_file_for(vm->snap, name, &e, err, sizeof err);
-    if (!f || !f->data) {
-        luaL_pushfail(L);
-        lua_pushfstring(L, "%s: %s", name, f ? "is a C module" : err[0] ? err : strerror(e));
-        lua_pushinteger(L, f ? EINVAL : e);
+    err[0] = '\0';
+    *err_no = 0;
+    const struct snapshot_file *f = snapshot_file_for(vm->snap, name, err_no, err, errlen);
+    if (f && !f->data) {
+        *why = "it is a C module";
+        *err_no = EINVAL;
+        return NULL;
     }
-    return f && f->data ? f : NULL;
+    *why = err[0] ? err : strerror(*err_no);
+    return f;
+}
+
+/* The snapshot's file `name` for reading at load time: NULL after pushing fail, msg, errno. */
+static const struct snapshot_file *load_time_file(lua_State *L, const char *fn,
+                                                  const char *name)
+{
+    const char *why;
+    int e;
+    char err[256];
+    const struct snapshot_file *f = file_at_load(L, fn, name, &why, &e, err, sizeof err);
+    if (!f) {
+        luaL_pushfail(L);
+        lua_pushfstring(L, "%s: %s", name, why);
+        lua_pushinteger(L, e);
+    }
+    return f;
 }
 
 const char *vm_read_file(lua_State *L, const char *fn, const char *name, size_t *len)
 {
     if (limits.unsafe_stdlib)
         return NULL;
-    struct vm *vm = vm_of(L);
-    if (!vm->loading)
-        refuse(L, "%s in a handler: files can be read only while the script loads (read "
-                  "them at the top level)", fn);
-    int e = 0;
-    char err[256] = "";
-    const struct snapshot_file *f = snapshot_file_for(vm->snap, name, &e, err, sizeof err);
-    if (!f || !f->data)
-        luaL_error(L, "%s: cannot read '%s': %s", fn, name,
-                   f ? "it is a C module" : err[0] ? err : strerror(e));
+    const char *why;
+    int e;
+    char err[256];
+    const struct snapshot_file *f = file_at_load(L, fn, name, &why, &e, err, sizeof err);
+    if (!f)
+        luaL_error(L, "%s: cannot read '%s': %s", fn, name, why);
     *len = f->len;
     return f->data;
 }
