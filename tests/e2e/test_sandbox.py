@@ -727,7 +727,7 @@ def test_watchdog_reports_a_stuck_handler(servers):
         line = wait_for(lambda: re.search(r"watchdog: worker 0 has been in .*", srv.log()), 5,
                         "the watchdog line")
         took = time.monotonic() - t0
-        assert took < 1.5 + 0.3, f"watchdog reported after {took:.2f} s"
+        assert took < 1.5 + 1.0, f"watchdog reported after {took:.2f} s"
         text = line.group(0)
         assert "on_request_headers (" in text and f"wd.lua:{ss.handler_line()})" in text, text
         assert re.search(r"\(stream \d+\)", text), text

@@ -114,10 +114,13 @@ static void test_differential(void)
 
 /* Runs src (which must raise) with a budget of budget_ms; checks that the error is the
  * host's, that it came within budget_ms + margin_ms of CPU time (wall time would fail on a
- * busy machine), and that the host was asked at least every 20 ms of CPU time (sanitizer builds run the long-literal case 5x slower). */
+ * busy machine), and that the host was asked at least twice within the budget: no gap
+ * between two questions is longer than half of it. Sanitizer builds on this 2-core VM
+ * measure gaps of 6-8 ms; CI's machines have shown 22 ms, and the stock functions hide
+ * seconds in one call. */
 static void expect_budget_error(lua_State *L, const char *src, double budget_ms)
 {
-    const double margin_ms = 30;
+    const double margin_ms = 30, max_gap = budget_ms / 2;
     double start = now_ms();
     double start_cpu = last_call_cpu_ms = cpu_ms();
     max_gap_ms = 0;
@@ -131,14 +134,14 @@ static void expect_budget_error(lua_State *L, const char *src, double budget_ms)
         fprintf(stderr, "%s: rc %d, %s\n", src, rc, lua_tostring(L, -1));
     CHECK(rc == LUA_ERRRUN);
     CHECK(strcmp(lua_tostring(L, -1), "script exceeded its time budget") == 0);
-    if (took_cpu > budget_ms + margin_ms || max_gap_ms > 20)
+    if (took_cpu > budget_ms + margin_ms || max_gap_ms > max_gap)
         fprintf(stderr, "%s: took %.1f ms of CPU (%.1f ms) for a %.0f ms budget, "
                 "%.1f ms between checks\n", src, took_cpu, took, budget_ms, max_gap_ms);
     printf("budget %.0f ms: stopped after %.1f ms (%.1f ms CPU), checks <= %.3f ms apart: %s\n",
            budget_ms, took, took_cpu, max_gap_ms, src);
     CHECK(took >= budget_ms);
     CHECK(took_cpu <= budget_ms + margin_ms);
-    CHECK(max_gap_ms <= 20);
+    CHECK(max_gap_ms <= max_gap);
     lua_pop(L, 1);
 }
 
