@@ -62,6 +62,7 @@ struct stream {
     bool send_with_recv;          /* the send in flight rides in the receive batch */
     bool finishing;               /* status decided: no more receives */
     bool status_sent;
+    bool metadata_sent;           /* initial metadata has left with an earlier batch */
     bool dead;                    /* call cancelled or a batch failed: send nothing more */
     bool recv_paused;             /* too many answers unread: no receive posted */
     bool aborted;                 /* cancelled by a limit (counted as an error) */
@@ -227,20 +228,34 @@ static void abort_stream(struct stream *s, grpc_status_code status, const char *
     s->status = status;
 }
 
+/* Initial metadata leaves with the stream's first send (answer or status), not at its
+ * start: a separate HEADERS frame would cost the transport a write of its own, one more
+ * syscall per stream; no client needs the headers before the first answer. Adds the op to
+ * ops[*n] when it is still due. */
+static void add_initial_metadata(struct stream *s, grpc_op *ops, size_t *n)
+{
+    if (s->metadata_sent)
+        return;
+    ops[*n] = (grpc_op){.op = GRPC_OP_SEND_INITIAL_METADATA};
+    (*n)++;
+    s->metadata_sent = true;
+}
+
 /* Posts the next receive. When exactly one answer waits and nothing is being sent, the
  * answer rides in the same batch: the common one-answer-per-message exchange then costs
  * one batch and one completion per message instead of two. The send still leaves at once;
  * only its completion waits for the next message, and nothing else is queued behind it. */
 static void post_recv(struct stream *s)
 {
-    grpc_op ops[2] = {{.op = GRPC_OP_RECV_MESSAGE}};
+    grpc_op ops[3] = {{.op = GRPC_OP_RECV_MESSAGE}};
     ops[0].data.recv_message.recv_message = &s->recv_payload;
     size_t n = 1;
     bool piggyback = !s->sending && !s->dead && s->queue_head && !s->queue_head->next;
     if (piggyback) {
-        ops[1].op = GRPC_OP_SEND_MESSAGE;
-        ops[1].data.send_message.send_message = s->queue_head->payload;
-        n = 2;
+        add_initial_metadata(s, ops, &n);
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = s->queue_head->payload;
+        n++;
     }
     if (start_batch(s, ops, n, &s->recv_tag) && piggyback) {
         s->sending = true;
@@ -264,19 +279,23 @@ static void pump(struct stream *s)
 {
     if (s->sending || s->dead || s->status_sent)
         return;
+    grpc_op ops[2];
+    size_t n = 0;
     if (s->queue_head) {
-        grpc_op op = {.op = GRPC_OP_SEND_MESSAGE};
-        op.data.send_message.send_message = s->queue_head->payload;
-        if (start_batch(s, &op, 1, &s->send_tag))
+        add_initial_metadata(s, ops, &n);
+        ops[n] = (grpc_op){.op = GRPC_OP_SEND_MESSAGE};
+        ops[n].data.send_message.send_message = s->queue_head->payload;
+        if (start_batch(s, ops, n + 1, &s->send_tag))
             s->sending = true;
         return;
     }
     if (s->finishing) {
-        grpc_op op = {.op = GRPC_OP_SEND_STATUS_FROM_SERVER};
-        op.data.send_status_from_server.status = s->status;
-        op.data.send_status_from_server.status_details =
+        add_initial_metadata(s, ops, &n);
+        ops[n] = (grpc_op){.op = GRPC_OP_SEND_STATUS_FROM_SERVER};
+        ops[n].data.send_status_from_server.status = s->status;
+        ops[n].data.send_status_from_server.status_details =
             s->status == GRPC_STATUS_OK ? NULL : &s->status_details;
-        if (start_batch(s, &op, 1, &s->status_tag))
+        if (start_batch(s, ops, n + 1, &s->status_tag))
             s->status_sent = true;
     }
 }
@@ -483,11 +502,9 @@ void stream_start(grpc_call *call, struct vm *vm)
     if (!s->script) {
         finish(s, GRPC_STATUS_RESOURCE_EXHAUSTED, "cannot create the stream's Lua state");
     } else {
-        /* Initial metadata goes out with the first receive: Envoy sees the stream open
-         * at once and there is no separate batch to track. */
-        grpc_op ops[2] = {{.op = GRPC_OP_SEND_INITIAL_METADATA}, {.op = GRPC_OP_RECV_MESSAGE}};
-        ops[1].data.recv_message.recv_message = &s->recv_payload;
-        start_batch(s, ops, 2, &s->recv_tag);
+        grpc_op op = {.op = GRPC_OP_RECV_MESSAGE};
+        op.data.recv_message.recv_message = &s->recv_payload;
+        start_batch(s, &op, 1, &s->recv_tag);
     }
     batch_done(s);
 }
