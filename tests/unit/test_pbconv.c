@@ -92,7 +92,8 @@ static uint8_t wire[1 << 16];
 static size_t build(const struct req *r)
 {
     Req req = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
-    Envoy__Service__ExtProc__V3__HttpHeaders hh = ENVOY__SERVICE__EXT_PROC__V3__HTTP_HEADERS__INIT;
+    Envoy__Service__ExtProc__V3__HttpHeaders hh;   /* __init: the macro names deprecated fields */
+    envoy__service__ext_proc__v3__http_headers__init(&hh);
     Envoy__Service__ExtProc__V3__HttpBody hb = ENVOY__SERVICE__EXT_PROC__V3__HTTP_BODY__INIT;
     Envoy__Service__ExtProc__V3__HttpTrailers ht = ENVOY__SERVICE__EXT_PROC__V3__HTTP_TRAILERS__INIT;
     Envoy__Config__Core__V3__HeaderMap map = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
@@ -432,7 +433,8 @@ static void test_headers_object(void)
 
     /* both set: raw_value wins */
     Req req = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
-    Envoy__Service__ExtProc__V3__HttpHeaders hh = ENVOY__SERVICE__EXT_PROC__V3__HTTP_HEADERS__INIT;
+    Envoy__Service__ExtProc__V3__HttpHeaders hh;   /* __init: the macro names deprecated fields */
+    envoy__service__ext_proc__v3__http_headers__init(&hh);
     Envoy__Config__Core__V3__HeaderMap map = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
     HeaderValue hv = ENVOY__CONFIG__CORE__V3__HEADER_VALUE__INIT, *hvp = &hv;
     hv.key = "x-foo";

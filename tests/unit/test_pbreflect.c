@@ -388,7 +388,8 @@ static void test_request_push(void)
     HeaderMap map = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
     map.n_headers = 2;
     map.headers = hs;
-    HttpHeaders hh = ENVOY__SERVICE__EXT_PROC__V3__HTTP_HEADERS__INIT;
+    HttpHeaders hh;   /* __init: the __INIT macro names deprecated fields (clang warns) */
+    envoy__service__ext_proc__v3__http_headers__init(&hh);
     hh.headers = &map;
     hh.end_of_stream = 1;
 
