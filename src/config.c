@@ -71,9 +71,12 @@ static const struct flag flags[] = {
      "give scripts os.exit, os.execute, io.popen, debug and binary chunks"},
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
      "benchmark baseline: answer every message with a fixed response, no Lua"},
-    {"threads", FLAG_INT, AT(threads), "N", "worker threads (default: number of cores)"},
+    {"threads", FLAG_INT, AT(threads), "N",
+     "worker processes, one serving thread each (default: number of cores)"},
     {"log_level", FLAG_LEVEL, AT(log_level), "LEVEL", "debug, info, warn or error (default info)"},
     {"help", FLAG_HELP, 0, "", "print this help and exit"},
+    /* internal: how the supervisor starts a worker process (SLOT,CONTROL_FD,METRICS_FD) */
+    {"worker_of", FLAG_STRING, AT(worker_of), "", NULL},
     {"version", FLAG_VERSION, 0, "", "print the version and exit"},
 };
 
@@ -84,6 +87,8 @@ static void usage(FILE *out)
                  "flags (--name value, --name=value; dashes or underscores):\n");
     for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
         const struct flag *f = &flags[i];
+        if (!f->help)
+            continue;
         char left[64];
         snprintf(left, sizeof left, "--%s%s%s", f->name, *f->metavar ? " " : "", f->metavar);
         fprintf(out, "  %-34s %s\n", left, f->help);

@@ -33,6 +33,7 @@ struct config {
     int stream_idle_timeout_ms;     /* a stream with no message for this long ends; 0 = none */
     int max_queued_kb;              /* answers a client has not read yet, per stream */
     int max_queued_total_mb;        /* the same, summed over all streams */
+    const char *worker_of;          /* set in worker processes: "slot,control fd,metrics fd" */
 };
 
 enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };

@@ -213,12 +213,8 @@ const struct snapshot_file *snapshot_file_for(struct snapshot *snap, const char 
 
 /* ---- generations ------------------------------------------------------------------------ */
 
-int generation_load(const char *path, uint64_t generation, struct vm **vms, int n, char *err,
-                    size_t errlen)
+int generation_build(struct snapshot *snap, struct vm **vms, int n, char *err, size_t errlen)
 {
-    struct snapshot *snap = snapshot_read(path, generation, err, errlen);
-    if (!snap)
-        return -1;
     int built = 0;
     for (; built < n; built++) {
         vms[built] = vm_open(snap, err, errlen);
@@ -226,12 +222,22 @@ int generation_load(const char *path, uint64_t generation, struct vm **vms, int 
             break;
         snap->frozen = true;   /* the first VM recorded what the top level read */
     }
-    snapshot_unref(snap);     /* each VM holds its own reference */
     if (built == n)
         return 0;
     while (built-- > 0)
         vm_close(vms[built]);
     return -1;
+}
+
+int generation_load(const char *path, uint64_t generation, struct vm **vms, int n, char *err,
+                    size_t errlen)
+{
+    struct snapshot *snap = snapshot_read(path, generation, err, errlen);
+    if (!snap)
+        return -1;
+    int rc = generation_build(snap, vms, n, err, errlen);
+    snapshot_unref(snap);     /* each VM holds its own reference */
+    return rc;
 }
 
 static void adopt(struct worker_vms *w, struct vm *vm)

@@ -71,6 +71,11 @@ const struct snapshot_file *snapshot_file_for(struct snapshot *snap, const char 
 int generation_load(const char *path, uint64_t generation, struct vm **vms, int n, char *err,
                     size_t errlen);
 
+/* n VMs of the snapshot (the first records what the top level reads, when the snapshot is
+ * not frozen yet). 0 with vms[0..n) set (each holding a reference), or -1 with
+ * "file:line: msg" in err and nothing kept. */
+int generation_build(struct snapshot *snap, struct vm **vms, int n, char *err, size_t errlen);
+
 #define GENERATION_MAX_RETIRED 4
 
 /* The VMs of one worker. `current` and the retired list belong to the worker's thread;

@@ -1,8 +1,9 @@
-/* main.c — start-up order, signals, shutdown.
+/* main.c — flags, --check, then the supervisor (or, with --worker_of, a worker process).
  *
- * Signals are blocked in every thread (they are blocked before grpc or any worker starts a
- * thread) and taken synchronously here with sigwait, so no handler ever runs in the middle
- * of grpc or Lua code. */
+ * Signals are blocked in every thread (they are blocked before any thread starts, and stay
+ * blocked across the exec of a worker) and taken synchronously — sigtimedwait in the
+ * supervisor, a signalfd in workers — so no handler ever runs in the middle of grpc or Lua
+ * code. */
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -14,23 +15,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "admin.h"
 #include "config.h"
-#include "log.h"
 #include "generation.h"
-#include "server.h"
-#include "stream.h"
-#include "tls.h"
+#include "log.h"
+#include "supervisor.h"
 #include "vm.h"
-#include "watch.h"
-
-#define SHUTDOWN_GRACE_MS 5000
-/* Quiet time after a file event before reloading: one reload per save or ConfigMap swap. */
-#define WATCH_SETTLE_MS 200
-/* How often the control thread runs the watchdog and builds spare VMs. */
-#define TICK_MS 100
-
-static void reload(void *srv) { server_reload(srv); }
+#include "worker.h"
 
 /* Names of sandbox-refused functions a script's source mentions: --check points them out
  * even when the top level never calls them (a handler might). */
@@ -94,16 +84,6 @@ static int check_script(const char *path)
     return 0;
 }
 
-/* Liveness fails while a worker is stuck in a handler past its budget (the watchdog);
- * readiness while every worker is. Called on the health listener's thread: reads atomics. */
-static bool probe_live(void *srv) { return server_stuck_workers(srv, NULL) == 0; }
-
-static bool probe_ready(void *srv)
-{
-    int n = 0;
-    return server_stuck_workers(srv, &n) < n;
-}
-
 /* Raises the soft limit on open files to the hard one: every stream's connection and every
  * health probe is a descriptor, and the default soft limit of 1024 is small for a server. */
 static void raise_nofile(void)
@@ -115,14 +95,6 @@ static void raise_nofile(void)
     }
 }
 
-/* Waits for a signal for up to TICK_MS; 0 when none came. */
-static int wait_signal(const sigset_t *set)
-{
-    struct timespec tick = {.tv_sec = 0, .tv_nsec = TICK_MS * 1000000L};
-    int sig = sigtimedwait(set, NULL, &tick);
-    return sig > 0 ? sig : 0;
-}
-
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -131,6 +103,7 @@ int main(int argc, char **argv)
     sigaddset(&waited, SIGTERM);
     sigaddset(&waited, SIGINT);
     sigaddset(&waited, SIGHUP);
+    sigaddset(&waited, SIGCHLD);
     pthread_sigmask(SIG_BLOCK, &waited, NULL);
 
     struct config cfg;
@@ -163,82 +136,8 @@ int main(int argc, char **argv)
     if (cfg.check)
         return check_script(cfg.script_path);
 
-    char err[1024];
-    struct tls_identity id = {0};
-    bool need_tls = !cfg.disable_tls || (cfg.secure_health_check && !cfg.combined_health_check);
-    if (need_tls) {
-        if (tls_identity_load(&id, cfg.cert_chain_path, cfg.private_key_path, err,
-                              sizeof err) != 0) {
-            fprintf(stderr, "luacallout: %s\n", err);
-            return 1;
-        }
-        if (id.ephemeral)
-            log_warn("no --cert_chain_path given: using an ephemeral self-signed certificate "
-                     "for localhost, SHA-256 fingerprint %s", id.fingerprint);
-    }
-
     raise_nofile();
-    stream_set_bench_echo(cfg.bench_echo);
-    struct stream_limits stream_limits = {
-        .max_queued_bytes = (size_t)cfg.max_queued_kb << 10,
-        .max_queued_total_bytes = (size_t)cfg.max_queued_total_mb << 20,
-        .idle_timeout_ms = cfg.stream_idle_timeout_ms,
-    };
-    stream_set_limits(&stream_limits);
-    struct server *srv = server_start(&cfg, need_tls ? &id : NULL, err, sizeof err);
-    if (!srv) {
-        fprintf(stderr, "luacallout: %s\n", err);
-        tls_identity_free(&id);
-        return 1;
-    }
-    struct admin *admin = NULL;
-    struct admin_probes probes = {.live = probe_live, .ready = probe_ready, .ud = srv};
-    if (!cfg.combined_health_check) {
-        admin = admin_start(cfg.health_address, cfg.secure_health_check ? &id : NULL, &probes, err,
-                            sizeof err);
-        if (!admin) {
-            fprintf(stderr, "luacallout: %s\n", err);
-            server_stop(srv, 0);
-            tls_identity_free(&id);
-            return 1;
-        }
-    }
-
-    struct watch *watch = NULL;
-    if (cfg.watch) {
-        watch = watch_start(cfg.script_path, WATCH_SETTLE_MS, reload, srv, err, sizeof err);
-        if (!watch)
-            log_error("--watch: %s; reload with SIGHUP instead", err);
-    }
-
-    for (;;) {
-        int sig = wait_signal(&waited);
-        if (sig == 0) {
-            server_tick(srv);
-            continue;
-        }
-        if (sig == SIGHUP) {
-            log_info("SIGHUP received: reloading %s", cfg.script_path);
-            server_reload(srv);
-            continue;
-        }
-        log_info("signal %d received: shutting down", sig);
-        break;
-    }
-
-    watch_stop(watch);
-    if (admin)
-        admin_stop(admin);
-    int stopped = server_stop(srv, SHUTDOWN_GRACE_MS);
-    if (stopped == -1) {
-        log_error("stopped, abandoning streams a stuck handler still holds");
-        _exit(3);
-    }
-    if (stopped == -2) {
-        log_info("stopped");
-        _exit(0);
-    }
-    tls_identity_free(&id);
-    log_info("stopped");
-    return 0;
+    if (cfg.worker_of)
+        return worker_run(&cfg);
+    return supervisor_run(&cfg, argc, argv);
 }

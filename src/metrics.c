@@ -5,8 +5,64 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
-struct metrics metrics;
+static struct metrics own;
+struct metrics *metrics = &own;
+/* The shared mapping: [0] the supervisor's, [1 + i] worker i's. */
+static struct metrics *slots;
+static int nslots;
+
+int metrics_share(int nworkers)
+{
+    int fd = memfd_create("luacallout-metrics", MFD_CLOEXEC);
+    size_t size = (size_t)(nworkers + 1) * sizeof(struct metrics);
+    if (fd < 0 || ftruncate(fd, (off_t)size) != 0) {
+        if (fd >= 0)
+            close(fd);
+        return -1;
+    }
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+        close(fd);
+        return -1;
+    }
+    slots = map;          /* zero-filled: every counter starts at 0 */
+    nslots = nworkers + 1;
+    metrics = &slots[0];
+    return fd;
+}
+
+int metrics_attach(int fd, int slot)
+{
+    size_t size = (size_t)(slot + 2) * sizeof(struct metrics);
+    void *map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (map == MAP_FAILED)
+        return -1;
+    metrics = &((struct metrics *)map)[slot + 1];
+    return 0;
+}
+
+void metrics_worker_gone(int slot)
+{
+    if (!slots || slot + 1 >= nslots)
+        return;
+    atomic_store(&slots[slot + 1].streams_active, 0);
+    atomic_store(&slots[slot + 1].workers_serving, 0);
+    atomic_store(&slots[slot + 1].workers_stuck, 0);
+}
+
+int64_t metrics_sum(size_t offset)
+{
+    if (!slots)
+        return atomic_load((_Atomic int64_t *)((char *)metrics + offset));
+    int64_t sum = 0;
+    for (int i = 0; i < nslots; i++)
+        sum += atomic_load((_Atomic int64_t *)((char *)&slots[i] + offset));
+    return sum;
+}
 
 static pthread_mutex_t script_lock = PTHREAD_MUTEX_INITIALIZER;
 static char script_sha256[65];
@@ -51,16 +107,26 @@ size_t metrics_render(char *buf, size_t len)
         ROW(script_load_us, "gauge", "Microseconds the current generation took to load."),
         ROW(watchdog_stuck_total, "counter",
             "Handler calls the watchdog found stuck past their time budget."),
+        {"luacallout_workers_serving", "gauge", "Worker processes serving streams.",
+         offsetof(struct metrics, workers_serving), 1},
+        {"luacallout_workers_stuck", "gauge",
+         "Worker processes stuck in one handler call past its budget (the watchdog).",
+         offsetof(struct metrics, workers_stuck), 1},
+        ROW(worker_restarts_total, "counter",
+            "Worker processes that ended unexpectedly and were started again."),
+        {"luacallout_reload_in_progress", "gauge",
+         "1 while the workers take a new generation (both may serve new streams then).",
+         offsetof(struct metrics, reload_in_progress), 1},
 #undef ROW
     };
     size_t used = 0;
     for (size_t i = 0; i < sizeof rows / sizeof rows[0] && used < len; i++) {
-        const char *field = (const char *)&metrics + rows[i].offset;
         char value[32];
+        int64_t sum = metrics_sum(rows[i].offset);
         if (rows[i].is_signed)
-            snprintf(value, sizeof value, "%" PRId64, atomic_load((_Atomic int64_t *)field));
+            snprintf(value, sizeof value, "%" PRId64, sum);
         else
-            snprintf(value, sizeof value, "%" PRIu64, atomic_load((_Atomic uint64_t *)field));
+            snprintf(value, sizeof value, "%" PRIu64, (uint64_t)sum);
         int n = snprintf(buf + used, len - used, "# HELP %s %s\n# TYPE %s %s\n%s %s\n",
                          rows[i].name, rows[i].help, rows[i].name, rows[i].type, rows[i].name,
                          value);
@@ -74,7 +140,7 @@ size_t metrics_render(char *buf, size_t len)
                          "# HELP luacallout_script_info The script serving new streams; the "
                          "value is its generation.\n# TYPE luacallout_script_info gauge\n"
                          "luacallout_script_info{sha256=\"%s\",path=\"%s\"} %" PRIu64 "\n",
-                         script_sha256, script_path, atomic_load(&metrics.script_generation));
+                         script_sha256, script_path, atomic_load(&metrics->script_generation));
         pthread_mutex_unlock(&script_lock);
         if (n > 0)
             used += (size_t)n;

@@ -82,6 +82,7 @@ struct server {
     bool started;
     _Atomic bool stopping;
     int nworkers;
+    int first_worker;                /* the number the log gives workers[0] */
     struct worker *workers;
     uint64_t last_trim_check_ns;     /* control thread: trim_after_streams_end */
     int64_t last_active_streams;
@@ -195,7 +196,7 @@ static int add_port(struct server *srv, const char *what, const char *address,
         explain_listen_failure(what, address, err, errlen);
         return -1;
     }
-    log_info("%s listening on %s (port %d)", what, address, port);
+    log_debug("%s listening on %s (port %d)", what, address, port);
     return 0;
 }
 
@@ -269,54 +270,15 @@ static int teardown(struct server *srv, int grace_ms)
     return 0;
 }
 
-static uint64_t now_us(int clock)
+int server_adopt(struct server *srv, struct snapshot *snap, char *err, size_t errlen)
 {
-    struct timespec ts;
-    clock_gettime(clock, &ts);
-    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
-/* Loads the script as a new generation: one snapshot, one VM per worker built from it;
- * records the generation in the metrics and the log. NULL with "file:line: msg" in err. */
-static struct vm **load_generation(struct server *srv, uint64_t generation, char *err,
-                                   size_t errlen)
-{
-    uint64_t t0 = now_us(CLOCK_MONOTONIC);
-    struct vm **vms = calloc((size_t)srv->nworkers, sizeof *vms);
-    if (!vms) {
-        snprintf(err, errlen, "out of memory");
-        return NULL;
-    }
-    if (generation_load(srv->script_path, generation, vms, srv->nworkers, err, errlen) != 0) {
-        free(vms);
-        return NULL;
-    }
-    metrics_set_script(vms[0]->snap->sha256, srv->script_path, generation);
-    atomic_store(&metrics.script_generation, generation);
-    atomic_store(&metrics.script_loaded_unix_ms, now_us(CLOCK_REALTIME) / 1000u);
-    atomic_store(&metrics.script_load_us, now_us(CLOCK_MONOTONIC) - t0);
-    char typos[2048];
-    if (vm_misspellings(vms[0], typos, sizeof typos)) {
-        for (char *line = strtok(typos, "\n"); line; line = strtok(NULL, "\n"))
-            log_warn("%s", line);
-    }
-    log_info("loaded %s as generation %llu (sha256 %s, %zu bytes, %zu files read while "
-             "loading)", srv->script_path, (unsigned long long)generation,
-             vms[0]->snap->sha256, vms[0]->snap->len, vms[0]->snap->nfiles);
-    return vms;
-}
-
-int server_reload(struct server *srv)
-{
-    char err[1024];
     pthread_mutex_lock(&srv->reload_lock);
-    uint64_t generation = atomic_load(&metrics.script_generation) + 1;
-    struct vm **vms = load_generation(srv, generation, err, sizeof err);
-    if (!vms) {
+    struct vm **vms = calloc((size_t)srv->nworkers, sizeof *vms);
+    if (!vms || generation_build(snap, vms, srv->nworkers, err, errlen) != 0) {
+        if (!vms)
+            snprintf(err, errlen, "out of memory");
+        free(vms);
         pthread_mutex_unlock(&srv->reload_lock);
-        atomic_fetch_add(&metrics.reload_failures_total, 1);
-        log_error("reload of %s failed, still serving generation %llu: %s", srv->script_path,
-                  (unsigned long long)(generation - 1), err);
         return -1;
     }
     /* Hand each worker its new VM; a generation a worker never adopted (two reloads
@@ -324,11 +286,7 @@ int server_reload(struct server *srv)
     for (int i = 0; i < srv->nworkers; i++)
         vm_close(atomic_exchange(&srv->workers[i].vms.pending, vms[i]));
     free(vms);
-    atomic_fetch_add(&metrics.reloads_total, 1);
     pthread_mutex_unlock(&srv->reload_lock);
-    log_info("reloaded %s: generation %llu serves new streams (loaded in %llu us)",
-             srv->script_path, (unsigned long long)generation,
-             (unsigned long long)atomic_load(&metrics.script_load_us));
     return 0;
 }
 
@@ -340,7 +298,8 @@ static void grpc_log_to_ours(gpr_log_func_args *args)
 }
 
 struct server *server_start(const struct config *cfg, const struct tls_identity *id,
-                            char *err, size_t errlen)
+                            struct snapshot *snap, int slot, int processes, char *err,
+                            size_t errlen)
 {
     gpr_set_log_function(grpc_log_to_ours);
     gpr_set_log_verbosity(log_get_level() == LOG_DEBUG ? GPR_LOG_SEVERITY_DEBUG
@@ -353,6 +312,7 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
         return NULL;
     }
     srv->nworkers = cfg->threads;
+    srv->first_worker = slot * cfg->threads;
     srv->workers = calloc((size_t)srv->nworkers, sizeof *srv->workers);
     if (!srv->workers) {
         snprintf(err, errlen, "out of memory");
@@ -361,9 +321,13 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
 
     srv->script_path = cfg->script_path;
     pthread_mutex_init(&srv->reload_lock, NULL);
-    struct vm **vms = load_generation(srv, 1, err, errlen);
-    if (!vms)
+    struct vm **vms = calloc((size_t)srv->nworkers, sizeof *vms);
+    if (!vms || generation_build(snap, vms, srv->nworkers, err, errlen) != 0) {
+        if (!vms)
+            snprintf(err, errlen, "out of memory");
+        free(vms);
         goto fail;
+    }
     for (int i = 0; i < srv->nworkers; i++) {
         struct worker *w = &srv->workers[i];
         w->srv = srv;
@@ -378,10 +342,11 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
      * on the command line means none: grpc's "unlimited" is -1 for sizes, and no setting
      * at all for the stream count. */
     grpc_resource_quota *quota = grpc_resource_quota_create("luacallout");
-    grpc_resource_quota_resize(quota, TRANSPORT_MEMORY_BYTES);
+    grpc_resource_quota_resize(quota, TRANSPORT_MEMORY_BYTES / (size_t)processes);
     grpc_arg args[] = {
-        /* A second server on the same port must fail, not silently share it. */
-        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 0},
+        /* Every worker process listens on the same ports; the kernel spreads connections
+         * over them. (The supervisor holds each port, so another server cannot join.) */
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_ALLOW_REUSEPORT, .value.integer = 1},
         /* A longer message fails with RESOURCE_EXHAUSTED before it reaches the script. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
          .value.integer = cfg->max_message_kb ? cfg->max_message_kb * 1024 : -1},
@@ -458,8 +423,6 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
         }
         w->running = true;
     }
-    log_info("serving %s with %d worker%s", cfg->script_path, srv->nworkers,
-             srv->nworkers == 1 ? "" : "s");
     return srv;
 
 fail:
@@ -479,6 +442,8 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+static int count_stuck(struct server *srv);
+
 /* The call a worker has been running for longer than its budget plus the margin, or 0. */
 static uint64_t stuck_since(struct worker *w, uint64_t now)
 {
@@ -496,7 +461,7 @@ static void trim_after_streams_end(struct server *srv, uint64_t now)
     if (now - srv->last_trim_check_ns < 1000000000u)
         return;
     srv->last_trim_check_ns = now;
-    int64_t active = atomic_load(&metrics.streams_active);
+    int64_t active = atomic_load(&metrics->streams_active);
     if (active < srv->last_active_streams)
         malloc_trim(0);
     srv->last_active_streams = active;
@@ -512,28 +477,34 @@ void server_tick(struct server *srv)
         uint64_t since = stuck_since(w, now);
         if (since && since != w->stuck_reported) {
             w->stuck_reported = since;
-            atomic_fetch_add(&metrics.watchdog_stuck_total, 1);
+            atomic_fetch_add(&metrics->watchdog_stuck_total, 1);
             const char *where = atomic_load_explicit(&w->activity.where, memory_order_relaxed);
             log_error("watchdog: worker %d has been in %s for %llu ms (stream %llu), past its "
                       "%d ms budget: C code the budget cannot interrupt; liveness fails "
-                      "until it returns", i, where ? where : "a handler",
+                      "until it returns", srv->first_worker + i, where ? where : "a handler",
                       (unsigned long long)((now - since) / 1000000u),
                       (unsigned long long)atomic_load(&w->activity.stream),
                       vm_get_limits()->timeout_ms);
         } else if (!since && w->stuck_reported) {
             w->stuck_reported = 0;
-            log_warn("watchdog: worker %d is serving again", i);
+            log_warn("watchdog: worker %d is serving again", srv->first_worker + i);
         }
     }
+    atomic_store(&metrics->workers_stuck, count_stuck(srv));
 }
 
 int server_stuck_workers(struct server *srv, int *nworkers)
+{
+    if (nworkers)
+        *nworkers = srv->nworkers;
+    return count_stuck(srv);
+}
+
+static int count_stuck(struct server *srv)
 {
     uint64_t now = now_ns();
     int stuck = 0;
     for (int i = 0; i < srv->nworkers; i++)
         stuck += stuck_since(&srv->workers[i], now) != 0;
-    if (nworkers)
-        *nworkers = srv->nworkers;
     return stuck;
 }

@@ -1,23 +1,28 @@
-/* server.h — the gRPC server: listeners, worker threads, graceful shutdown. */
+/* server.h — one worker process's gRPC server: listeners, worker threads, graceful
+ * shutdown. The supervisor (supervisor.h) runs one per worker process. */
 #ifndef LUACALLOUT_SERVER_H
 #define LUACALLOUT_SERVER_H
 
 #include <stddef.h>
 
 struct config;
+struct snapshot;
 struct tls_identity;
 struct server;
 
-/* Loads the script once per worker, opens the enabled gRPC listeners and starts the
- * workers. NULL with one line in err when anything fails (script, address, port in use). */
+/* Builds one VM of the snapshot per worker thread (cfg->threads), opens the enabled gRPC
+ * listeners (shared with the other worker processes: SO_REUSEPORT) and starts the
+ * threads. `slot` numbers this process's workers in the log; `processes` is how many
+ * worker processes share the server-wide limits. NULL with one line in err when anything
+ * fails (the script, a port). */
 struct server *server_start(const struct config *cfg, const struct tls_identity *id,
-                            char *err, size_t errlen);
+                            struct snapshot *snap, int slot, int processes, char *err,
+                            size_t errlen);
 
-/* Loads the script again as a new generation for every worker: new streams start on it,
- * streams already open finish on the generation they started with. On failure the error
- * (file:line: msg) is logged and the current generation keeps serving. Thread-safe; 0 on
- * success, -1 on failure. */
-int server_reload(struct server *srv);
+/* Makes the snapshot the generation new streams start on, on every worker thread;
+ * streams already open finish on the one they started with. Thread-safe; 0, or -1 with
+ * "file:line: msg" in err (the current generation keeps serving). */
+int server_adopt(struct server *srv, struct snapshot *snap, char *err, size_t errlen);
 
 /* Stops accepting calls, lets calls in flight finish for up to `grace_ms`, cancels the
  * rest, joins the workers and frees everything: 0. When streams did not end within 2 s of

@@ -171,13 +171,13 @@ static void stream_free(struct stream *s)
         s->vm_next->vm_prev = s->vm_prev;
     generation_release(s->vm);
     if ((s->status_sent && s->status != GRPC_STATUS_OK) || s->aborted)
-        atomic_fetch_add(&metrics.stream_errors_total, 1);
+        atomic_fetch_add(&metrics->stream_errors_total, 1);
     grpc_call_unref(s->call);
     if (s->had_big)
         note_big();   /* grpc frees the call's buffers now too */
     free(s);
     atomic_fetch_sub(&live_streams, 1);
-    atomic_fetch_sub(&metrics.streams_active, 1);
+    atomic_fetch_sub(&metrics->streams_active, 1);
 }
 
 /* Every completion ends here: a stream lives exactly as long as its batches. */
@@ -323,9 +323,10 @@ static bool enqueue(struct stream *s, const uint8_t *data, size_t len)
     if (limits.max_queued_total_bytes && !innocent &&
         atomic_load_explicit(&queued_total, memory_order_relaxed) + here.queued_delta +
                 (long)len > (long)limits.max_queued_total_bytes) {
-        char msg[128];
-        snprintf(msg, sizeof msg, "answers not read by the client exceed %zu MB",
-                 limits.max_queued_total_bytes >> 20);
+        char msg[160];
+        snprintf(msg, sizeof msg, "answers not read by clients exceed this worker's share "
+                 "(%zu MB) of --max_queued_total_mb %d", limits.max_queued_total_bytes >> 20,
+                 limits.total_mb);
         log_warn_limited("stream %llu: %s (all streams together): ending it",
                          (unsigned long long)s->id, msg);
         abort_stream(s, GRPC_STATUS_RESOURCE_EXHAUSTED, msg);
@@ -359,7 +360,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
         /* The benchmark's baseline: the same transport and stream machine, no decoding and
          * no Lua; the answer is a fixed ProcessingResponse{request_headers: {}}. */
         static const uint8_t fixed[] = {0x0a, 0x00};
-        atomic_fetch_add(&metrics.messages_total, 1);
+        atomic_fetch_add(&metrics->messages_total, 1);
         if (!enqueue(s, fixed, sizeof fixed))
             return;
         want_recv(s);
@@ -381,7 +382,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
         grpc_byte_buffer_reader_destroy(&reader);
     }
 
-    atomic_fetch_add(&metrics.messages_total, 1);
+    atomic_fetch_add(&metrics->messages_total, 1);
     note_size(s, GRPC_SLICE_LENGTH(flat));
     struct dispatch_reply reply;
     dispatch_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
@@ -472,8 +473,8 @@ void stream_start(grpc_call *call, struct vm *vm)
         return;
     }
     atomic_fetch_add(&live_streams, 1);
-    atomic_fetch_add(&metrics.streams_total, 1);
-    atomic_fetch_add(&metrics.streams_active, 1);
+    atomic_fetch_add(&metrics->streams_total, 1);
+    atomic_fetch_add(&metrics->streams_active, 1);
     s->call = call;
     s->vm = vm;
     generation_acquire(vm);

@@ -32,8 +32,9 @@ void stream_set_bench_echo(bool on);
 struct stream_limits {
     size_t max_queued_bytes;        /* answers queued or in flight on one stream: above
                                      * this the stream stops receiving until they drain */
-    size_t max_queued_total_bytes;  /* the same over all streams: a stream that would add
-                                     * more fails with RESOURCE_EXHAUSTED */
+    size_t max_queued_total_bytes;  /* the same over this process's streams: a stream that
+                                     * would add more fails with RESOURCE_EXHAUSTED */
+    int total_mb, processes;        /* the server-wide setting it is a share of (messages) */
     int idle_timeout_ms;            /* a stream with no message for this long ends with
                                      * DEADLINE_EXCEEDED */
 };

@@ -409,13 +409,35 @@ def _is_sanitized():
 SANITIZED = _is_sanitized()
 
 
+def process_tree(pid):
+    """pid and every process descended from it (the supervisor and its workers)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
 def rss_mb(server):
-    """The server process's resident memory, in MiB."""
-    with open(f"/proc/{server.proc.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    """Resident memory of the server's processes (supervisor and workers), in MiB."""
+    total = 0
+    for pid in process_tree(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(l.split()[1]) for l in f if l.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
 
 
 def sanitizer_report(text):

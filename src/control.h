@@ -1,0 +1,25 @@
+/* control.h — the supervisor's conversation with a worker process: length-prefixed records
+ * over a socketpair (the worker's end is inherited across exec). */
+#ifndef LUACALLOUT_CONTROL_H
+#define LUACALLOUT_CONTROL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum control_type {
+    CONTROL_IDENTITY = 1,    /* supervisor: the TLS certificate PEM, NUL, the key PEM */
+    CONTROL_GENERATION = 2,  /* supervisor: a generation to serve (snapshot_pack bytes) */
+    CONTROL_READY = 3,       /* worker: listening and serving the first generation */
+    CONTROL_LOADED = 4,      /* worker: a later generation is in place (u64 text) */
+    CONTROL_FAILED = 5,      /* worker: it could not be built (the error) */
+};
+
+/* Writes one whole record, waiting as long as it takes. 0, or -1 (errno). */
+int control_send(int fd, uint32_t type, const void *data, size_t len);
+
+/* Reads one record, waiting up to timeout_ms (-1: no limit). 1 with *data malloc'd (with a
+ * NUL after its *len bytes); 0 when the other end closed; -1 on timeout (errno ETIMEDOUT)
+ * or error. */
+int control_recv(int fd, uint32_t *type, char **data, size_t *len, int timeout_ms);
+
+#endif

@@ -1,0 +1,592 @@
+/* supervisor.c — see supervisor.h.
+ *
+ * Workers are this same binary, exec'd with --worker_of=SLOT,CONTROL_FD,METRICS_FD and the
+ * supervisor's own flags: a fresh process image, so nothing the supervisor's threads held
+ * at fork time (a lock in OpenSSL, in our log) can be inherited half-taken. Each gets, over
+ * its control socket, the TLS identity and the packed snapshot of the current generation:
+ * all workers serve the same bytes, read from disk once. */
+#include "supervisor.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "admin.h"
+#include "config.h"
+#include "control.h"
+#include "generation.h"
+#include "log.h"
+#include "metrics.h"
+#include "snapshot_pack.h"
+#include "tls.h"
+#include "vm.h"
+#include "watch.h"
+
+/* Quiet time after a file event before reloading: one reload per save or ConfigMap swap. */
+#define WATCH_SETTLE_MS 200
+#define TICK_MS 100
+/* A worker that has not said READY by then is not going to (sanitizer builds are slow). */
+#define READY_TIMEOUT_MS 60000
+/* How long a reload waits for every worker to have built the new generation. */
+#define RELOAD_ACK_MS 30000
+/* A worker that dies this soon after it started is started again only after this long. */
+#define RESTART_BACKOFF_MS 1000
+/* After SIGTERM, how long workers get to stop (their 5 s grace, 2 s to abandon, margin)
+ * before they are killed. */
+#define STOP_TIMEOUT_MS 10000
+
+struct child {
+    pid_t pid;             /* 0: not running */
+    int ctl;               /* our end of its control socket */
+    uint64_t started_ms;
+    uint64_t restart_at_ms; /* when to start it again after an unexpected end (0: no) */
+};
+
+struct supervisor {
+    const struct config *cfg;
+    int argc;
+    char **argv;
+    char plaintext_address[320], secure_address[320];   /* with the actual port */
+    int ports[2];
+    int held[2];                     /* the ports, bound and held (not listening) */
+    int metrics_fd;
+    char *identity;                  /* CONTROL_IDENTITY payload */
+    size_t identity_len;
+    pthread_mutex_t lock;            /* reloads (watch thread) against restarts (main) */
+    char *packed;                    /* the current generation, packed */
+    size_t packed_len;
+    uint64_t generation;
+    char sha256[65];                 /* of the current generation's script */
+    bool stopping;
+    int n;
+    struct child *kids;
+};
+
+static uint64_t now_ms(int clock)
+{
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static uint64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
+
+/* ---- ports ---------------------------------------------------------------------------- */
+
+/* Binds address for a listener of `what` and keeps the socket (never listening, so the
+ * kernel gives it no connections) in *fd: the port stays ours while workers come and go,
+ * and a second server on it fails here with a clear error rather than sharing it. The
+ * address with its actual port (port 0 picks one) goes to `resolved`. */
+static int hold_port(const char *what, const char *address, char *resolved, size_t rlen,
+                     int *fd, int *port_out, char *err, size_t errlen)
+{
+    char host[256];
+    const char *colon = strrchr(address, ':');
+    size_t hlen = colon ? (size_t)(colon - address) : 0;
+    if (!colon || !colon[1] || hlen >= sizeof host) {
+        snprintf(err, errlen, "invalid %s address '%s': expected host:port", what, address);
+        return -1;
+    }
+    memcpy(host, address, hlen);
+    host[hlen] = '\0';
+    bool bracketed = hlen >= 2 && host[0] == '[' && host[hlen - 1] == ']';
+    if (bracketed) {
+        memmove(host, host + 1, hlen - 2);
+        host[hlen - 2] = '\0';
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
+    struct addrinfo *ai = NULL;
+    int rc = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &ai);
+    if (rc != 0) {
+        snprintf(err, errlen, "invalid %s address '%s': %s", what, address, gai_strerror(rc));
+        return -1;
+    }
+    int one = 1, s = -1, saved = 0;
+    /* First without SO_REUSEPORT: any socket already on the port makes this fail. */
+    s = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s >= 0) {
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(s, ai->ai_addr, ai->ai_addrlen) != 0)
+            saved = errno;
+    } else {
+        saved = errno;
+    }
+    struct sockaddr_storage got;
+    socklen_t glen = sizeof got;
+    if (!saved && getsockname(s, (struct sockaddr *)&got, &glen) != 0)
+        saved = errno;
+    if (s >= 0)
+        close(s);
+    s = -1;
+    /* Then the socket we keep, with SO_REUSEPORT like the workers' listeners, on the port
+     * the first one got (which port 0 chose). */
+    if (!saved) {
+        s = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (s < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+            setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) != 0 ||
+            bind(s, (struct sockaddr *)&got, glen) != 0)
+            saved = errno ? errno : EINVAL;
+    }
+    freeaddrinfo(ai);
+    if (saved) {
+        if (s >= 0)
+            close(s);
+        snprintf(err, errlen, "cannot listen on %s (%s): %s", address, what, strerror(saved));
+        return -1;
+    }
+    int port = got.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&got)->sin6_port)
+                                         : ntohs(((struct sockaddr_in *)&got)->sin_port);
+    snprintf(resolved, rlen, "%.*s:%d", (int)(colon - address), address, port);
+    *fd = s;
+    *port_out = port;
+    return 0;
+}
+
+/* ---- workers -------------------------------------------------------------------------- */
+
+/* Starts worker `slot` and sends it the identity and the current generation. 0, or -1
+ * (logged). Called with the lock held, or before any other thread exists. */
+static int spawn(struct supervisor *sv, int slot)
+{
+    struct child *c = &sv->kids[slot];
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, pair) != 0) {
+        log_error("cannot start worker %d: socketpair: %s", slot, strerror(errno));
+        return -1;
+    }
+    char worker_of[64], plain[400], secure[400];
+    snprintf(worker_of, sizeof worker_of, "--worker_of=%d,%d,%d", slot, pair[1], sv->metrics_fd);
+    snprintf(plain, sizeof plain, "--plaintext_address=%s", sv->plaintext_address);
+    snprintf(secure, sizeof secure, "--secure_address=%s", sv->secure_address);
+    /* the supervisor's own flags, then the resolved addresses (the last value wins) */
+    char **argv = calloc((size_t)sv->argc + 4, sizeof *argv);
+    if (!argv) {
+        close(pair[0]);
+        close(pair[1]);
+        return -1;
+    }
+    int k = 0;
+    argv[k++] = sv->argv[0];
+    argv[k++] = worker_of;
+    for (int i = 1; i < sv->argc; i++)
+        argv[k++] = sv->argv[i];
+    argv[k++] = plain;
+    argv[k++] = secure;
+    argv[k] = NULL;
+    pid_t pid = fork();
+    if (pid == 0) {
+        /* the two descriptors the worker keeps across exec */
+        int keep[2] = {pair[1], sv->metrics_fd};
+        for (int i = 0; i < 2; i++) {
+            int flags = fcntl(keep[i], F_GETFD);
+            fcntl(keep[i], F_SETFD, flags & ~FD_CLOEXEC);
+        }
+        execv("/proc/self/exe", argv);
+        fprintf(stderr, "luacallout: cannot start a worker: exec: %s\n", strerror(errno));
+        _exit(127);
+    }
+    free(argv);
+    close(pair[1]);
+    if (pid < 0) {
+        log_error("cannot start worker %d: fork: %s", slot, strerror(errno));
+        close(pair[0]);
+        return -1;
+    }
+    c->pid = pid;
+    c->ctl = pair[0];
+    c->started_ms = now_ms(CLOCK_MONOTONIC);
+    c->restart_at_ms = 0;
+    if (control_send(c->ctl, CONTROL_IDENTITY, sv->identity, sv->identity_len) != 0 ||
+        control_send(c->ctl, CONTROL_GENERATION, sv->packed, sv->packed_len) != 0)
+        log_warn("worker %d (pid %d) did not take its start-up records: %s", slot, (int)pid,
+                 strerror(errno));
+    return 0;
+}
+
+/* Waits for worker `slot`'s answer of type want (READY, or LOADED/FAILED for a reload:
+ * want = CONTROL_LOADED accepts both), skipping a READY that is not it. 1 when the answer
+ * is a success, 0 a failure (with the text in err), -1 no answer. */
+static int await(struct supervisor *sv, int slot, uint32_t want, int timeout_ms, char *err,
+                 size_t errlen)
+{
+    struct child *c = &sv->kids[slot];
+    uint64_t deadline = now_ms(CLOCK_MONOTONIC) + (uint64_t)timeout_ms;
+    for (;;) {
+        uint64_t now = now_ms(CLOCK_MONOTONIC);
+        if (now >= deadline) {
+            snprintf(err, errlen, "no answer within %d ms", timeout_ms);
+            return -1;
+        }
+        uint32_t type;
+        char *data;
+        size_t len;
+        int r = control_recv(c->ctl, &type, &data, &len, (int)(deadline - now));
+        if (r != 1) {
+            snprintf(err, errlen, "%s", r == 0 ? "it exited" : strerror(errno));
+            return -1;
+        }
+        int result = type == want ? 1 : type == CONTROL_FAILED && want == CONTROL_LOADED ? 0 : 2;
+        if (result == 0)
+            snprintf(err, errlen, "%s", data);
+        free(data);
+        if (result != 2)
+            return result;
+    }
+}
+
+/* A worker ended: note it, and when that was not asked for, schedule its restart. */
+static void child_ended(struct supervisor *sv, int slot, int status)
+{
+    struct child *c = &sv->kids[slot];
+    char how[64];
+    if (WIFSIGNALED(status))
+        snprintf(how, sizeof how, "killed by signal %d (%s)", WTERMSIG(status),
+                 strsignal(WTERMSIG(status)));
+    else
+        snprintf(how, sizeof how, "exit code %d", WEXITSTATUS(status));
+    close(c->ctl);
+    c->ctl = -1;
+    c->pid = 0;
+    metrics_worker_gone(slot);
+    if (sv->stopping)
+        return;
+    uint64_t now = now_ms(CLOCK_MONOTONIC);
+    bool early = now - c->started_ms < RESTART_BACKOFF_MS;
+    c->restart_at_ms = early ? now + RESTART_BACKOFF_MS : now;
+    atomic_fetch_add(&metrics->worker_restarts_total, 1);
+    log_error("worker %d ended unexpectedly (%s); starting a new one%s", slot, how,
+              early ? " in 1 s" : "");
+}
+
+/* Collects ended workers and starts again those whose time has come. Main thread. */
+static void reap_and_restart(struct supervisor *sv)
+{
+    int status;
+    pid_t pid;
+    pthread_mutex_lock(&sv->lock);
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        for (int i = 0; i < sv->n; i++)
+            if (sv->kids[i].pid == pid)
+                child_ended(sv, i, status);
+    }
+    uint64_t now = now_ms(CLOCK_MONOTONIC);
+    for (int i = 0; i < sv->n && !sv->stopping; i++) {
+        struct child *c = &sv->kids[i];
+        if (!c->pid && c->restart_at_ms && now >= c->restart_at_ms)
+            spawn(sv, i);   /* its READY is read (and skipped) by the next await */
+    }
+    pthread_mutex_unlock(&sv->lock);
+}
+
+/* ---- generations ---------------------------------------------------------------------- */
+
+/* Loads the script as generation `generation`, here (so a broken script never reaches a
+ * worker), and packs it. 0, or -1 with "file:line: msg" in err. */
+static int load(struct supervisor *sv, uint64_t generation, char *err, size_t errlen)
+{
+    uint64_t t0 = now_us();
+    struct vm *vm = NULL;
+    if (generation_load(sv->cfg->script_path, generation, &vm, 1, err, errlen) != 0)
+        return -1;
+    size_t len;
+    char *packed = snapshot_pack(vm->snap, &len);
+    if (!packed) {
+        vm_close(vm);
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    free(sv->packed);
+    sv->packed = packed;
+    sv->packed_len = len;
+    sv->generation = generation;
+    char typos[2048];
+    if (vm_misspellings(vm, typos, sizeof typos)) {
+        for (char *line = strtok(typos, "\n"); line; line = strtok(NULL, "\n"))
+            log_warn("%s", line);
+    }
+    memcpy(sv->sha256, vm->snap->sha256, sizeof sv->sha256);
+    atomic_store(&metrics->script_load_us, now_us() - t0);
+    log_info("loaded %s as generation %llu (sha256 %s, %zu bytes, %zu files read while "
+             "loading)", sv->cfg->script_path, (unsigned long long)generation,
+             vm->snap->sha256, vm->snap->len, vm->snap->nfiles);
+    vm_close(vm);
+    return 0;
+}
+
+/* What /metrics says serves new streams: only once the workers do. */
+static void publish(struct supervisor *sv, uint64_t load_us)
+{
+    metrics_set_script(sv->sha256, sv->cfg->script_path, sv->generation);
+    atomic_store(&metrics->script_generation, sv->generation);
+    atomic_store(&metrics->script_loaded_unix_ms, now_ms(CLOCK_REALTIME));
+    atomic_store(&metrics->script_load_us, load_us);
+}
+
+static void reload(void *arg)
+{
+    struct supervisor *sv = arg;
+    char err[1024];
+    pthread_mutex_lock(&sv->lock);
+    uint64_t t0 = now_us();
+    uint64_t generation = sv->generation + 1;
+    if (sv->stopping || load(sv, generation, err, sizeof err) != 0) {
+        if (!sv->stopping) {
+            atomic_fetch_add(&metrics->reload_failures_total, 1);
+            log_error("reload of %s failed, still serving generation %llu: %s",
+                      sv->cfg->script_path, (unsigned long long)(generation - 1), err);
+        }
+        pthread_mutex_unlock(&sv->lock);
+        return;
+    }
+    atomic_store(&metrics->reload_in_progress, 1);
+    for (int i = 0; i < sv->n; i++)
+        if (sv->kids[i].pid)
+            control_send(sv->kids[i].ctl, CONTROL_GENERATION, sv->packed, sv->packed_len);
+    /* "reloaded" is only said once every worker serves new streams on it */
+    for (int i = 0; i < sv->n; i++) {
+        if (!sv->kids[i].pid)
+            continue;   /* a worker started later gets this generation at its start */
+        int r = await(sv, i, CONTROL_LOADED, RELOAD_ACK_MS, err, sizeof err);
+        if (r != 1)
+            log_error("worker %d did not take generation %llu: %s", i,
+                      (unsigned long long)generation, err);
+    }
+    atomic_fetch_add(&metrics->reloads_total, 1);
+    publish(sv, now_us() - t0);
+    atomic_store(&metrics->reload_in_progress, 0);
+    log_info("reloaded %s: generation %llu serves new streams (loaded in %llu us)",
+             sv->cfg->script_path, (unsigned long long)generation,
+             (unsigned long long)(now_us() - t0));
+    pthread_mutex_unlock(&sv->lock);
+}
+
+/* ---- health --------------------------------------------------------------------------- */
+
+/* Liveness fails while a worker is stuck in a handler past its budget (the watchdog);
+ * readiness while no worker is serving and unstuck. Health listener's thread. */
+static bool probe_live(void *arg)
+{
+    (void)arg;
+    return metrics_sum(offsetof(struct metrics, workers_stuck)) == 0;
+}
+
+static bool probe_ready(void *arg)
+{
+    (void)arg;
+    return metrics_sum(offsetof(struct metrics, workers_serving)) -
+               metrics_sum(offsetof(struct metrics, workers_stuck)) > 0;
+}
+
+/* ---- stopping ------------------------------------------------------------------------- */
+
+/* SIGTERM to every worker, then waits for them; kills what is left after STOP_TIMEOUT_MS.
+ * 3 when a worker exited with 3 (a stuck handler) or had to be killed, else 0. */
+static int stop_workers(struct supervisor *sv)
+{
+    pthread_mutex_lock(&sv->lock);
+    sv->stopping = true;
+    pthread_mutex_unlock(&sv->lock);
+    int rc = 0;
+    for (int i = 0; i < sv->n; i++)
+        if (sv->kids[i].pid)
+            kill(sv->kids[i].pid, SIGTERM);
+    uint64_t deadline = now_ms(CLOCK_MONOTONIC) + STOP_TIMEOUT_MS;
+    for (;;) {
+        int left = 0;
+        for (int i = 0; i < sv->n; i++) {
+            struct child *c = &sv->kids[i];
+            int status;
+            if (!c->pid)
+                continue;
+            pid_t r = waitpid(c->pid, &status, WNOHANG);
+            if (r == c->pid) {
+                if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+                    rc = 3;
+                child_ended(sv, i, status);
+            } else {
+                left++;
+            }
+        }
+        if (!left)
+            break;
+        if (now_ms(CLOCK_MONOTONIC) > deadline) {
+            log_error("shutdown: %d worker%s did not stop within %d ms; killing them", left,
+                      left == 1 ? "" : "s", STOP_TIMEOUT_MS);
+            for (int i = 0; i < sv->n; i++)
+                if (sv->kids[i].pid)
+                    kill(sv->kids[i].pid, SIGKILL);
+            rc = 3;
+            deadline = UINT64_MAX;
+        }
+        struct timespec pause = {0, 10 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+    return rc;
+}
+
+/* ---- the supervisor ------------------------------------------------------------------- */
+
+static int start(struct supervisor *sv, struct tls_identity *id, char *err, size_t errlen)
+{
+    const struct config *cfg = sv->cfg;
+    if (id->cert_pem) {
+        size_t c = strlen(id->cert_pem), k = strlen(id->key_pem);
+        sv->identity_len = c + 1 + k;
+        sv->identity = malloc(sv->identity_len + 1);
+        if (!sv->identity) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        memcpy(sv->identity, id->cert_pem, c + 1);
+        memcpy(sv->identity + c + 1, id->key_pem, k + 1);
+    }
+    /* first: the counters the load sets are then the shared ones */
+    sv->metrics_fd = metrics_share(sv->n);
+    if (sv->metrics_fd < 0) {
+        snprintf(err, errlen, "cannot share the metrics: %s", strerror(errno));
+        return -1;
+    }
+    if (load(sv, 1, err, errlen) != 0)
+        return -1;
+    snprintf(sv->plaintext_address, sizeof sv->plaintext_address, "%s", cfg->plaintext_address);
+    snprintf(sv->secure_address, sizeof sv->secure_address, "%s", cfg->secure_address);
+    if (!cfg->disable_plaintext &&
+        hold_port("plaintext gRPC", cfg->plaintext_address, sv->plaintext_address,
+                  sizeof sv->plaintext_address, &sv->held[0], &sv->ports[0], err, errlen) != 0)
+        return -1;
+    if (!cfg->disable_tls &&
+        hold_port("TLS gRPC", cfg->secure_address, sv->secure_address,
+                  sizeof sv->secure_address, &sv->held[1], &sv->ports[1], err, errlen) != 0)
+        return -1;
+    for (int i = 0; i < sv->n; i++)
+        if (spawn(sv, i) != 0) {
+            snprintf(err, errlen, "cannot start worker %d", i);
+            return -1;
+        }
+    for (int i = 0; i < sv->n; i++) {
+        char why[256];
+        if (await(sv, i, CONTROL_READY, READY_TIMEOUT_MS, why, sizeof why) != 1) {
+            /* the worker printed its own reason (a port, memory) before it exited */
+            snprintf(err, errlen, "worker %d did not start: %s", i, why);
+            return -1;
+        }
+    }
+    publish(sv, atomic_load(&metrics->script_load_us));
+    if (!cfg->disable_plaintext)
+        log_info("plaintext gRPC listening on %s (port %d)", cfg->plaintext_address,
+                 sv->ports[0]);
+    if (!cfg->disable_tls)
+        log_info("TLS gRPC listening on %s (port %d)", cfg->secure_address, sv->ports[1]);
+    log_info("serving %s with %d worker process%s", cfg->script_path, sv->n,
+             sv->n == 1 ? "" : "es");
+    return 0;
+}
+
+int supervisor_run(const struct config *cfg, int argc, char **argv)
+{
+    char err[1024];
+    struct tls_identity id = {0};
+    bool need_tls = !cfg->disable_tls || (cfg->secure_health_check && !cfg->combined_health_check);
+    if (need_tls) {
+        if (tls_identity_load(&id, cfg->cert_chain_path, cfg->private_key_path, err,
+                              sizeof err) != 0) {
+            fprintf(stderr, "luacallout: %s\n", err);
+            return 1;
+        }
+        if (id.ephemeral)
+            log_warn("no --cert_chain_path given: using an ephemeral self-signed certificate "
+                     "for localhost, SHA-256 fingerprint %s", id.fingerprint);
+    }
+    struct supervisor sv = {.cfg = cfg, .argc = argc, .argv = argv, .held = {-1, -1},
+                            .metrics_fd = -1, .n = cfg->threads};
+    pthread_mutex_init(&sv.lock, NULL);
+    sv.kids = calloc((size_t)sv.n, sizeof *sv.kids);
+    int rc = 0;
+    struct admin *admin = NULL;
+    struct watch *watch = NULL;
+    if (!sv.kids || start(&sv, &id, err, sizeof err) != 0) {
+        fprintf(stderr, "luacallout: %s\n", sv.kids ? err : "out of memory");
+        rc = 1;
+        goto out;
+    }
+    struct admin_probes probes = {.live = probe_live, .ready = probe_ready, .ud = &sv};
+    if (!cfg->combined_health_check) {
+        admin = admin_start(cfg->health_address, cfg->secure_health_check ? &id : NULL, &probes,
+                            err, sizeof err);
+        if (!admin) {
+            fprintf(stderr, "luacallout: %s\n", err);
+            rc = 1;
+            goto out;
+        }
+    }
+    if (cfg->watch) {
+        watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, reload, &sv, err, sizeof err);
+        if (!watch)
+            log_error("--watch: %s; reload with SIGHUP instead", err);
+    }
+
+    sigset_t waited;
+    sigemptyset(&waited);
+    sigaddset(&waited, SIGTERM);
+    sigaddset(&waited, SIGINT);
+    sigaddset(&waited, SIGHUP);
+    sigaddset(&waited, SIGCHLD);
+    for (;;) {
+        struct timespec tick = {.tv_sec = 0, .tv_nsec = TICK_MS * 1000000L};
+        int sig = sigtimedwait(&waited, NULL, &tick);
+        reap_and_restart(&sv);
+        if (sig <= 0 || sig == SIGCHLD)
+            continue;
+        if (sig == SIGHUP) {
+            log_info("SIGHUP received: reloading %s", cfg->script_path);
+            reload(&sv);
+            continue;
+        }
+        log_info("signal %d received: shutting down", sig);
+        break;
+    }
+out:
+    watch_stop(watch);
+    if (admin)
+        admin_stop(admin);
+    if (sv.kids) {
+        int stopped = stop_workers(&sv);
+        if (!rc)
+            rc = stopped;
+    }
+    for (int i = 0; i < 2; i++)
+        if (sv.held[i] >= 0)
+            close(sv.held[i]);
+    free(sv.kids);
+    free(sv.packed);
+    if (sv.identity) {
+        memset(sv.identity, 0, sv.identity_len);
+        free(sv.identity);
+    }
+    tls_identity_free(&id);
+    pthread_mutex_destroy(&sv.lock);
+    if (rc == 3)
+        log_error("stopped, abandoning streams a stuck handler still holds");
+    else if (rc == 0)
+        log_info("stopped");
+    return rc;
+}

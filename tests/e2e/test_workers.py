@@ -1,0 +1,168 @@
+"""Worker processes: the supervisor starts one per --threads, holds the ports, replaces a
+worker that dies without losing the others' streams, takes every worker down with it, and
+hands every worker the same generation on a reload."""
+
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+
+import grpc
+
+import harness as h
+
+TAGGED = """
+function on_request_headers(headers, ctx)
+  return { add = { {"x-gen", "%(tag)s"} } }
+end
+"""
+
+
+def metrics_text(server):
+    with urllib.request.urlopen(f"http://{server.target('health')}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def metric(server, name):
+    m = re.search(rf"^{name} (\S+)$", metrics_text(server), re.M)
+    return float(m.group(1)) if m else None
+
+
+def wait_for(pred, timeout, what):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def workers(server):
+    """The worker processes: the supervisor's children, by their name."""
+    out = []
+    for pid in h.process_tree(server.proc.pid)[1:]:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("luacallout:w"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return sorted(out)
+
+
+def ask(target):
+    """One stream on a fresh connection (so the kernel may pick any worker): its x-gen."""
+    with grpc.insecure_channel(target) as ch:
+        stub = h.pb_grpc.ExternalProcessorStub(ch)
+        responses, code, details = h.process(stub, [h.headers_req("request_headers",
+                                                                   [(":path", "/")])])
+    assert code == grpc.StatusCode.OK, details
+    muts = responses[0].request_headers.response.header_mutation.set_headers
+    return [m.header.raw_value.decode() for m in muts if m.header.key == "x-gen"][0]
+
+
+def test_one_process_per_worker_all_serving(servers):
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "3")
+    pids = wait_for(lambda: len(workers(srv)) == 3 and workers(srv), 5, "3 workers")
+    assert srv.proc.pid not in pids
+    assert metric(srv, "luacallout_workers_serving") == 3
+    # connections spread over the workers: each one serves some of 60
+    before = {p: open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[11:13] for p in pids}
+    for _ in range(60):
+        assert ask(srv.target("plaintext")) == "a"
+    busy = 0
+    for p in pids:
+        after = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[11:13]
+        busy += sum(map(int, after)) > sum(map(int, before[p]))
+    assert busy >= 2, "all connections went to one worker"
+    assert metric(srv, "luacallout_streams_total") == 60
+
+
+def test_a_killed_worker_is_replaced_and_the_others_keep_serving(servers):
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
+    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    stop = threading.Event()
+    results = []
+
+    def client():
+        while not stop.is_set():
+            try:
+                results.append((time.monotonic(), ask(srv.target("plaintext"))))
+            except AssertionError as e:
+                results.append((time.monotonic(), str(e)))
+            except grpc.RpcError as e:
+                results.append((time.monotonic(), e.code().name))
+            time.sleep(0.02)
+
+    t = threading.Thread(target=client)
+    t.start()
+    try:
+        time.sleep(0.5)
+        killed_at = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+        new = wait_for(lambda: len(workers(srv)) == 2 and workers(srv) != pids and workers(srv),
+                       5, "a new worker")
+        assert pids[0] not in new and pids[1] in new
+        wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2, 5, "2 serving")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join(10)
+    assert metric(srv, "luacallout_worker_restarts_total") == 1
+    assert re.search(r"worker 0 ended unexpectedly \(killed by signal 9", srv.log()), srv.log()
+    # a stream on the killed worker may fail; none started after the new one is up does
+    late = [r for at, r in results if at > killed_at + 1.0]
+    assert late and all(r == "a" for r in late), results[-20:]
+    assert sum(r == "a" for _, r in results) >= len(results) - 3, results
+
+
+def test_a_killed_supervisor_takes_its_workers_and_ports(servers):
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
+    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    servers.servers.remove(srv)   # killed on purpose: no clean exit to check
+    srv.proc.kill()
+    srv.proc.wait(5)
+
+    def gone():
+        return all(not os.path.exists(f"/proc/{p}") or
+                   open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+                   for p in pids)
+    wait_for(gone, 5, "the workers to exit")
+    host, port = srv.hostport("plaintext")
+    wait_for(lambda: not h.can_connect(host, port, timeout=0.2), 5, "the port to close")
+    s = socket.socket()
+    s.bind((host, port))    # free again: nothing holds it
+    s.close()
+
+
+def test_a_second_server_on_the_same_port_is_refused(servers):
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
+    addr = srv.target("plaintext")
+    argv, _, _ = servers.argv(servers.script(TAGGED % {"tag": "b"}), "--threads", "1",
+                              addresses={"plaintext": addr})
+    rc, _, err = servers.run_to_exit(argv[1:])
+    assert rc == 1, err
+    assert f"cannot listen on {addr} (plaintext gRPC): Address already in use" in err, err
+    for _ in range(20):        # and the first one still has all of it
+        assert ask(addr) == "a"
+
+
+def test_every_worker_serves_the_reloaded_generation(servers):
+    script = servers.script(TAGGED % {"tag": "a"})
+    srv = servers.start(script, "--threads", "3")
+    for i in range(3):
+        tag = f"g{i}"
+        with open(script, "w") as f:
+            f.write(TAGGED % {"tag": tag})
+        n = len(re.findall("reloaded ", srv.log()))
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(re.findall("reloaded ", srv.log())) > n, 10, "the reload")
+        # said once every worker has it: every new stream, whatever worker, gets it
+        answers = {ask(srv.target("plaintext")) for _ in range(30)}
+        assert answers == {tag}, answers
+    assert metric(srv, "luacallout_reload_in_progress") == 0
+    assert metric(srv, "luacallout_script_generation") == 4
