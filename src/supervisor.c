@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -73,6 +74,7 @@ struct supervisor {
     bool stopping;
     int n;
     struct child *kids;
+    char exe[4096];                  /* what a worker is exec'd from */
 };
 
 static uint64_t now_ms(int clock)
@@ -163,6 +165,20 @@ static int hold_port(const char *what, const char *address, char *resolved, size
 
 /* ---- workers -------------------------------------------------------------------------- */
 
+/* The binary workers run: /proc/self/exe, which stays this very binary even when the file
+ * is replaced by an upgrade — unless argv[0] names another file, as under valgrind (whose
+ * /proc/self/exe is the tool): then argv[0], so that the tool can follow the exec. */
+static void find_exe(struct supervisor *sv)
+{
+    snprintf(sv->exe, sizeof sv->exe, "/proc/self/exe");
+    char real[4096];
+    struct stat self, named;
+    if (strchr(sv->argv[0], '/') && realpath(sv->argv[0], real) &&
+        stat("/proc/self/exe", &self) == 0 && stat(real, &named) == 0 &&
+        (self.st_dev != named.st_dev || self.st_ino != named.st_ino))
+        snprintf(sv->exe, sizeof sv->exe, "%s", real);
+}
+
 /* Starts worker `slot` and sends it the identity and the current generation. 0, or -1
  * (logged). Called with the lock held, or before any other thread exists. */
 static int spawn(struct supervisor *sv, int slot)
@@ -200,7 +216,7 @@ static int spawn(struct supervisor *sv, int slot)
             int flags = fcntl(keep[i], F_GETFD);
             fcntl(keep[i], F_SETFD, flags & ~FD_CLOEXEC);
         }
-        execv("/proc/self/exe", argv);
+        execv(sv->exe, argv);
         fprintf(stderr, "luacallout: cannot start a worker: exec: %s\n", strerror(errno));
         _exit(127);
     }
@@ -520,6 +536,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
                             .metrics_fd = -1, .n = cfg->threads};
     pthread_mutex_init(&sv.lock, NULL);
     sv.kids = calloc((size_t)sv.n, sizeof *sv.kids);
+    find_exe(&sv);
     int rc = 0;
     struct admin *admin = NULL;
     struct watch *watch = NULL;
