@@ -198,8 +198,8 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
             char *end;
             errno = 0;
             long n = strtol(value, &end, 10);
-            if (errno || *end || n < 1 || n > 1024)
-                return fail("flag --%s needs a number from 1 to 1024, got '%s'", f->name, value);
+            if (errno || *end || n < 1 || n > 64)
+                return fail("flag --%s needs a number from 1 to 64, got '%s'", f->name, value);
             *(int *)field = (int)n;
         } else if (f->kind == FLAG_LIMIT) {
             char *end;

@@ -10,8 +10,11 @@ enum control_type {
     CONTROL_IDENTITY = 1,    /* supervisor: the TLS certificate PEM, NUL, the key PEM */
     CONTROL_GENERATION = 2,  /* supervisor: a generation to serve (snapshot_pack bytes) */
     CONTROL_READY = 3,       /* worker: listening and serving the first generation */
-    CONTROL_LOADED = 4,      /* worker: a later generation is in place (u64 text) */
-    CONTROL_FAILED = 5,      /* worker: it could not be built (the error) */
+    CONTROL_LOADED = 4,      /* worker: a later generation is built, not serving yet */
+    CONTROL_FAILED = 5,      /* worker: it could not be built, or could not start (the error) */
+    CONTROL_COMMIT = 6,      /* supervisor: serve the generation built last */
+    CONTROL_ABORT = 7,       /* supervisor: drop it (another worker could not build it) */
+    CONTROL_SERVING = 8,     /* worker: new streams now start on it */
 };
 
 /* Writes one whole record, waiting as long as it takes. 0, or -1 (errno). */

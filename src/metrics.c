@@ -45,11 +45,20 @@ int metrics_attach(int fd, int slot)
     return 0;
 }
 
+struct metrics *metrics_slot(int slot)
+{
+    return slots && slot + 1 < nslots ? &slots[slot + 1] : NULL;
+}
+
 void metrics_worker_gone(int slot)
 {
     if (!slots || slot + 1 >= nslots)
         return;
-    atomic_store(&slots[slot + 1].streams_active, 0);
+    /* the streams it had open ended with it: they count as failed */
+    atomic_fetch_add(&slots[slot + 1].stream_errors_total,
+                     (uint64_t)atomic_exchange(&slots[slot + 1].streams_active, 0));
+    atomic_store(&slots[slot + 1].heartbeat_ms, 0);
+    atomic_store(&slots[slot + 1].stuck_since_ms, 0);
     atomic_store(&slots[slot + 1].workers_serving, 0);
     atomic_store(&slots[slot + 1].workers_stuck, 0);
 }

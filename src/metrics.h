@@ -26,6 +26,9 @@ struct metrics {
     _Atomic int64_t workers_stuck;             /* workers stuck in a handler (watchdog) */
     _Atomic uint64_t worker_restarts_total;    /* worker processes that ended unexpectedly */
     _Atomic int64_t reload_in_progress;        /* 1 while workers take a new generation */
+    /* not rendered: what the supervisor watches in each worker's slot */
+    _Atomic uint64_t heartbeat_ms;             /* CLOCK_MONOTONIC of the main thread's last tick */
+    _Atomic uint64_t stuck_since_ms;           /* when the stuck handler call began, or 0 */
 };
 
 /* Where this process counts: a private struct until metrics_share or metrics_attach. */
@@ -36,7 +39,10 @@ extern struct metrics *metrics;
 int metrics_share(int nworkers);
 /* Worker process: count into slot `slot` of the mapping behind fd. 0, or -1. */
 int metrics_attach(int fd, int slot);
-/* Supervisor: slot `slot`'s process ended; its gauges drop to zero, counters stay. */
+/* Supervisor: worker `slot`'s counters (NULL before metrics_share). */
+struct metrics *metrics_slot(int slot);
+/* Supervisor: slot `slot`'s process ended; its gauges drop to zero, counters stay, and the
+ * streams it had open are counted as errors. */
 void metrics_worker_gone(int slot);
 /* Supervisor: a field summed over every slot (offsetof(struct metrics, field)). */
 int64_t metrics_sum(size_t offset);

@@ -271,24 +271,36 @@ static int teardown(struct server *srv, int grace_ms)
     return 0;
 }
 
-int server_adopt(struct server *srv, struct snapshot *snap, char *err, size_t errlen)
+struct vm **server_build(struct server *srv, struct snapshot *snap, char *err, size_t errlen)
+{
+    struct vm **vms = calloc((size_t)srv->nworkers, sizeof *vms);
+    if (!vms) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    if (generation_build(snap, vms, srv->nworkers, err, errlen) != 0) {
+        free(vms);
+        return NULL;
+    }
+    return vms;
+}
+
+void server_hand_over(struct server *srv, struct vm **vms)
 {
     pthread_mutex_lock(&srv->reload_lock);
-    struct vm **vms = calloc((size_t)srv->nworkers, sizeof *vms);
-    if (!vms || generation_build(snap, vms, srv->nworkers, err, errlen) != 0) {
-        if (!vms)
-            snprintf(err, errlen, "out of memory");
-        free(vms);
-        pthread_mutex_unlock(&srv->reload_lock);
-        return -1;
-    }
-    /* Hand each worker its new VM; a generation a worker never adopted (two reloads
-     * between its calls) has had no stream, so it can be freed from here. */
+    /* a generation a worker never adopted (two reloads between its calls) has had no
+     * stream, so it can be freed from here */
     for (int i = 0; i < srv->nworkers; i++)
         vm_close(atomic_exchange(&srv->workers[i].vms.pending, vms[i]));
     free(vms);
     pthread_mutex_unlock(&srv->reload_lock);
-    return 0;
+}
+
+void server_discard(struct server *srv, struct vm **vms)
+{
+    for (int i = 0; vms && i < srv->nworkers; i++)
+        vm_close(vms[i]);
+    free(vms);
 }
 
 /* Debian 12's abseil is built without NDEBUG, so every absl::Mutex grpc takes (several per
@@ -518,6 +530,13 @@ void server_tick(struct server *srv)
         }
     }
     atomic_store(&metrics->workers_stuck, count_stuck(srv));
+    uint64_t oldest = 0;
+    for (int i = 0; i < srv->nworkers; i++) {
+        uint64_t since = stuck_since(&srv->workers[i], now);
+        if (since && (!oldest || since < oldest))
+            oldest = since;
+    }
+    atomic_store(&metrics->stuck_since_ms, oldest / 1000000u);
 }
 
 int server_stuck_workers(struct server *srv, int *nworkers)

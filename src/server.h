@@ -19,10 +19,14 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
                             struct snapshot *snap, int slot, int processes, char *err,
                             size_t errlen);
 
-/* Makes the snapshot the generation new streams start on, on every worker thread;
- * streams already open finish on the one they started with. Thread-safe; 0, or -1 with
- * "file:line: msg" in err (the current generation keeps serving). */
-int server_adopt(struct server *srv, struct snapshot *snap, char *err, size_t errlen);
+/* A reload in two steps, so that a generation reaches every worker process or none:
+ * server_build makes one VM of the snapshot per worker thread (NULL with "file:line: msg"
+ * in err); server_hand_over makes them the generation new streams start on (streams
+ * already open finish on the one they started with); server_discard drops them instead. */
+struct vm;
+struct vm **server_build(struct server *srv, struct snapshot *snap, char *err, size_t errlen);
+void server_hand_over(struct server *srv, struct vm **vms);
+void server_discard(struct server *srv, struct vm **vms);
 
 /* Stops accepting calls, lets calls in flight finish for up to `grace_ms`, cancels the
  * rest, joins the workers and frees everything: 0. When streams did not end within 2 s of

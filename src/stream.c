@@ -327,7 +327,7 @@ static bool enqueue(struct stream *s, const uint8_t *data, size_t len)
         snprintf(msg, sizeof msg, "answers not read by clients exceed this worker's share "
                  "(%zu MB) of --max_queued_total_mb %d", limits.max_queued_total_bytes >> 20,
                  limits.total_mb);
-        log_warn_limited("stream %llu: %s (all streams together): ending it",
+        log_warn_limited("stream %llu: %s (this worker's streams together): ending it",
                          (unsigned long long)s->id, msg);
         abort_stream(s, GRPC_STATUS_RESOURCE_EXHAUSTED, msg);
         return false;

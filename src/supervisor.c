@@ -42,18 +42,26 @@
 /* A worker that has not said READY by then is not going to (sanitizer builds are slow). */
 #define READY_TIMEOUT_MS 60000
 /* How long a reload waits for every worker to have built the new generation. */
-#define RELOAD_ACK_MS 30000
+#define RELOAD_ACK_MS 10000
 /* A worker that dies this soon after it started is started again only after this long. */
 #define RESTART_BACKOFF_MS 1000
 /* After SIGTERM, how long workers get to stop (their 5 s grace, 2 s to abandon, margin)
  * before they are killed. */
 #define STOP_TIMEOUT_MS 10000
+/* A worker whose main thread has not ticked (every 100 ms) for this long is not coming
+ * back by itself (SIGSTOP, a kernel hang): it is killed and replaced, so that the
+ * connections the kernel keeps handing it are served by a worker that answers. */
+#define UNRESPONSIVE_MS 5000
+/* A worker stuck in one handler call this long past its budget (the watchdog reported it at
+ * 1 s) is killed and replaced, for the same reason. */
+#define STUCK_KILL_MS 10000
 
 struct child {
     pid_t pid;             /* 0: not running */
     int ctl;               /* our end of its control socket */
     uint64_t started_ms;
     uint64_t restart_at_ms; /* when to start it again after an unexpected end (0: no) */
+    bool killing;           /* we sent it SIGKILL */
 };
 
 struct supervisor {
@@ -210,6 +218,9 @@ static int spawn(struct supervisor *sv, int slot)
     argv[k] = NULL;
     pid_t pid = fork();
     if (pid == 0) {
+        /* its own process group: what a script starts (--unsafe_stdlib) can be ended with
+         * it, and a terminal's ^C reaches only the supervisor, which stops workers in order */
+        setpgid(0, 0);
         /* the two descriptors the worker keeps across exec */
         int keep[2] = {pair[1], sv->metrics_fd};
         for (int i = 0; i < 2; i++) {
@@ -231,6 +242,7 @@ static int spawn(struct supervisor *sv, int slot)
     c->ctl = pair[0];
     c->started_ms = now_ms(CLOCK_MONOTONIC);
     c->restart_at_ms = 0;
+    c->killing = false;
     if (control_send(c->ctl, CONTROL_IDENTITY, sv->identity, sv->identity_len) != 0 ||
         control_send(c->ctl, CONTROL_GENERATION, sv->packed, sv->packed_len) != 0)
         log_warn("worker %d (pid %d) did not take its start-up records: %s", slot, (int)pid,
@@ -238,9 +250,8 @@ static int spawn(struct supervisor *sv, int slot)
     return 0;
 }
 
-/* Waits for worker `slot`'s answer of type want (READY, or LOADED/FAILED for a reload:
- * want = CONTROL_LOADED accepts both), skipping a READY that is not it. 1 when the answer
- * is a success, 0 a failure (with the text in err), -1 no answer. */
+/* Waits for worker `slot`'s answer of type want, or FAILED, skipping others (a READY of a
+ * worker started again). 1 for want, 0 for FAILED (its text in err), -1 no answer in time. */
 static int await(struct supervisor *sv, int slot, uint32_t want, int timeout_ms, char *err,
                  size_t errlen)
 {
@@ -260,7 +271,7 @@ static int await(struct supervisor *sv, int slot, uint32_t want, int timeout_ms,
             snprintf(err, errlen, "%s", r == 0 ? "it exited" : strerror(errno));
             return -1;
         }
-        int result = type == want ? 1 : type == CONTROL_FAILED && want == CONTROL_LOADED ? 0 : 2;
+        int result = type == want ? 1 : type == CONTROL_FAILED ? 0 : 2;
         if (result == 0)
             snprintf(err, errlen, "%s", data);
         free(data);
@@ -279,6 +290,7 @@ static void child_ended(struct supervisor *sv, int slot, int status)
                  strsignal(WTERMSIG(status)));
     else
         snprintf(how, sizeof how, "exit code %d", WEXITSTATUS(status));
+    kill(-c->pid, SIGKILL);   /* what its script started, if anything */
     close(c->ctl);
     c->ctl = -1;
     c->pid = 0;
@@ -293,12 +305,41 @@ static void child_ended(struct supervisor *sv, int slot, int status)
               early ? " in 1 s" : "");
 }
 
+/* Kills a worker that no longer serves: stopped, or stuck in a handler far past its budget.
+ * The reaping below then starts another. */
+static void kill_hopeless(struct supervisor *sv, uint64_t now)
+{
+    int budget = vm_get_limits()->timeout_ms;
+    for (int i = 0; i < sv->n; i++) {
+        struct child *c = &sv->kids[i];
+        struct metrics *m = metrics_slot(i);
+        if (!c->pid || !m || c->killing)
+            continue;
+        uint64_t beat = atomic_load(&m->heartbeat_ms);
+        uint64_t stuck = atomic_load(&m->stuck_since_ms);
+        if (beat && now > beat && now - beat > UNRESPONSIVE_MS) {
+            log_error("worker %d has not answered for %llu ms (stopped?); killing it and "
+                      "starting a new one", i, (unsigned long long)(now - beat));
+        } else if (stuck && budget && now > stuck &&
+                   now - stuck > (uint64_t)budget + STUCK_KILL_MS) {
+            log_error("worker %d has been in one handler call for %llu ms, past its %d ms "
+                      "budget; killing it and starting a new one", i,
+                      (unsigned long long)(now - stuck), budget);
+        } else {
+            continue;
+        }
+        c->killing = true;
+        kill(c->pid, SIGKILL);
+    }
+}
+
 /* Collects ended workers and starts again those whose time has come. Main thread. */
 static void reap_and_restart(struct supervisor *sv)
 {
     int status;
     pid_t pid;
     pthread_mutex_lock(&sv->lock);
+    kill_hopeless(sv, now_ms(CLOCK_MONOTONIC));
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         for (int i = 0; i < sv->n; i++)
             if (sv->kids[i].pid == pid)
@@ -315,37 +356,51 @@ static void reap_and_restart(struct supervisor *sv)
 
 /* ---- generations ---------------------------------------------------------------------- */
 
+/* A loaded generation, not yet serving. */
+struct loaded {
+    char *packed;
+    size_t len;
+    char sha256[65];
+};
+
 /* Loads the script as generation `generation`, here (so a broken script never reaches a
  * worker), and packs it. 0, or -1 with "file:line: msg" in err. */
-static int load(struct supervisor *sv, uint64_t generation, char *err, size_t errlen)
+static int load(struct supervisor *sv, uint64_t generation, struct loaded *out, char *err,
+                size_t errlen)
 {
     uint64_t t0 = now_us();
     struct vm *vm = NULL;
     if (generation_load(sv->cfg->script_path, generation, &vm, 1, err, errlen) != 0)
         return -1;
-    size_t len;
-    char *packed = snapshot_pack(vm->snap, &len);
-    if (!packed) {
+    out->packed = snapshot_pack(vm->snap, &out->len);
+    if (!out->packed) {
         vm_close(vm);
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    free(sv->packed);
-    sv->packed = packed;
-    sv->packed_len = len;
-    sv->generation = generation;
+    memcpy(out->sha256, vm->snap->sha256, sizeof out->sha256);
     char typos[2048];
     if (vm_misspellings(vm, typos, sizeof typos)) {
         for (char *line = strtok(typos, "\n"); line; line = strtok(NULL, "\n"))
             log_warn("%s", line);
     }
-    memcpy(sv->sha256, vm->snap->sha256, sizeof sv->sha256);
     atomic_store(&metrics->script_load_us, now_us() - t0);
     log_info("loaded %s as generation %llu (sha256 %s, %zu bytes, %zu files read while "
              "loading)", sv->cfg->script_path, (unsigned long long)generation,
              vm->snap->sha256, vm->snap->len, vm->snap->nfiles);
     vm_close(vm);
     return 0;
+}
+
+/* The loaded generation becomes the current one (what restarted workers get). */
+static void make_current(struct supervisor *sv, struct loaded *l, uint64_t generation)
+{
+    free(sv->packed);
+    sv->packed = l->packed;
+    sv->packed_len = l->len;
+    memcpy(sv->sha256, l->sha256, sizeof sv->sha256);
+    sv->generation = generation;
+    l->packed = NULL;
 }
 
 /* What /metrics says serves new streams: only once the workers do. */
@@ -357,6 +412,17 @@ static void publish(struct supervisor *sv, uint64_t load_us)
     atomic_store(&metrics->script_load_us, load_us);
 }
 
+/* Sends a record to every running worker. */
+static void tell_all(struct supervisor *sv, uint32_t type, const void *data, size_t len)
+{
+    for (int i = 0; i < sv->n; i++)
+        if (sv->kids[i].pid)
+            control_send(sv->kids[i].ctl, type, data, len);
+}
+
+/* A reload reaches every worker or none: each builds the generation (GENERATION, LOADED);
+ * only when all have does any serve it (COMMIT, SERVING). A worker that cannot build it, or
+ * does not answer, fails the reload and every worker drops it (ABORT). */
 static void reload(void *arg)
 {
     struct supervisor *sv = arg;
@@ -364,34 +430,46 @@ static void reload(void *arg)
     pthread_mutex_lock(&sv->lock);
     uint64_t t0 = now_us();
     uint64_t generation = sv->generation + 1;
-    if (sv->stopping || load(sv, generation, err, sizeof err) != 0) {
-        if (!sv->stopping) {
-            atomic_fetch_add(&metrics->reload_failures_total, 1);
-            log_error("reload of %s failed, still serving generation %llu: %s",
-                      sv->cfg->script_path, (unsigned long long)(generation - 1), err);
-        }
+    struct loaded l = {0};
+    if (sv->stopping) {
         pthread_mutex_unlock(&sv->lock);
         return;
     }
+    if (load(sv, generation, &l, err, sizeof err) != 0)
+        goto failed;
     atomic_store(&metrics->reload_in_progress, 1);
-    for (int i = 0; i < sv->n; i++)
-        if (sv->kids[i].pid)
-            control_send(sv->kids[i].ctl, CONTROL_GENERATION, sv->packed, sv->packed_len);
+    tell_all(sv, CONTROL_GENERATION, l.packed, l.len);
+    for (int i = 0; i < sv->n; i++) {
+        char why[900];
+        if (sv->kids[i].pid && await(sv, i, CONTROL_LOADED, RELOAD_ACK_MS, why, sizeof why) != 1) {
+            snprintf(err, sizeof err, "worker %d: %s", i, why);
+            tell_all(sv, CONTROL_ABORT, NULL, 0);
+            atomic_store(&metrics->reload_in_progress, 0);
+            free(l.packed);
+            goto failed;
+        }
+    }
+    tell_all(sv, CONTROL_COMMIT, NULL, 0);
     /* "reloaded" is only said once every worker serves new streams on it */
     for (int i = 0; i < sv->n; i++) {
-        if (!sv->kids[i].pid)
-            continue;   /* a worker started later gets this generation at its start */
-        int r = await(sv, i, CONTROL_LOADED, RELOAD_ACK_MS, err, sizeof err);
-        if (r != 1)
-            log_error("worker %d did not take generation %llu: %s", i,
-                      (unsigned long long)generation, err);
+        char why[900];
+        if (sv->kids[i].pid && await(sv, i, CONTROL_SERVING, RELOAD_ACK_MS, why, sizeof why) != 1)
+            log_error("worker %d did not confirm generation %llu: %s", i,
+                      (unsigned long long)generation, why);
     }
+    make_current(sv, &l, generation);
     atomic_fetch_add(&metrics->reloads_total, 1);
     publish(sv, now_us() - t0);
     atomic_store(&metrics->reload_in_progress, 0);
     log_info("reloaded %s: generation %llu serves new streams (loaded in %llu us)",
              sv->cfg->script_path, (unsigned long long)generation,
              (unsigned long long)(now_us() - t0));
+    pthread_mutex_unlock(&sv->lock);
+    return;
+failed:
+    atomic_fetch_add(&metrics->reload_failures_total, 1);
+    log_error("reload of %s failed, still serving generation %llu: %s", sv->cfg->script_path,
+              (unsigned long long)(generation - 1), err);
     pthread_mutex_unlock(&sv->lock);
 }
 
@@ -423,9 +501,12 @@ static int stop_workers(struct supervisor *sv)
     pthread_mutex_unlock(&sv->lock);
     int rc = 0;
     for (int i = 0; i < sv->n; i++)
-        if (sv->kids[i].pid)
+        if (sv->kids[i].pid) {
             kill(sv->kids[i].pid, SIGTERM);
+            kill(sv->kids[i].pid, SIGCONT);   /* a stopped worker handles it too */
+        }
     uint64_t deadline = now_ms(CLOCK_MONOTONIC) + STOP_TIMEOUT_MS;
+    bool killed = false;
     for (;;) {
         int left = 0;
         for (int i = 0; i < sv->n; i++) {
@@ -434,24 +515,29 @@ static int stop_workers(struct supervisor *sv)
             if (!c->pid)
                 continue;
             pid_t r = waitpid(c->pid, &status, WNOHANG);
-            if (r == c->pid) {
-                if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-                    rc = 3;
-                child_ended(sv, i, status);
-            } else {
+            if (r != c->pid) {
                 left++;
+                continue;
             }
+            if (WIFEXITED(status) && WEXITSTATUS(status) == 3)
+                rc = 3;   /* it logged the stuck handler it abandoned */
+            else if (!WIFEXITED(status) && !killed)
+                log_warn("worker %d had ended (killed by signal %d) before it could stop", i,
+                         WTERMSIG(status));
+            else if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+                log_warn("worker %d stopped with exit code %d", i, WEXITSTATUS(status));
+            child_ended(sv, i, status);
         }
         if (!left)
             break;
-        if (now_ms(CLOCK_MONOTONIC) > deadline) {
-            log_error("shutdown: %d worker%s did not stop within %d ms; killing them", left,
-                      left == 1 ? "" : "s", STOP_TIMEOUT_MS);
+        if (!killed && now_ms(CLOCK_MONOTONIC) > deadline) {
+            log_error("shutdown: %d worker%s did not stop within %d ms; killing %s", left,
+                      left == 1 ? "" : "s", STOP_TIMEOUT_MS, left == 1 ? "it" : "them");
             for (int i = 0; i < sv->n; i++)
                 if (sv->kids[i].pid)
                     kill(sv->kids[i].pid, SIGKILL);
             rc = 3;
-            deadline = UINT64_MAX;
+            killed = true;
         }
         struct timespec pause = {0, 10 * 1000000L};
         nanosleep(&pause, NULL);
@@ -481,8 +567,10 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
         snprintf(err, errlen, "cannot share the metrics: %s", strerror(errno));
         return -1;
     }
-    if (load(sv, 1, err, errlen) != 0)
+    struct loaded first = {0};
+    if (load(sv, 1, &first, err, errlen) != 0)
         return -1;
+    make_current(sv, &first, 1);
     snprintf(sv->plaintext_address, sizeof sv->plaintext_address, "%s", cfg->plaintext_address);
     snprintf(sv->secure_address, sizeof sv->secure_address, "%s", cfg->secure_address);
     if (!cfg->disable_plaintext &&
@@ -499,9 +587,8 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
             return -1;
         }
     for (int i = 0; i < sv->n; i++) {
-        char why[256];
+        char why[900];
         if (await(sv, i, CONTROL_READY, READY_TIMEOUT_MS, why, sizeof why) != 1) {
-            /* the worker printed its own reason (a port, memory) before it exited */
             snprintf(err, errlen, "worker %d did not start: %s", i, why);
             return -1;
         }
@@ -602,7 +689,7 @@ out:
     tls_identity_free(&id);
     pthread_mutex_destroy(&sv.lock);
     if (rc == 3)
-        log_error("stopped, abandoning streams a stuck handler still holds");
+        log_error("stopped, abandoning streams a stuck worker still held");
     else if (rc == 0)
         log_info("stopped");
     return rc;

@@ -2,14 +2,18 @@
 #include "worker.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "config.h"
@@ -49,31 +53,59 @@ static char *expect_record(int ctl, uint32_t want, size_t *len)
     return data;
 }
 
-/* A generation the supervisor sent after start-up: build it, and say how that went. */
-static void adopt(struct server *srv, int ctl, const char *data, size_t len)
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* A reload is two records: GENERATION (build it, say LOADED or FAILED), then COMMIT (serve
+ * it, say SERVING) or ABORT (another worker could not build it: drop it). */
+static void follow(struct server *srv, int ctl, uint32_t type, const char *data, size_t len,
+                   struct vm ***prepared)
 {
     char err[1024];
-    struct snapshot *snap = snapshot_unpack(data, len);
-    if (!snap) {
-        snprintf(err, sizeof err, "the generation sent by the supervisor is malformed");
-    } else if (server_adopt(srv, snap, err, sizeof err) == 0) {
-        char gen[32];
-        int n = snprintf(gen, sizeof gen, "%llu", (unsigned long long)snap->generation);
+    if (type == CONTROL_GENERATION) {
+        server_discard(srv, *prepared);
+        *prepared = NULL;
+        struct snapshot *snap = snapshot_unpack(data, len);
+        if (!snap)
+            snprintf(err, sizeof err, "the generation sent by the supervisor is malformed");
+        else
+            *prepared = server_build(srv, snap, err, sizeof err);
         snapshot_unref(snap);
-        control_send(ctl, CONTROL_LOADED, gen, (size_t)n);
-        return;
+        if (*prepared)
+            control_send(ctl, CONTROL_LOADED, NULL, 0);
+        else
+            control_send(ctl, CONTROL_FAILED, err, strlen(err));
+    } else if (type == CONTROL_COMMIT && *prepared) {
+        server_hand_over(srv, *prepared);
+        *prepared = NULL;
+        control_send(ctl, CONTROL_SERVING, NULL, 0);
+    } else if (type == CONTROL_ABORT) {
+        server_discard(srv, *prepared);
+        *prepared = NULL;
     }
-    snapshot_unref(snap);
-    control_send(ctl, CONTROL_FAILED, err, strlen(err));
+}
+
+/* The descriptor exists and is of the kind the supervisor passes (a socket, a memfd). */
+static bool fd_is(int fd, mode_t kind)
+{
+    struct stat st;
+    return fd > 2 && fstat(fd, &st) == 0 && (st.st_mode & S_IFMT) == kind;
 }
 
 int worker_run(const struct config *given)
 {
     int slot, ctl, metrics_fd;
-    if (sscanf(given->worker_of, "%d,%d,%d", &slot, &ctl, &metrics_fd) != 3 || slot < 0) {
+    if (sscanf(given->worker_of, "%d,%d,%d", &slot, &ctl, &metrics_fd) != 3 || slot < 0 ||
+        slot >= 64 || !fd_is(ctl, S_IFSOCK) || !fd_is(metrics_fd, S_IFREG)) {
         fprintf(stderr, "luacallout: --worker_of is for the supervisor's use only\n");
         return 2;
     }
+    /* inherited across exec on purpose; a script's child (--unsafe_stdlib) must not get it */
+    fcntl(ctl, F_SETFD, FD_CLOEXEC);
     /* A supervisor killed outright takes its workers with it: nobody else would stop them,
      * and they would hold the ports. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
@@ -124,7 +156,7 @@ int worker_run(const struct config *given)
                                       err, sizeof err);
     snapshot_unref(snap);   /* the VMs hold their own references */
     if (!srv) {
-        fprintf(stderr, "luacallout: %s\n", err);
+        control_send(ctl, CONTROL_FAILED, err, strlen(err));   /* the supervisor says why */
         tls_identity_free(&id);
         return 1;
     }
@@ -136,7 +168,9 @@ int worker_run(const struct config *given)
     sigaddset(&stop, SIGTERM);
     sigaddset(&stop, SIGINT);
     int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
+    struct vm **prepared = NULL;
     for (;;) {
+        atomic_store(&metrics->heartbeat_ms, now_ms());
         struct pollfd pfd[2] = {{.fd = ctl, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
         int r = poll(pfd, 2, TICK_MS);
         if (r < 0 && errno != EINTR)
@@ -151,13 +185,13 @@ int worker_run(const struct config *given)
                 log_error("worker %d: the supervisor went away; stopping", slot);
                 break;
             }
-            if (type == CONTROL_GENERATION)
-                adopt(srv, ctl, data, len);
+            follow(srv, ctl, type, data, len, &prepared);
             free(data);
         }
         server_tick(srv);
     }
     atomic_store(&metrics->workers_serving, 0);
+    server_discard(srv, prepared);
     int stopped = server_stop(srv, SHUTDOWN_GRACE_MS);
     if (stopped == -1)
         _exit(3);

@@ -54,9 +54,13 @@ def workers(server):
     return sorted(out)
 
 
+# grpc-python shares one connection between channels to the same target unless told not to
+FRESH = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def ask(target):
     """One stream on a fresh connection (so the kernel may pick any worker): its x-gen."""
-    with grpc.insecure_channel(target) as ch:
+    with grpc.insecure_channel(target, options=FRESH) as ch:
         stub = h.pb_grpc.ExternalProcessorStub(ch)
         responses, code, details = h.process(stub, [h.headers_req("request_headers",
                                                                    [(":path", "/")])])
@@ -166,3 +170,91 @@ def test_every_worker_serves_the_reloaded_generation(servers):
         assert answers == {tag}, answers
     assert metric(srv, "luacallout_reload_in_progress") == 0
     assert metric(srv, "luacallout_script_generation") == 4
+
+
+FLAKY = """
+-- fails to load in about half of the processes that load it
+if math.random() < 0.5 then error("flaky top level") end
+function on_request_headers(headers, ctx)
+  return { add = { {"x-gen", "%(tag)s"} } }
+end
+"""
+
+
+def test_a_reload_some_worker_cannot_build_serves_nowhere(servers):
+    script = servers.script(TAGGED % {"tag": "good"})
+    srv = servers.start(script, "--threads", "4")
+    target = srv.target("plaintext")
+    worker_failures = 0
+    for i in range(30):
+        with open(script, "w") as f:
+            f.write(FLAKY % {"tag": f"v{i}"})
+        n = len(re.findall(r"reload(ed| of)", srv.log()))
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: len(re.findall(r"reload(ed| of)", srv.log())) > n, 20, "the reload")
+        last = re.findall(r"(reloaded .*|reload of .*)", srv.log())[-1]
+        gen = metric(srv, "luacallout_script_generation")
+        answers = {ask(target) for _ in range(24)}
+        assert len(answers) == 1, (last, answers)   # never two generations at once
+        if re.search(r"failed, still serving .*: worker \d: .*flaky top level", last):
+            worker_failures += 1
+            assert answers != {f"v{i}"}, last      # the failed one serves nowhere
+        elif last.startswith("reloaded"):
+            assert answers == {f"v{i}"}, last
+        assert metric(srv, "luacallout_reload_in_progress") == 0
+        assert metric(srv, "luacallout_script_generation") == gen
+        if worker_failures >= 3:
+            break
+    assert worker_failures >= 3, srv.log()[-3000:]
+    assert metric(srv, "luacallout_reload_failures_total") >= worker_failures
+
+
+def test_a_stopped_worker_is_replaced(servers):
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
+    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    os.kill(pids[0], signal.SIGSTOP)
+    t0 = time.monotonic()
+    wait_for(lambda: "worker 0 has not answered for" in srv.log(), 10, "the unresponsive line")
+    took = time.monotonic() - t0
+    assert 4.5 < took < 8, took
+    new = wait_for(lambda: len(workers(srv)) == 2 and pids[0] not in workers(srv) and
+                   workers(srv), 5, "a new worker")
+    assert pids[1] in new
+    wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2, 5, "2 serving")
+    for _ in range(30):        # every fresh connection is served again
+        assert ask(srv.target("plaintext")) == "a"
+
+
+def test_open_streams_of_a_killed_worker_count_as_errors(servers):
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
+    wait_for(lambda: len(workers(srv)) == 2, 5, "2 workers")
+    streams = []
+    for _ in range(4):
+        ch = grpc.insecure_channel(srv.target("plaintext"), options=FRESH)
+        s = h.BidiStream(h.pb_grpc.ExternalProcessorStub(ch))
+        s.exchange(h.headers_req("request_headers", [(":path", "/")]))
+        streams.append((ch, s))
+    assert metric(srv, "luacallout_streams_active") == 4
+    for p in workers(srv):
+        os.kill(p, signal.SIGKILL)
+    wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2 and
+             metric(srv, "luacallout_worker_restarts_total") == 2, 8, "2 new workers")
+    assert metric(srv, "luacallout_streams_active") == 0
+    assert metric(srv, "luacallout_stream_errors_total") == 4
+    for ch, s in streams:
+        s.cancel()
+        ch.close()
+
+
+def test_sigterm_after_a_worker_died_or_stopped_exits_0(servers):
+    for how in (signal.SIGKILL, signal.SIGSTOP):
+        srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
+        pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+        os.kill(pids[0], how)
+        t0 = time.monotonic()
+        rc = srv.signal_and_wait(signal.SIGTERM)
+        assert rc == 0, (how, srv.log())
+        assert time.monotonic() - t0 < 5, how
+        assert not any(os.path.exists(f"/proc/{p}") and
+                       open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                       for p in pids)
