@@ -6,6 +6,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Reload records carry the reload's attempt number, so that an answer left over from an
+ * earlier reload (one that was aborted before every answer was read) is never taken for
+ * this one's: GENERATION starts with it (8 bytes, little-endian) before the packed snapshot;
+ * COMMIT and ABORT are it, in decimal; LOADED, FAILED and SERVING start with it in
+ * decimal and a space (FAILED then has the error). Start-up is attempt 0. */
 enum control_type {
     CONTROL_IDENTITY = 1,    /* supervisor: the TLS certificate PEM, NUL, the key PEM */
     CONTROL_GENERATION = 2,  /* supervisor: a generation to serve (snapshot_pack bytes) */

@@ -59,6 +59,7 @@ void metrics_worker_gone(int slot)
                      (uint64_t)atomic_exchange(&slots[slot + 1].streams_active, 0));
     atomic_store(&slots[slot + 1].heartbeat_ms, 0);
     atomic_store(&slots[slot + 1].stuck_since_ms, 0);
+    atomic_store(&slots[slot + 1].building_since_ms, 0);
     atomic_store(&slots[slot + 1].workers_serving, 0);
     atomic_store(&slots[slot + 1].workers_stuck, 0);
 }

@@ -29,6 +29,8 @@ struct metrics {
     /* not rendered: what the supervisor watches in each worker's slot */
     _Atomic uint64_t heartbeat_ms;             /* CLOCK_MONOTONIC of the main thread's last tick */
     _Atomic uint64_t stuck_since_ms;           /* when the stuck handler call began, or 0 */
+    _Atomic uint64_t building_since_ms;        /* the main thread is building VMs (a top
+                                                * level runs) since then, or 0 */
 };
 
 /* Where this process counts: a private struct until metrics_share or metrics_attach. */

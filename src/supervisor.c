@@ -64,6 +64,8 @@ struct child {
     bool killing;           /* we sent it SIGKILL */
 };
 
+static bool stop_requested(void);
+
 struct supervisor {
     const struct config *cfg;
     int argc;
@@ -78,12 +80,16 @@ struct supervisor {
     char *packed;                    /* the current generation, packed */
     size_t packed_len;
     uint64_t generation;
+    uint64_t attempt;                /* reloads tried: tags their control records */
     char sha256[65];                 /* of the current generation's script */
     bool stopping;
     int n;
     struct child *kids;
     char exe[4096];                  /* what a worker is exec'd from */
 };
+
+static const char *hopeless(struct supervisor *sv, int slot, uint64_t now, char *why,
+                            size_t len);
 
 static uint64_t now_ms(int clock)
 {
@@ -250,15 +256,27 @@ static int spawn(struct supervisor *sv, int slot)
     return 0;
 }
 
-/* Waits for worker `slot`'s answer of type want, or FAILED, skipping others (a READY of a
- * worker started again). 1 for want, 0 for FAILED (its text in err), -1 no answer in time. */
-static int await(struct supervisor *sv, int slot, uint32_t want, int timeout_ms, char *err,
-                 size_t errlen)
+/* Waits for worker `slot`'s answer of type want, or FAILED, for reload attempt `attempt`
+ * (0: start-up), skipping anything else (a late answer to an aborted reload, a READY of a
+ * worker started again). 1 for want, 0 for FAILED (its text in err), -1 no answer (the
+ * time ran out, the worker exited or is past serving), -2 SIGTERM or SIGINT is pending:
+ * the supervisor must stop instead of waiting on. */
+static int await(struct supervisor *sv, int slot, uint32_t want, uint64_t attempt,
+                 int timeout_ms, char *err, size_t errlen)
 {
     struct child *c = &sv->kids[slot];
     uint64_t deadline = now_ms(CLOCK_MONOTONIC) + (uint64_t)timeout_ms;
     for (;;) {
         uint64_t now = now_ms(CLOCK_MONOTONIC);
+        char why[128];
+        if (stop_requested()) {
+            snprintf(err, errlen, "the server is stopping");
+            return -2;
+        }
+        if (hopeless(sv, slot, now, why, sizeof why)) {
+            snprintf(err, errlen, "it %s", why);
+            return -1;
+        }
         if (now >= deadline) {
             snprintf(err, errlen, "no answer within %d ms", timeout_ms);
             return -1;
@@ -266,14 +284,22 @@ static int await(struct supervisor *sv, int slot, uint32_t want, int timeout_ms,
         uint32_t type;
         char *data;
         size_t len;
-        int r = control_recv(c->ctl, &type, &data, &len, (int)(deadline - now));
+        /* in slices, so that a stop or a hung worker is noticed while waiting */
+        int slice = deadline - now < 100 ? (int)(deadline - now) : 100;
+        int r = control_recv(c->ctl, &type, &data, &len, slice);
+        if (r == -1 && errno == ETIMEDOUT)
+            continue;
         if (r != 1) {
             snprintf(err, errlen, "%s", r == 0 ? "it exited" : strerror(errno));
             return -1;
         }
-        int result = type == want ? 1 : type == CONTROL_FAILED ? 0 : 2;
+        char *text = NULL;
+        uint64_t tag = strtoull(data, &text, 10);
+        if (text && *text == ' ')
+            text++;
+        int result = tag != attempt ? 2 : type == want ? 1 : type == CONTROL_FAILED ? 0 : 2;
         if (result == 0)
-            snprintf(err, errlen, "%s", data);
+            snprintf(err, errlen, "%s", text ? text : "");
         free(data);
         if (result != 2)
             return result;
@@ -305,31 +331,45 @@ static void child_ended(struct supervisor *sv, int slot, int status)
               early ? " in 1 s" : "");
 }
 
-/* Kills a worker that no longer serves: stopped, or stuck in a handler far past its budget.
- * The reaping below then starts another. */
+/* Why worker `slot` is past serving (NULL when it is not): its main thread has not ticked
+ * for UNRESPONSIVE_MS while not building VMs (or building them for over a minute, or not
+ * started within a minute), or it is stuck in a handler far past its budget. */
+static const char *hopeless(struct supervisor *sv, int slot, uint64_t now, char *why,
+                            size_t len)
+{
+    struct child *c = &sv->kids[slot];
+    struct metrics *m = metrics_slot(slot);
+    if (!c->pid || !m || c->killing)
+        return NULL;
+    int budget = vm_get_limits()->timeout_ms;
+    uint64_t beat = atomic_load(&m->heartbeat_ms);
+    uint64_t building = atomic_load(&m->building_since_ms);
+    uint64_t stuck = atomic_load(&m->stuck_since_ms);
+    uint64_t since = beat ? beat : c->started_ms;
+    bool long_build = building && now > building && now - building > READY_TIMEOUT_MS;
+    if (!beat && now > since && now - since > READY_TIMEOUT_MS)
+        snprintf(why, len, "has not started within %d ms", READY_TIMEOUT_MS);
+    else if (beat && now > beat && now - beat > UNRESPONSIVE_MS && (!building || long_build))
+        snprintf(why, len, "has not answered for %llu ms (stopped?)",
+                 (unsigned long long)(now - beat));
+    else if (stuck && budget && now > stuck && now - stuck > (uint64_t)budget + STUCK_KILL_MS)
+        snprintf(why, len, "has been in one handler call for %llu ms, past its %d ms budget",
+                 (unsigned long long)(now - stuck), budget);
+    else
+        return NULL;
+    return why;
+}
+
+/* Kills a worker that no longer serves; the reaping below then starts another. */
 static void kill_hopeless(struct supervisor *sv, uint64_t now)
 {
-    int budget = vm_get_limits()->timeout_ms;
     for (int i = 0; i < sv->n; i++) {
-        struct child *c = &sv->kids[i];
-        struct metrics *m = metrics_slot(i);
-        if (!c->pid || !m || c->killing)
+        char why[128];
+        if (!hopeless(sv, i, now, why, sizeof why))
             continue;
-        uint64_t beat = atomic_load(&m->heartbeat_ms);
-        uint64_t stuck = atomic_load(&m->stuck_since_ms);
-        if (beat && now > beat && now - beat > UNRESPONSIVE_MS) {
-            log_error("worker %d has not answered for %llu ms (stopped?); killing it and "
-                      "starting a new one", i, (unsigned long long)(now - beat));
-        } else if (stuck && budget && now > stuck &&
-                   now - stuck > (uint64_t)budget + STUCK_KILL_MS) {
-            log_error("worker %d has been in one handler call for %llu ms, past its %d ms "
-                      "budget; killing it and starting a new one", i,
-                      (unsigned long long)(now - stuck), budget);
-        } else {
-            continue;
-        }
-        c->killing = true;
-        kill(c->pid, SIGKILL);
+        log_error("worker %d %s; killing it and starting a new one", i, why);
+        sv->kids[i].killing = true;
+        kill(sv->kids[i].pid, SIGKILL);
     }
 }
 
@@ -430,7 +470,10 @@ static void reload(void *arg)
     pthread_mutex_lock(&sv->lock);
     uint64_t t0 = now_us();
     uint64_t generation = sv->generation + 1;
+    uint64_t attempt = ++sv->attempt;
     struct loaded l = {0};
+    char tag[24];
+    snprintf(tag, sizeof tag, "%llu", (unsigned long long)attempt);
     if (sv->stopping) {
         pthread_mutex_unlock(&sv->lock);
         return;
@@ -438,22 +481,35 @@ static void reload(void *arg)
     if (load(sv, generation, &l, err, sizeof err) != 0)
         goto failed;
     atomic_store(&metrics->reload_in_progress, 1);
-    tell_all(sv, CONTROL_GENERATION, l.packed, l.len);
+    char *record = malloc(l.len + 8);
+    if (!record) {
+        snprintf(err, sizeof err, "out of memory");
+        atomic_store(&metrics->reload_in_progress, 0);
+        free(l.packed);
+        goto failed;
+    }
+    for (int i = 0; i < 8; i++)
+        record[i] = (char)(attempt >> (8 * i));
+    memcpy(record + 8, l.packed, l.len);
+    tell_all(sv, CONTROL_GENERATION, record, l.len + 8);
+    free(record);
     for (int i = 0; i < sv->n; i++) {
         char why[900];
-        if (sv->kids[i].pid && await(sv, i, CONTROL_LOADED, RELOAD_ACK_MS, why, sizeof why) != 1) {
+        if (sv->kids[i].pid &&
+            await(sv, i, CONTROL_LOADED, attempt, RELOAD_ACK_MS, why, sizeof why) != 1) {
             snprintf(err, sizeof err, "worker %d: %s", i, why);
-            tell_all(sv, CONTROL_ABORT, NULL, 0);
+            tell_all(sv, CONTROL_ABORT, tag, strlen(tag));
             atomic_store(&metrics->reload_in_progress, 0);
             free(l.packed);
             goto failed;
         }
     }
-    tell_all(sv, CONTROL_COMMIT, NULL, 0);
+    tell_all(sv, CONTROL_COMMIT, tag, strlen(tag));
     /* "reloaded" is only said once every worker serves new streams on it */
     for (int i = 0; i < sv->n; i++) {
         char why[900];
-        if (sv->kids[i].pid && await(sv, i, CONTROL_SERVING, RELOAD_ACK_MS, why, sizeof why) != 1)
+        if (sv->kids[i].pid &&
+            await(sv, i, CONTROL_SERVING, attempt, RELOAD_ACK_MS, why, sizeof why) != 1)
             log_error("worker %d did not confirm generation %llu: %s", i,
                       (unsigned long long)generation, why);
     }
@@ -471,6 +527,14 @@ failed:
     log_error("reload of %s failed, still serving generation %llu: %s", sv->cfg->script_path,
               (unsigned long long)(generation - 1), err);
     pthread_mutex_unlock(&sv->lock);
+}
+
+/* A SIGTERM or SIGINT is waiting for the main thread (signals are blocked everywhere). */
+static bool stop_requested(void)
+{
+    sigset_t pending;
+    return sigpending(&pending) == 0 &&
+           (sigismember(&pending, SIGTERM) == 1 || sigismember(&pending, SIGINT) == 1);
 }
 
 /* ---- health --------------------------------------------------------------------------- */
@@ -588,7 +652,10 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
         }
     for (int i = 0; i < sv->n; i++) {
         char why[900];
-        if (await(sv, i, CONTROL_READY, READY_TIMEOUT_MS, why, sizeof why) != 1) {
+        int r = await(sv, i, CONTROL_READY, 0, READY_TIMEOUT_MS, why, sizeof why);
+        if (r == -2)
+            return -2;
+        if (r != 1) {
             snprintf(err, errlen, "worker %d did not start: %s", i, why);
             return -1;
         }
@@ -627,7 +694,12 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     int rc = 0;
     struct admin *admin = NULL;
     struct watch *watch = NULL;
-    if (!sv.kids || start(&sv, &id, err, sizeof err) != 0) {
+    int started = sv.kids ? start(&sv, &id, err, sizeof err) : -1;
+    if (started == -2) {
+        log_info("signal received during start-up: shutting down");
+        goto out;
+    }
+    if (started != 0) {
         fprintf(stderr, "luacallout: %s\n", sv.kids ? err : "out of memory");
         rc = 1;
         goto out;

@@ -7,6 +7,7 @@
 #include <signal.h>
 #include <stdbool.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,29 +63,42 @@ static uint64_t now_ms(void)
 
 /* A reload is two records: GENERATION (build it, say LOADED or FAILED), then COMMIT (serve
  * it, say SERVING) or ABORT (another worker could not build it: drop it). */
+/* Sends an answer tagged with the reload attempt it answers (control.h). */
+static void answer(int ctl, uint32_t type, uint64_t attempt, const char *text)
+{
+    char buf[1200];
+    int n = snprintf(buf, sizeof buf, "%llu %s", (unsigned long long)attempt, text ? text : "");
+    control_send(ctl, type, buf, n < (int)sizeof buf ? (size_t)n : sizeof buf - 1);
+}
+
 static void follow(struct server *srv, int ctl, uint32_t type, const char *data, size_t len,
-                   struct vm ***prepared)
+                   struct vm ***prepared, uint64_t *prepared_attempt)
 {
     char err[1024];
-    if (type == CONTROL_GENERATION) {
+    if (type == CONTROL_GENERATION && len >= 8) {
+        uint64_t attempt = 0;
+        for (int i = 0; i < 8; i++)
+            attempt |= (uint64_t)(unsigned char)data[i] << (8 * i);
         server_discard(srv, *prepared);
         *prepared = NULL;
-        struct snapshot *snap = snapshot_unpack(data, len);
+        struct snapshot *snap = snapshot_unpack(data + 8, len - 8);
         if (!snap)
             snprintf(err, sizeof err, "the generation sent by the supervisor is malformed");
         else
             *prepared = server_build(srv, snap, err, sizeof err);
         snapshot_unref(snap);
-        if (*prepared)
-            control_send(ctl, CONTROL_LOADED, NULL, 0);
-        else
-            control_send(ctl, CONTROL_FAILED, err, strlen(err));
-    } else if (type == CONTROL_COMMIT && *prepared) {
-        server_hand_over(srv, *prepared);
-        *prepared = NULL;
-        control_send(ctl, CONTROL_SERVING, NULL, 0);
-    } else if (type == CONTROL_ABORT) {
-        server_discard(srv, *prepared);
+        *prepared_attempt = attempt;
+        answer(ctl, *prepared ? CONTROL_LOADED : CONTROL_FAILED, attempt, *prepared ? NULL : err);
+    } else if (type == CONTROL_COMMIT || type == CONTROL_ABORT) {
+        uint64_t attempt = strtoull(data, NULL, 10);
+        if (!*prepared || attempt != *prepared_attempt)
+            return;   /* not the build it is about */
+        if (type == CONTROL_COMMIT) {
+            server_hand_over(srv, *prepared);
+            answer(ctl, CONTROL_SERVING, attempt, NULL);
+        } else {
+            server_discard(srv, *prepared);
+        }
         *prepared = NULL;
     }
 }
@@ -152,16 +166,19 @@ int worker_run(const struct config *given)
     stream_set_limits(&stream_limits);
 
     char err[1024];
+    /* the first VMs run the top level: the supervisor must not take that for a hang */
+    atomic_store(&metrics->building_since_ms, now_ms());
     struct server *srv = server_start(&cfg, id.cert_pem ? &id : NULL, snap, slot, processes,
                                       err, sizeof err);
     snapshot_unref(snap);   /* the VMs hold their own references */
     if (!srv) {
-        control_send(ctl, CONTROL_FAILED, err, strlen(err));   /* the supervisor says why */
+        answer(ctl, CONTROL_FAILED, 0, err);   /* the supervisor says why */
         tls_identity_free(&id);
         return 1;
     }
+    atomic_store(&metrics->building_since_ms, 0);
     atomic_store(&metrics->workers_serving, 1);
-    control_send(ctl, CONTROL_READY, NULL, 0);
+    answer(ctl, CONTROL_READY, 0, NULL);
 
     sigset_t stop;
     sigemptyset(&stop);
@@ -169,6 +186,7 @@ int worker_run(const struct config *given)
     sigaddset(&stop, SIGINT);
     int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
     struct vm **prepared = NULL;
+    uint64_t prepared_attempt = 0;
     for (;;) {
         atomic_store(&metrics->heartbeat_ms, now_ms());
         struct pollfd pfd[2] = {{.fd = ctl, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
@@ -185,10 +203,14 @@ int worker_run(const struct config *given)
                 log_error("worker %d: the supervisor went away; stopping", slot);
                 break;
             }
-            follow(srv, ctl, type, data, len, &prepared);
+            atomic_store(&metrics->building_since_ms, now_ms());
+            follow(srv, ctl, type, data, len, &prepared, &prepared_attempt);
+            atomic_store(&metrics->building_since_ms, 0);
             free(data);
         }
+        atomic_store(&metrics->building_since_ms, now_ms());   /* a spare may be built */
         server_tick(srv);
+        atomic_store(&metrics->building_since_ms, 0);
     }
     atomic_store(&metrics->workers_serving, 0);
     server_discard(srv, prepared);

@@ -258,3 +258,36 @@ def test_sigterm_after_a_worker_died_or_stopped_exits_0(servers):
         assert not any(os.path.exists(f"/proc/{p}") and
                        open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
                        for p in pids)
+
+
+def test_a_reload_with_a_stopped_worker_fails_fast_and_the_worker_is_replaced(servers):
+    script = servers.script(TAGGED % {"tag": "a"})
+    srv = servers.start(script, "--threads", "2")
+    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    os.kill(pids[1], signal.SIGSTOP)
+    with open(script, "w") as f:
+        f.write(TAGGED % {"tag": "b"})
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: re.search(r"reload of .* failed, still serving generation 1: worker 1: it "
+                               r"has not answered", srv.log()), 10, "the failed reload")
+    assert time.monotonic() - t0 < 7.5
+    assert metric(srv, "luacallout_reload_in_progress") == 0
+    assert metric(srv, "luacallout_script_generation") == 1
+    wait_for(lambda: len(workers(srv)) == 2 and pids[1] not in workers(srv), 5, "a new worker")
+    wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2, 5, "2 serving")
+    assert {ask(srv.target("plaintext")) for _ in range(20)} == {"a"}   # one generation
+
+
+def test_sigterm_during_a_reload_stuck_on_a_stopped_worker_is_prompt(servers):
+    script = servers.script(TAGGED % {"tag": "a"})
+    srv = servers.start(script, "--threads", "2")
+    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    os.kill(pids[0], signal.SIGSTOP)
+    time.sleep(0.5)   # stopped well before the reload, not yet replaced
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "SIGHUP received" in srv.log(), 5, "the reload to start")
+    t0 = time.monotonic()
+    rc = srv.signal_and_wait(signal.SIGTERM)
+    assert rc == 0, srv.log()
+    assert time.monotonic() - t0 < 3, srv.log()
