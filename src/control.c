@@ -33,10 +33,18 @@ int control_send(int fd, uint32_t type, const void *data, size_t len)
         errno = EMSGSIZE;
         return -1;
     }
+    /* one write for a small record: the reader then finds it whole */
+    char small[4096];
     uint32_t head[2] = {type, (uint32_t)len};
+    if (len <= sizeof small - sizeof head) {
+        memcpy(small, head, sizeof head);
+        if (len)
+            memcpy(small + sizeof head, data, len);
+        return write_all(fd, small, sizeof head + len);
+    }
     if (write_all(fd, head, sizeof head) != 0)
         return -1;
-    return len ? write_all(fd, data, len) : 0;
+    return write_all(fd, data, len);
 }
 
 static int64_t now_ms(void)
@@ -46,13 +54,20 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* 1 when all n bytes came, 0 at end of file before any, -1 on error or timeout. */
+/* Once a record has begun, its rest may take this long: a timeout of the caller's (a short
+ * slice) must never leave half a record read, or every later record would be misread. */
+#define CONTROL_REST_MS 10000
+
+/* 1 when all n bytes came, 0 at end of file before any, -1 on error or timeout. The
+ * deadline applies until the first byte; then the rest gets CONTROL_REST_MS more. */
 static int read_all(int fd, void *p, size_t n, int64_t deadline)
 {
     char *c = p;
     size_t got = 0;
     while (got < n) {
         int wait = -1;
+        if (got > 0 && deadline >= 0 && deadline < now_ms() + CONTROL_REST_MS)
+            deadline = now_ms() + CONTROL_REST_MS;
         if (deadline >= 0) {
             int64_t left = deadline - now_ms();
             if (left <= 0) {
@@ -99,7 +114,9 @@ int control_recv(int fd, uint32_t *type, char **data, size_t *len, int timeout_m
     char *buf = malloc((size_t)head[1] + 1);
     if (!buf)
         return -1;
-    if (head[1] && read_all(fd, buf, head[1], deadline) != 1) {
+    /* the header is in: the body is part of the same record */
+    int64_t rest = now_ms() + CONTROL_REST_MS;
+    if (head[1] && read_all(fd, buf, head[1], deadline > rest ? deadline : rest) != 1) {
         free(buf);
         return -1;
     }
