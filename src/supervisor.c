@@ -332,8 +332,9 @@ static void child_ended(struct supervisor *sv, int slot, int status)
 }
 
 /* Why worker `slot` is past serving (NULL when it is not): its main thread has not ticked
- * for UNRESPONSIVE_MS while not building VMs (or building them for over a minute, or not
- * started within a minute), or it is stuck in a handler far past its budget. */
+ * for UNRESPONSIVE_MS while not building VMs (or building them for longer than a few
+ * budgets allow, a minute with no budget), it has not started within a minute, or it is
+ * stuck in a handler far past its budget. */
 static const char *hopeless(struct supervisor *sv, int slot, uint64_t now, char *why,
                             size_t len)
 {
@@ -346,7 +347,10 @@ static const char *hopeless(struct supervisor *sv, int slot, uint64_t now, char 
     uint64_t building = atomic_load(&m->building_since_ms);
     uint64_t stuck = atomic_load(&m->stuck_since_ms);
     uint64_t since = beat ? beat : c->started_ms;
-    bool long_build = building && now > building && now - building > READY_TIMEOUT_MS;
+    /* a build runs top levels, each within the budget: a few budgets beyond the usual
+     * limit is plenty; with no budget, up to a minute */
+    uint64_t build_limit = budget ? UNRESPONSIVE_MS + 4 * (uint64_t)budget : READY_TIMEOUT_MS;
+    bool long_build = building && now > building && now - building > build_limit;
     if (!beat && now > since && now - since > READY_TIMEOUT_MS)
         snprintf(why, len, "has not started within %d ms", READY_TIMEOUT_MS);
     else if (beat && now > beat && now - beat > UNRESPONSIVE_MS && (!building || long_build))
