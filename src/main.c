@@ -99,11 +99,7 @@ int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
     sigset_t waited;
-    sigemptyset(&waited);
-    sigaddset(&waited, SIGTERM);
-    sigaddset(&waited, SIGINT);
-    sigaddset(&waited, SIGHUP);
-    sigaddset(&waited, SIGCHLD);
+    supervisor_signals(&waited);
     pthread_sigmask(SIG_BLOCK, &waited, NULL);
 
     struct config cfg;

@@ -14,13 +14,11 @@
 #include <grpc/support/sync.h>
 #include <grpc/support/time.h>
 #include <malloc.h>
-#include <netdb.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -144,57 +142,15 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* grpc reports a failed listener as a bare 0; find out why by binding the address
- * ourselves, so the user gets "Address already in use" rather than a guess. */
-static void explain_listen_failure(const char *what, const char *address, char *err,
-                                   size_t errlen)
-{
-    char host[256];
-    const char *colon = strrchr(address, ':');
-    size_t hlen = colon ? (size_t)(colon - address) : 0;
-    if (!colon || !colon[1] || hlen >= sizeof host) {
-        snprintf(err, errlen, "invalid %s address '%s': expected host:port", what, address);
-        return;
-    }
-    memcpy(host, address, hlen);
-    host[hlen] = '\0';
-    if (hlen >= 2 && host[0] == '[' && host[hlen - 1] == ']') {
-        memmove(host, host + 1, hlen - 2);
-        host[hlen - 2] = '\0';
-    }
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_PASSIVE | AI_NUMERICSERV};
-    struct addrinfo *ai = NULL;
-    int rc = getaddrinfo(host[0] ? host : NULL, colon + 1, &hints, &ai);
-    if (rc != 0) {
-        snprintf(err, errlen, "invalid %s address '%s': %s", what, address, gai_strerror(rc));
-        return;
-    }
-    int saved = 0;
-    int fd = socket(ai->ai_family, SOCK_STREAM, 0);
-    if (fd >= 0) {
-        int one = 1;
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0)
-            saved = errno;
-        close(fd);
-    } else {
-        saved = errno;
-    }
-    freeaddrinfo(ai);
-    if (saved)
-        snprintf(err, errlen, "cannot listen on %s (%s): %s", address, what, strerror(saved));
-    else
-        snprintf(err, errlen, "cannot listen on %s (%s)", address, what);
-}
-
 static int add_port(struct server *srv, const char *what, const char *address,
                     grpc_server_credentials *creds, char *err, size_t errlen)
 {
     int port = grpc_server_add_http2_port(srv->grpc, address, creds);
     grpc_server_credentials_release(creds);
     if (port == 0) {
-        explain_listen_failure(what, address, err, errlen);
+        /* the supervisor has bound this address already (supervisor.c, hold_port), with
+         * a reason when it could not; failing here is a race with another program */
+        snprintf(err, errlen, "cannot listen on %s (%s)", address, what);
         return -1;
     }
     log_debug("%s listening on %s (port %d)", what, address, port);

@@ -675,6 +675,15 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
     return 0;
 }
 
+void supervisor_signals(sigset_t *set)
+{
+    sigemptyset(set);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
+    sigaddset(set, SIGCHLD);
+}
+
 int supervisor_run(const struct config *cfg, int argc, char **argv)
 {
     char err[1024];
@@ -725,11 +734,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     }
 
     sigset_t waited;
-    sigemptyset(&waited);
-    sigaddset(&waited, SIGTERM);
-    sigaddset(&waited, SIGINT);
-    sigaddset(&waited, SIGHUP);
-    sigaddset(&waited, SIGCHLD);
+    supervisor_signals(&waited);
     for (;;) {
         struct timespec tick = {.tv_sec = 0, .tv_nsec = TICK_MS * 1000000L};
         int sig = sigtimedwait(&waited, NULL, &tick);

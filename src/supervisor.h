@@ -7,7 +7,13 @@
 #ifndef LUACALLOUT_SUPERVISOR_H
 #define LUACALLOUT_SUPERVISOR_H
 
+#include <signal.h>
+
 struct config;
+
+/* The signals the supervisor takes (TERM, INT, HUP, CHLD): main blocks them before any
+ * thread starts, and they stay blocked in workers across exec. */
+void supervisor_signals(sigset_t *set);
 
 /* Runs until SIGTERM or SIGINT (SIGHUP reloads); returns the process's exit code: 0; 1
  * when start-up failed; 3 when a worker had to be abandoned with a handler stuck. */
