@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -438,6 +439,23 @@ def rss_mb(server):
         except (OSError, StopIteration):
             pass
     return total / 1024
+
+
+def metrics_text(server):
+    """The server's /metrics, as text."""
+    with urllib.request.urlopen(f"http://{server.target('health')}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def wait_for(pred, timeout, what):
+    """pred()'s first true value within timeout seconds; fails the test otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sanitizer_report(text):

@@ -620,9 +620,8 @@ end
 # Watchdog and shutdown
 # --------------------------------------------------------------------------------------------
 
-def metrics_text(server):
-    with urllib.request.urlopen(f"http://{server.target('health')}/metrics", timeout=5) as r:
-        return r.read().decode()
+metrics_text = h.metrics_text
+wait_for = h.wait_for
 
 
 def metric(server, name):
@@ -643,16 +642,6 @@ def health_status(server, path="/live"):
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 STUCK = r"""

@@ -8,7 +8,6 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 
 import grpc
 
@@ -21,24 +20,12 @@ end
 """
 
 
-def metrics_text(server):
-    with urllib.request.urlopen(f"http://{server.target('health')}/metrics", timeout=5) as r:
-        return r.read().decode()
+wait_for = h.wait_for
 
 
 def metric(server, name):
-    m = re.search(rf"^{name} (\S+)$", metrics_text(server), re.M)
+    m = re.search(rf"^{name} (\S+)$", h.metrics_text(server), re.M)
     return float(m.group(1)) if m else None
-
-
-def wait_for(pred, timeout, what):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def workers(server):
