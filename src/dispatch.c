@@ -21,6 +21,7 @@
 #include "arena.h"
 #include "checks.h"
 #include "log.h"
+#include "metrics.h"
 #include "pbconv.h"
 #include "pbreflect.h"
 #include "pbwire.h"
@@ -128,6 +129,37 @@ struct call {
     enum pbconv_status status;
     char err[1152];  /* PBCONV_BAD: "file:line: on_x returned a bad table: ..." */
 };
+
+_Static_assert(PBCONV_PHASE_COUNT == METRICS_PHASE_UNKNOWN, "metrics.c names pbconv's phases");
+
+/* What a process() response does, for metrics: as pbconv decides for a handler's table. */
+static enum pbconv_answer raw_answer(const pbconv_response *r)
+{
+    const Envoy__Service__ExtProc__V3__CommonResponse *cr = NULL;
+    switch (r->response_case) {
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE:
+        return PBCONV_ANSWER_IMMEDIATE;
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_HEADERS:
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_HEADERS:
+        cr = r->request_headers ? r->request_headers->response : NULL;   /* same union */
+        break;
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_BODY:
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_BODY:
+        cr = r->request_body ? r->request_body->response : NULL;
+        break;
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_TRAILERS:
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_TRAILERS:
+        if (r->request_trailers && r->request_trailers->header_mutation)
+            return PBCONV_ANSWER_MUTATE;
+        break;
+    default:
+        break;
+    }
+    bool changes = r->dynamic_metadata || r->mode_override || r->override_message_timeout ||
+                   (cr && (cr->status || cr->header_mutation || cr->body_mutation ||
+                           cr->trailers || cr->clear_route_cache));
+    return changes ? PBCONV_ANSWER_MUTATE : PBCONV_ANSWER_CONTINUE;
+}
 
 /* Whether a process() response answers a message of `phase`: its own type, or an
  * immediate response (Envoy accepts one in every phase). */
@@ -238,6 +270,7 @@ static int run_handler(lua_State *L)
             c->status = PBCONV_OK;
             c->resps = (pbconv_response *)m;
             c->n = 1;
+            c->res.answer = raw_answer(c->resps);
         }
     } else {
         c->status = pbconv_to_responses(L, 3, &in, a, &c->resps, &c->n, &c->res, detail,
@@ -408,6 +441,10 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     }
 
     enum pbconv_phase phase;
+    /* for metrics_message: refused before a handler ran, unless set below */
+    int metrics_phase = METRICS_PHASE_UNKNOWN;
+    enum metrics_outcome outcome = METRICS_REFUSED;
+    bool ran = false;
     pbconv_request *req = decode(st, msg, len, reply);
     if (req == NULL)
         goto done;
@@ -428,8 +465,19 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
     lua_pushcfunction(L, run_handler);
     lua_pushlightuserdata(L, &c);
+    metrics_phase = (int)phase;
+    if (s->activity)   /* for the watchdog's count, published by vm_call's store of since_ns */
+        atomic_store_explicit(&s->activity->phase, (int)phase, memory_order_relaxed);
     int status = vm_call(s, 1, 1, st->id, s->where[s->has_process ? PBCONV_PHASE_COUNT : phase]);
     bool observe = req->observability_mode;
+    ran = true;
+    /* what a handler's answer does; the failures below say otherwise */
+    static const enum metrics_outcome answered[] = {
+        [PBCONV_ANSWER_CONTINUE] = METRICS_CONTINUE,
+        [PBCONV_ANSWER_MUTATE] = METRICS_MUTATE,
+        [PBCONV_ANSWER_IMMEDIATE] = METRICS_IMMEDIATE,
+    };
+    outcome = c.status == PBCONV_DENY ? METRICS_DENY : answered[c.res.answer];
     if (status != LUA_OK && (s->timed_out || s->mem_exceeded)) {
         /* A budget stopped the handler: say which, and where (the hook's error carries the
          * script line it stopped at; a memory error has none, so name the handler's). */
@@ -437,6 +485,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         size_t mlen;
         const char *e = vm_error(s, &mlen);
         int code = s->timed_out ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_RESOURCE_EXHAUSTED;
+        outcome = s->timed_out ? METRICS_TIMEOUT : METRICS_MEMORY;
         if (s->timed_out)
             snprintf(m, sizeof m, "%.*s", (int)mlen, e);
         else
@@ -450,6 +499,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     } else if (status != LUA_OK) {
         size_t mlen;
         const char *e = vm_error(s, &mlen);
+        outcome = s->denied ? METRICS_DENY : METRICS_LUA_ERROR;
         if (s->denied) {
             log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
                      (int)mlen, e);
@@ -461,10 +511,12 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
                 fail(s, reply, GRPC_STATUS_INTERNAL, e, mlen);
         }
     } else if (c.status == PBCONV_BAD) {
+        outcome = METRICS_BAD_RETURN;
         log_error("stream %" PRIu64 ": %s", st->id, c.err);
         if (!observe)
             fail(s, reply, GRPC_STATUS_INTERNAL, c.err, strlen(c.err));
     } else if (c.status == PBCONV_NOMEM) {
+        outcome = METRICS_MEMORY;
         log_error("stream %" PRIu64 ": out of memory building the response", st->id);
         if (!observe)
             fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
@@ -477,6 +529,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     } else if (c.n == 0) {
         reply->outcome = DISPATCH_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */
     } else if (pack(s, c.resps, c.n, reply) != 0) {
+        outcome = METRICS_MEMORY;
         log_error("stream %" PRIu64 ": out of memory packing the response", st->id);
         fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
     }
@@ -490,4 +543,6 @@ done:
     arena_reset(&s->arena);
     if (len >= COLLECT_AFTER_BYTES)
         lua_gc(L, LUA_GCCOLLECT);
+    metrics_message(metrics_phase, outcome, s->call_ns, ran);
+    atomic_store_explicit(&metrics->lua_memory_bytes, s->mem_used, memory_order_relaxed);
 }

@@ -12,6 +12,7 @@
 #include <openssl/evp.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "vm.h"
 
 /* ---- snapshots ------------------------------------------------------------------------ */
@@ -302,6 +303,8 @@ void generation_init(struct worker_vms *w, struct vm *vm)
     adopt(w, vm);
     w->current = vm;
     want_spare(w);
+    /* before the worker thread starts, which writes it from then on */
+    atomic_store_explicit(&metrics->lua_memory_bytes, vm->mem_used, memory_order_relaxed);
 }
 
 /* The spare, if it is one of the current generation (a reload may have made it stale). */
@@ -322,6 +325,7 @@ struct vm *generation_current(struct worker_vms *w)
     if (!next && tainted) {
         next = take_spare(w);
         if (next) {
+            metrics_inc(&metrics->vm_rebuilds_total);   /* worker thread: its only writer */
             log_warn_limited("a handler exceeded its budget: new streams start on a fresh Lua VM "
                      "of generation %llu", (unsigned long long)next->snap->generation);
         } else {

@@ -1275,6 +1275,12 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
         return 0;
     }
 
+    /* continue unless some key asks for something (a false boolean asks for nothing) */
+    res->answer = on[K_IMMEDIATE] ? PBCONV_ANSWER_IMMEDIATE : PBCONV_ANSWER_CONTINUE;
+    for (int k = 0; k < K_COUNT && res->answer == PBCONV_ANSWER_CONTINUE; k++)
+        if (on[k])
+            res->answer = PBCONV_ANSWER_MUTATE;
+
     pbconv_response *resps = NULL;
     if (on[K_IMMEDIATE]) {
         for (int k = 0; k < K_COUNT; k++)

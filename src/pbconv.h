@@ -78,10 +78,14 @@ enum pbconv_status {
     PBCONV_NOMEM,  /* the arena ran out of memory */
 };
 
+/* What a PBCONV_OK answer does (for metrics): nothing, a change, or answer the client. */
+enum pbconv_answer { PBCONV_ANSWER_CONTINUE, PBCONV_ANSWER_MUTATE, PBCONV_ANSWER_IMMEDIATE };
+
 struct pbconv_result {
     /* PBCONV_DENY: the message, pointing into a Lua string or static text. */
     const char *deny_message;
     size_t deny_len;
+    enum pbconv_answer answer;   /* PBCONV_OK */
 };
 
 /* What a response answers. For a body chunk in FULL_DUPLEX_STREAMED mode, full_duplex is

@@ -473,6 +473,9 @@ void server_tick(struct server *srv)
         if (since && since != w->stuck_reported) {
             w->stuck_reported = since;
             atomic_fetch_add(&metrics->watchdog_stuck_total, 1);
+            int phase = atomic_load_explicit(&w->activity.phase, memory_order_relaxed);
+            if (phase >= 0 && phase < METRICS_PHASE_UNKNOWN)   /* this thread: only writer */
+                metrics_inc(&metrics->outcomes[phase][METRICS_WATCHDOG]);
             const char *where = atomic_load_explicit(&w->activity.where, memory_order_relaxed);
             log_error("watchdog: worker %d has been in %s for %llu ms (stream %llu), past its "
                       "%d ms budget: C code the budget cannot interrupt; liveness fails "

@@ -170,14 +170,17 @@ static void stream_free(struct stream *s)
     if (s->vm_next)
         s->vm_next->vm_prev = s->vm_prev;
     generation_release(s->vm);
+    /* no status sent and none forced: the client or the transport ended the call */
+    int code = s->status_sent || s->aborted ? (int)s->status : GRPC_STATUS_CANCELLED;
+    metrics_stream_ended(code);
     if ((s->status_sent && s->status != GRPC_STATUS_OK) || s->aborted)
-        atomic_fetch_add(&metrics->stream_errors_total, 1);
+        metrics_inc(&metrics->stream_errors_total);
     grpc_call_unref(s->call);
     if (s->had_big)
         note_big();   /* grpc frees the call's buffers now too */
     free(s);
     atomic_fetch_sub(&live_streams, 1);
-    atomic_fetch_sub(&metrics->streams_active, 1);
+    metrics_gauge_add(&metrics->streams_active, -1);
 }
 
 /* Every completion ends here: a stream lives exactly as long as its batches. */
@@ -360,7 +363,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
         /* The benchmark's baseline: the same transport and stream machine, no decoding and
          * no Lua; the answer is a fixed ProcessingResponse{request_headers: {}}. */
         static const uint8_t fixed[] = {0x0a, 0x00};
-        atomic_fetch_add(&metrics->messages_total, 1);
+        metrics_inc(&metrics->messages_total);
         if (!enqueue(s, fixed, sizeof fixed))
             return;
         want_recv(s);
@@ -382,8 +385,7 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
         grpc_byte_buffer_reader_destroy(&reader);
     }
 
-    atomic_fetch_add(&metrics->messages_total, 1);
-    note_size(s, GRPC_SLICE_LENGTH(flat));
+    note_size(s, GRPC_SLICE_LENGTH(flat));   /* dispatch_handle counts the message */
     struct dispatch_reply reply;
     dispatch_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
     grpc_slice_unref(flat);
@@ -473,8 +475,8 @@ void stream_start(grpc_call *call, struct vm *vm)
         return;
     }
     atomic_fetch_add(&live_streams, 1);
-    atomic_fetch_add(&metrics->streams_total, 1);
-    atomic_fetch_add(&metrics->streams_active, 1);
+    metrics_inc(&metrics->streams_total);
+    metrics_gauge_add(&metrics->streams_active, 1);
     s->call = call;
     s->vm = vm;
     generation_acquire(vm);

@@ -218,8 +218,9 @@ int vm_call(struct vm *vm, int narg, int nres, uint64_t stream, const char *wher
     vm->mem_exceeded = false;
     vm->current_stream = stream;
     uint64_t t0 = 0;
+    uint64_t start = now_ns();   /* for vm->call_ns (the handler duration histogram) */
     if (limits.timeout_ms) {
-        t0 = now_ns();
+        t0 = start;
         vm->deadline_ns = t0 + (uint64_t)limits.timeout_ms * 1000000u;
     }
     struct vm_activity *act = vm->activity;
@@ -229,7 +230,9 @@ int vm_call(struct vm *vm, int narg, int nres, uint64_t stream, const char *wher
         atomic_store_explicit(&act->since_ns, t0, memory_order_release);
     }
     int status = docall(L, narg, nres);
-    if (status == LUA_OK && t0 && now_ns() > vm->deadline_ns) {
+    uint64_t end = now_ns();
+    vm->call_ns = end - start;
+    if (status == LUA_OK && t0 && end > vm->deadline_ns) {
         /* It returned, but late: C code the budget could not interrupt held it. The call is
          * over, so the VM is consistent; the stream still ends as out of time. */
         lua_pop(L, nres);

@@ -37,6 +37,7 @@ struct vm_activity {
     _Atomic uint64_t since_ns;           /* CLOCK_MONOTONIC start of the running call, 0 = idle */
     _Atomic uint64_t stream;             /* the stream whose handler runs */
     _Atomic(const char *) where;         /* "handler (file:line)" of the running handler */
+    _Atomic int phase;                   /* its message's phase (pbconv_phase), for metrics */
 };
 
 /* Longest gRPC status message we send; longer Lua errors are cut. */
@@ -54,6 +55,7 @@ struct vm {
     uint64_t deadline_ns;   /* CLOCK_MONOTONIC time the running call must end by, 0 = none */
     bool timed_out;         /* the hook (or a pattern match) stopped the running call */
     bool mem_exceeded;      /* the running call failed with LUA_ERRMEM */
+    uint64_t call_ns;       /* how long the last vm_call took (CLOCK_MONOTONIC) */
     bool tainted;           /* a budget stopped a call mid-way: see vm_take_taint */
     size_t errmsg_len;      /* set by the message handler: message length before the traceback */
     bool denied;            /* set by the message handler: the error is callout.deny_callout */
