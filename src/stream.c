@@ -170,8 +170,10 @@ static void stream_free(struct stream *s)
     if (s->vm_next)
         s->vm_next->vm_prev = s->vm_prev;
     generation_release(s->vm);
-    /* no status sent and none forced: the client or the transport ended the call */
-    int code = s->status_sent || s->aborted ? (int)s->status : GRPC_STATUS_CANCELLED;
+    /* a cancelled call (by the client, a deadline, the transport) never delivered the
+     * status we may have sent; one we cancelled ourselves carries ours */
+    int code = s->aborted ? (int)s->status
+             : s->close_cancelled || !s->status_sent ? GRPC_STATUS_CANCELLED : (int)s->status;
     metrics_stream_ended(code);
     if ((s->status_sent && s->status != GRPC_STATUS_OK) || s->aborted)
         metrics_inc(&metrics->stream_errors_total);
