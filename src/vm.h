@@ -53,9 +53,9 @@ struct vm {
     /* budgets */
     size_t mem_used;        /* bytes the VM holds, counted by the allocator */
     uint64_t deadline_ns;   /* CLOCK_MONOTONIC time the running call must end by, 0 = none */
+    uint64_t call_ns;       /* how long the last vm_call took (the handler histogram) */
     bool timed_out;         /* the hook (or a pattern match) stopped the running call */
     bool mem_exceeded;      /* the running call failed with LUA_ERRMEM */
-    uint64_t call_ns;       /* how long the last vm_call took (CLOCK_MONOTONIC) */
     bool tainted;           /* a budget stopped a call mid-way: see vm_take_taint */
     size_t errmsg_len;      /* set by the message handler: message length before the traceback */
     bool denied;            /* set by the message handler: the error is callout.deny_callout */
