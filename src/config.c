@@ -50,7 +50,7 @@ static const struct flag flags[] = {
     {"cert_hostnames", FLAG_STRING, AT(cert_hostnames), "LIST",
      "DNS names and IPs of the ephemeral certificate (default localhost,127.0.0.1,::1)"},
     {"watch", FLAG_BOOL, AT(watch), "",
-     "reload when the script or a .lua file beside it changes (inotify)"},
+     "reload when the script or a .lua file beside it, or a TLS file, changes (inotify)"},
     {"check", FLAG_BOOL, AT(check), "",
      "load the script, list the handlers it defines and exit (for CI)"},
     {"script_timeout_ms", FLAG_LIMIT, AT(script_timeout_ms), "MS",

@@ -182,6 +182,37 @@ def test_no_client_certificate_is_refused(mtls, pki):
     assert code == UNAVAILABLE, (code, details)
 
 
+def test_certificate_not_for_client_auth_is_refused(mtls, pki):
+    # signed by the right CA, but its extended key usage says serverAuth only
+    with mtls_channel(mtls, pki, "server") as ch:
+        code, _, details = answers(ch)
+    assert code == UNAVAILABLE, (code, details)
+
+
+def test_tls_port_needs_alpn_h2(mtls, pki):
+    # What docs/operations.md tells Envoy users: grpc's server drops a TLS client that does
+    # not offer ALPN h2 (the handshake completes, then the connection closes).
+    def settings_frame(alpn):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        if alpn:
+            ctx.set_alpn_protocols(alpn)
+        host, port = mtls.hostport("secure")
+        with socket.create_connection((host, port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                # the HTTP/2 preface and an empty SETTINGS frame
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+                try:
+                    head = s.recv(9)
+                except (ssl.SSLError, ConnectionError):
+                    head = b""
+                return len(head) == 9 and head[3] == 4   # a SETTINGS frame
+    assert settings_frame(["h2"])
+    assert not settings_frame(None)
+
+
 def test_refusals_are_per_handshake(mtls, pki):
     # A refused client does not poison the port: the next good one is served.
     with mtls_channel(mtls, pki, None) as ch:
