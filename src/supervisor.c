@@ -545,10 +545,8 @@ static void reload_tls(void *arg)
     struct supervisor *sv = arg;
     struct tls_identity next;
     char err[1024];
-    if (!sv->tls || !sv->tls->cert_pem)
-        return;   /* no TLS listener */
     pthread_mutex_lock(&sv->lock);
-    if (sv->stopping)
+    if (sv->stopping || !sv->tls->cert_pem)   /* no cert_pem: no TLS listener */
         goto out;
     if (tls_identity_reload(sv->tls, &sv->tls_src, &next, err, sizeof err) != 0) {
         log_error("TLS reload refused, still serving certificate %s: %s",
@@ -556,7 +554,8 @@ static void reload_tls(void *arg)
         goto out;
     }
     if (tls_identity_same(sv->tls, &next)) {
-        log_info("TLS: certificate %s and client CA unchanged", sv->tls->fingerprint);
+        log_info("TLS: certificate %s%s unchanged", sv->tls->fingerprint,
+                 sv->tls->client_ca_pem ? " and client CA" : "");
         tls_identity_free(&next);
         goto out;
     }
@@ -594,7 +593,7 @@ static struct watch *watch_tls(struct supervisor *sv)
     const char *paths[3];
     int n = 0;
     char err[512];
-    if (!sv->tls || !sv->tls->cert_pem)
+    if (!sv->tls->cert_pem)
         return NULL;
     if (sv->tls_src.cert_path) {
         paths[n++] = sv->tls_src.cert_path;

@@ -388,7 +388,7 @@ def test_ephemeral_certificate_survives_sighup(servers):
     srv = servers.start(SCRIPT)
     before = h.fingerprint(h.ephemeral_cert_of(srv))
     srv.proc.send_signal(signal.SIGHUP)
-    wait_log(srv, "and client CA unchanged")
+    wait_log(srv, f"TLS: certificate {before} unchanged")
     assert h.fingerprint(h.ephemeral_cert_of(srv)) == before
 
 
