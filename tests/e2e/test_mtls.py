@@ -246,6 +246,19 @@ def test_mtls_logged_at_start(mtls, pki):
     assert fp_of_file(pki / "server.pem") in log, log
 
 
+def test_gen_certs_client_certificate_works(servers, tmp_path):
+    # scripts/gen-certs.sh makes what docs/operations.md tells users to try mTLS with
+    certs = h.gen_certs(tmp_path / "certs")
+    srv = servers.start(SCRIPT, "--cert_chain_path", str(certs / "server.pem"),
+                        "--private_key_path", str(certs / "server.key"),
+                        "--client_ca_path", str(certs / "ca.pem"))
+    assert (certs / "client.pem").is_file() and (certs / "client.key").is_file()
+    with mtls_channel(srv, certs, "client") as ch:
+        assert answers(ch)[0] == OK
+    with mtls_channel(srv, certs, None) as ch:
+        assert answers(ch)[0] == UNAVAILABLE
+
+
 # --------------------------------------------------------------------------------------------
 # start-up checks
 # --------------------------------------------------------------------------------------------
