@@ -123,8 +123,10 @@ def mtls_channel(server, pki, client="client"):
         kw = {"private_key": pem(pki / f"{client}.key"),
               "certificate_chain": pem(pki / f"{client}.pem")}
     creds = grpc.ssl_channel_credentials(root_certificates=pem(pki / "ca.pem"), **kw)
+    # a connection of its own: grpc-python shares them between channels unless told not to
     return grpc.secure_channel(server.target("secure"), creds,
-                               options=[("grpc.ssl_target_name_override", "localhost")])
+                               options=[("grpc.ssl_target_name_override", "localhost"),
+                                        ("grpc.use_local_subchannel_pool", 1)])
 
 
 def answers(channel, timeout=5):
@@ -329,6 +331,39 @@ def test_sighup_reload_keeps_open_streams_and_serves_the_new_certificate(servers
     with mtls_channel(srv, pki) as fresh:
         assert answers(fresh)[0] == OK
     ch.close()
+
+
+def worker_pids(server):
+    out = []
+    for pid in h.process_tree(server.proc.pid)[1:]:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("luacallout:w"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def test_a_restarted_worker_serves_the_reloaded_certificate(servers, pki, tmp_path):
+    d = tls_dir(tmp_path, pki)
+    srv = mtls_server(servers, d, "--threads", "1")
+    new_fp = fp_of_file(pki / "server2.pem")
+    replace(d / "key.pem", pem(pki / "server2.key"))
+    replace(d / "cert.pem", pem(pki / "server2.pem"))
+    srv.proc.send_signal(signal.SIGHUP)
+    wait_log(srv, "TLS reloaded")
+    [old] = h.wait_for(lambda: worker_pids(srv), 5, "the worker")
+    os.kill(old, signal.SIGKILL)
+    h.wait_for(lambda: worker_pids(srv) and worker_pids(srv) != [old], 10, "a new worker")
+    h.wait_for(lambda: h.can_connect(*srv.hostport("secure")), 10, "the TLS port")
+
+    def served():
+        try:
+            return served_fingerprint(srv, pki)
+        except OSError:
+            return None   # the new worker is not listening yet
+    assert h.wait_for(served, 10, "a handshake") == new_fp
 
 
 def test_bad_replacement_is_refused_and_the_old_certificate_serves(servers, pki, tmp_path):
