@@ -716,6 +716,12 @@ struct admin *admin_start(const char *address, const struct tls_identity *id,
     return a;
 }
 
+int admin_set_identity(struct admin *a, const struct tls_identity *id, char *err,
+                       size_t errlen)
+{
+    return a && a->tls ? tls_server_set_identity(a->tls, id, err, errlen) : 0;
+}
+
 void admin_stop(struct admin *a)
 {
     if (a == NULL)

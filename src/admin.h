@@ -24,6 +24,12 @@ struct admin_probes {
  * the listener speaks HTTPS. probes is copied; NULL means both probes always pass. */
 struct admin *admin_start(const char *address, const struct tls_identity *id,
                           const struct admin_probes *probes, char *err, size_t errlen);
+/* A reloaded certificate and key for the HTTPS connections accepted from now on (open ones
+ * finish with theirs); nothing to do on a plain HTTP listener. The listener never asks for
+ * client certificates, whatever id->client_ca_pem says: probes (kubelet's) present none.
+ * Safe from any thread. 0, or -1 with err (the old identity stays). */
+int admin_set_identity(struct admin *a, const struct tls_identity *id, char *err,
+                       size_t errlen);
 /* Stops the thread, closes every connection and the socket. NULL is a no-op. */
 void admin_stop(struct admin *a);
 

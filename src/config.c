@@ -45,8 +45,12 @@ static const struct flag flags[] = {
     {"cert_chain_path", FLAG_STRING, AT(cert_chain_path), "PATH",
      "PEM certificate chain for TLS (default: an ephemeral self-signed one)"},
     {"private_key_path", FLAG_STRING, AT(private_key_path), "PATH", "PEM private key for TLS"},
+    {"client_ca_path", FLAG_STRING, AT(client_ca_path), "PATH",
+     "PEM CA bundle: TLS gRPC clients must present a certificate it signed (mTLS)"},
+    {"cert_hostnames", FLAG_STRING, AT(cert_hostnames), "LIST",
+     "DNS names and IPs of the ephemeral certificate (default localhost,127.0.0.1,::1)"},
     {"watch", FLAG_BOOL, AT(watch), "",
-     "reload when the script or a .lua file beside it changes (inotify)"},
+     "reload when the script or a .lua file beside it, or a TLS file, changes (inotify)"},
     {"check", FLAG_BOOL, AT(check), "",
      "load the script, list the handlers it defines and exit (for CI)"},
     {"script_timeout_ms", FLAG_LIMIT, AT(script_timeout_ms), "MS",
@@ -223,5 +227,11 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
         return fail("--secure_health_check and --combined_health_check contradict each other");
     if (!cfg->cert_chain_path != !cfg->private_key_path)
         return fail("--cert_chain_path and --private_key_path must be given together");
+    if (cfg->cert_hostnames && cfg->cert_chain_path)
+        return fail("--cert_hostnames names the ephemeral certificate; with --cert_chain_path "
+                    "the names are those of that certificate");
+    if (cfg->client_ca_path && cfg->disable_tls)
+        return fail("--client_ca_path is for the TLS gRPC listener, which --disable_tls turns "
+                    "off");
     return CONFIG_RUN;
 }

@@ -17,6 +17,8 @@ struct config {
     bool secure_health_check;       /* health over HTTPS */
     const char *cert_chain_path;
     const char *private_key_path;
+    const char *client_ca_path;     /* mTLS: clients of the TLS port need a cert from it */
+    const char *cert_hostnames;     /* names of the ephemeral certificate (comma-separated) */
     int threads;
     enum log_level log_level;
     bool watch;                     /* reload when the script's folder changes */

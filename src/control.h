@@ -12,7 +12,8 @@
  * COMMIT and ABORT are it, in decimal; LOADED, FAILED and SERVING start with it in
  * decimal and a space (FAILED then has the error). Start-up is attempt 0. */
 enum control_type {
-    CONTROL_IDENTITY = 1,    /* supervisor: the TLS certificate PEM, NUL, the key PEM */
+    CONTROL_IDENTITY = 1,    /* supervisor: the TLS identity (tls_identity_pack: certificate,
+                              * key, client CA), first at start-up, again when reloaded */
     CONTROL_GENERATION = 2,  /* supervisor: a generation to serve (snapshot_pack bytes) */
     CONTROL_READY = 3,       /* worker: listening and serving the first generation */
     CONTROL_LOADED = 4,      /* worker: a later generation is built, not serving yet */

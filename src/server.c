@@ -29,6 +29,7 @@
 #include "stream.h"
 #include "tag.h"
 #include "tls.h"
+#include "tls_port.h"
 #include "vm.h"
 
 #define PROCESS_METHOD "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
@@ -83,6 +84,7 @@ struct server {
     int nworkers;
     int first_worker;                /* the number the log gives workers[0] */
     struct worker *workers;
+    struct tls_port *tls;            /* the TLS port's certificate (NULL without one) */
     uint64_t last_trim_check_ns;     /* control thread: trim_after_streams_end */
     int64_t last_active_streams;
 };
@@ -222,8 +224,10 @@ static int teardown(struct server *srv, int grace_ms)
     }
     free(srv->workers);
     pthread_mutex_destroy(&srv->reload_lock);
+    struct tls_port *tls = srv->tls;
     free(srv);
     grpc_shutdown();
+    tls_port_free(tls);   /* last: grpc's certificate fetcher may use it until then */
     return 0;
 }
 
@@ -250,6 +254,11 @@ void server_hand_over(struct server *srv, struct vm **vms)
         vm_close(atomic_exchange(&srv->workers[i].vms.pending, vms[i]));
     free(vms);
     pthread_mutex_unlock(&srv->reload_lock);
+}
+
+int server_set_identity(struct server *srv, const struct tls_identity *id)
+{
+    return srv->tls ? tls_port_set(srv->tls, id) : 0;
 }
 
 void server_discard(struct server *srv, struct vm **vms)
@@ -389,10 +398,9 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
                  grpc_insecure_server_credentials_create(), err, errlen) != 0)
         goto fail;
     if (!cfg->disable_tls) {
-        grpc_ssl_pem_key_cert_pair pair = {.private_key = id->key_pem,
-                                           .cert_chain = id->cert_pem};
-        grpc_server_credentials *creds = grpc_ssl_server_credentials_create(NULL, &pair, 1, 0,
-                                                                            NULL);
+        /* swappable (server_set_identity): a reload reaches the next handshake */
+        srv->tls = tls_port_new(id);
+        grpc_server_credentials *creds = srv->tls ? tls_port_credentials(srv->tls) : NULL;
         if (!creds) {
             snprintf(err, errlen, "cannot create TLS credentials from the certificate");
             goto fail;

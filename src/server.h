@@ -28,6 +28,10 @@ struct vm **server_build(struct server *srv, struct snapshot *snap, char *err, s
 void server_hand_over(struct server *srv, struct vm **vms);
 void server_discard(struct server *srv, struct vm **vms);
 
+/* The certificate, key and client CA of the TLS port from the next handshake on; open
+ * connections keep theirs. A no-op without a TLS port. 0, or -1 when out of memory. */
+int server_set_identity(struct server *srv, const struct tls_identity *id);
+
 /* Stops accepting calls, lets calls in flight finish for up to `grace_ms`, cancels the
  * rest, joins the workers and frees everything: 0. When streams did not end within 2 s of
  * their cancellation, gives up on them without freeing anything, and the process should

@@ -76,6 +76,9 @@ struct supervisor {
     int metrics_fd;
     char *identity;                  /* CONTROL_IDENTITY payload */
     size_t identity_len;
+    struct tls_identity *tls;        /* what identity was packed from (no cert_pem: no TLS) */
+    struct tls_source tls_src;       /* where it is read from again (reload_tls) */
+    struct admin *admin;             /* the health listener, which serves it too */
     pthread_mutex_t lock;            /* reloads (watch thread) against restarts (main) */
     char *packed;                    /* the current generation, packed */
     size_t packed_len;
@@ -533,6 +536,80 @@ failed:
     pthread_mutex_unlock(&sv->lock);
 }
 
+/* SIGHUP, and --watch when a TLS file changes: the certificate, key and client CA bundle
+ * are read again; a set that passes every check of tls_identity_load goes to every worker
+ * and the HTTPS health listener, for their next handshakes (open connections keep the old
+ * one); one that does not is refused, and the old one keeps serving. */
+static void reload_tls(void *arg)
+{
+    struct supervisor *sv = arg;
+    struct tls_identity next;
+    char err[1024];
+    pthread_mutex_lock(&sv->lock);
+    if (sv->stopping || !sv->tls->cert_pem)   /* no cert_pem: no TLS listener */
+        goto out;
+    if (tls_identity_reload(sv->tls, &sv->tls_src, &next, err, sizeof err) != 0) {
+        log_error("TLS reload refused, still serving certificate %s: %s",
+                  sv->tls->fingerprint, err);
+        goto out;
+    }
+    if (tls_identity_same(sv->tls, &next)) {
+        log_info("TLS: certificate %s%s unchanged", sv->tls->fingerprint,
+                 sv->tls->client_ca_pem ? " and client CA" : "");
+        tls_identity_free(&next);
+        goto out;
+    }
+    size_t len;
+    char *packed = tls_identity_pack(&next, &len);
+    if (!packed || admin_set_identity(sv->admin, &next, err, sizeof err) != 0) {
+        log_error("TLS reload refused, still serving certificate %s: %s",
+                  sv->tls->fingerprint, packed ? err : "out of memory");
+        free(packed);
+        tls_identity_free(&next);
+        goto out;
+    }
+    tell_all(sv, CONTROL_IDENTITY, packed, len);
+    memset(sv->identity, 0, sv->identity_len);   /* it holds the old key */
+    free(sv->identity);
+    sv->identity = packed;
+    sv->identity_len = len;
+    tls_identity_free(sv->tls);
+    *sv->tls = next;
+    if (next.client_ca_pem)
+        log_info("TLS reloaded: new connections get certificate %s (serial %s, expires %s) "
+                 "and need a client certificate from %s (%d CA certificate%s)",
+                 next.fingerprint, next.serial, next.not_after, sv->tls_src.client_ca_path,
+                 next.client_cas, next.client_cas == 1 ? "" : "s");
+    else
+        log_info("TLS reloaded: new connections get certificate %s (serial %s, expires %s)",
+                 next.fingerprint, next.serial, next.not_after);
+out:
+    pthread_mutex_unlock(&sv->lock);
+}
+
+/* --watch for the TLS files (none for an ephemeral certificate without a client CA). */
+static struct watch *watch_tls(struct supervisor *sv)
+{
+    const char *paths[3];
+    int n = 0;
+    char err[512];
+    if (!sv->tls->cert_pem)
+        return NULL;
+    if (sv->tls_src.cert_path) {
+        paths[n++] = sv->tls_src.cert_path;
+        paths[n++] = sv->tls_src.key_path;
+    }
+    if (sv->tls_src.client_ca_path)
+        paths[n++] = sv->tls_src.client_ca_path;
+    if (n == 0)
+        return NULL;
+    struct watch *w = watch_files_start(paths, n, "TLS files", WATCH_SETTLE_MS, reload_tls, sv,
+                                        err, sizeof err);
+    if (!w)
+        log_error("--watch: %s; reload the certificates with SIGHUP instead", err);
+    return w;
+}
+
 /* A SIGTERM or SIGINT is waiting for the main thread (signals are blocked everywhere). */
 static bool stop_requested(void)
 {
@@ -618,16 +695,10 @@ static int stop_workers(struct supervisor *sv)
 static int start(struct supervisor *sv, struct tls_identity *id, char *err, size_t errlen)
 {
     const struct config *cfg = sv->cfg;
-    if (id->cert_pem) {
-        size_t c = strlen(id->cert_pem), k = strlen(id->key_pem);
-        sv->identity_len = c + 1 + k;
-        sv->identity = malloc(sv->identity_len + 1);
-        if (!sv->identity) {
-            snprintf(err, errlen, "out of memory");
-            return -1;
-        }
-        memcpy(sv->identity, id->cert_pem, c + 1);
-        memcpy(sv->identity + c + 1, id->key_pem, k + 1);
+    sv->identity = tls_identity_pack(id, &sv->identity_len);
+    if (!sv->identity) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
     }
     /* first: the counters the load sets are then the shared ones */
     sv->metrics_fd = metrics_share(sv->n);
@@ -684,29 +755,47 @@ void supervisor_signals(sigset_t *set)
     sigaddset(set, SIGCHLD);
 }
 
+/* What the TLS listeners serve, said once at start-up. */
+static void log_tls_identity(const struct tls_identity *id, const struct tls_source *src)
+{
+    if (id->ephemeral)
+        log_warn("no --cert_chain_path given: using an ephemeral self-signed certificate "
+                 "for %s, SHA-256 fingerprint %s", src->hostnames ? src->hostnames : TLS_HOSTNAMES,
+                 id->fingerprint);
+    else
+        log_info("TLS certificate %s: SHA-256 fingerprint %s, serial %s, expires %s",
+                 src->cert_path, id->fingerprint, id->serial, id->not_after);
+    if (id->client_ca_pem)
+        log_info("mTLS: TLS gRPC clients need a certificate from %s (%d CA certificate%s); "
+                 "the health listener asks for none", src->client_ca_path, id->client_cas,
+                 id->client_cas == 1 ? "" : "s");
+}
+
 int supervisor_run(const struct config *cfg, int argc, char **argv)
 {
     char err[1024];
     struct tls_identity id = {0};
+    struct tls_source tls_src = {.cert_path = cfg->cert_chain_path,
+                                 .key_path = cfg->private_key_path,
+                                 .client_ca_path = cfg->client_ca_path,
+                                 .hostnames = cfg->cert_hostnames};
     bool need_tls = !cfg->disable_tls || (cfg->secure_health_check && !cfg->combined_health_check);
     if (need_tls) {
-        if (tls_identity_load(&id, cfg->cert_chain_path, cfg->private_key_path, err,
-                              sizeof err) != 0) {
+        if (tls_identity_load(&id, &tls_src, err, sizeof err) != 0) {
             fprintf(stderr, "luacallout: %s\n", err);
             return 1;
         }
-        if (id.ephemeral)
-            log_warn("no --cert_chain_path given: using an ephemeral self-signed certificate "
-                     "for localhost, SHA-256 fingerprint %s", id.fingerprint);
+        log_tls_identity(&id, &tls_src);
     }
     struct supervisor sv = {.cfg = cfg, .argc = argc, .argv = argv, .held = {-1, -1},
-                            .metrics_fd = -1, .n = cfg->threads};
+                            .metrics_fd = -1, .n = cfg->threads, .tls = &id,
+                            .tls_src = tls_src};
     pthread_mutex_init(&sv.lock, NULL);
     sv.kids = calloc((size_t)sv.n, sizeof *sv.kids);
     find_exe(&sv);
     int rc = 0;
     struct admin *admin = NULL;
-    struct watch *watch = NULL;
+    struct watch *watch = NULL, *tls_watch = NULL;
     int started = sv.kids ? start(&sv, &id, err, sizeof err) : -1;
     if (started == -2) {
         log_info("signal received during start-up: shutting down");
@@ -727,10 +816,12 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
             goto out;
         }
     }
+    sv.admin = admin;
     if (cfg->watch) {
         watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, reload, &sv, err, sizeof err);
         if (!watch)
             log_error("--watch: %s; reload with SIGHUP instead", err);
+        tls_watch = watch_tls(&sv);
     }
 
     sigset_t waited;
@@ -744,6 +835,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         if (sig == SIGHUP) {
             log_info("SIGHUP received: reloading %s", cfg->script_path);
             reload(&sv);
+            reload_tls(&sv);
             continue;
         }
         log_info("signal %d received: shutting down", sig);
@@ -751,6 +843,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     }
 out:
     watch_stop(watch);
+    watch_stop(tls_watch);
     if (admin)
         admin_stop(admin);
     if (sv.kids) {

@@ -1,5 +1,6 @@
-/* watch.c — inotify on the script's folder, debounced, with a content fingerprint so that
- * unrelated events (an editor's swap file, a touched README) cause no reload. */
+/* watch.c — inotify on the folders of the files a reload reads, debounced, with a content
+ * fingerprint so that unrelated events (an editor's swap file, a touched README) cause no
+ * reload. */
 #include "watch.h"
 
 #include <dirent.h>
@@ -8,6 +9,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,8 +21,11 @@
 #include "log.h"
 
 struct watch {
-    char *path;                 /* the script path as given */
-    char dir[PATH_MAX];         /* the folder it was given in (symlinks not followed) */
+    char **paths;               /* the files a reload reads, as given */
+    int npaths;
+    int lua_siblings;           /* the script's watch: every *.lua beside paths[0] too */
+    char dir[PATH_MAX];         /* the folder of paths[0] (symlinks not followed) */
+    char what[64];              /* for the log */
     int ifd;
     int wake[2];
     int settle_ms;
@@ -51,12 +56,15 @@ static uint64_t mix_file(uint64_t h, const char *path)
     return mix(h, &st.st_mtim, sizeof st.st_mtim);
 }
 
-/* What a reload would read: the script and every *.lua in its folder, each followed
- * through symlinks. Order of readdir does not matter: entries are combined by sum. */
+/* What a reload would read: the files, each followed through symlinks, and for the
+ * script every *.lua in its folder. Order of readdir does not matter: entries are combined
+ * by sum. */
 static uint64_t fingerprint(const struct watch *w)
 {
-    uint64_t h = mix_file(14695981039346656037u, w->path);
-    DIR *d = opendir(w->dir);
+    uint64_t h = 14695981039346656037u;
+    for (int i = 0; i < w->npaths; i++)
+        h = mix_file(h, w->paths[i]);
+    DIR *d = w->lua_siblings ? opendir(w->dir) : NULL;
     if (!d)
         return h;
     uint64_t sum = 0;
@@ -72,6 +80,18 @@ static uint64_t fingerprint(const struct watch *w)
     }
     closedir(d);
     return h ^ sum;
+}
+
+/* The folder of path, as given (symlinks not followed). */
+static void folder_of(const char *path, char *dir, size_t len)
+{
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        snprintf(dir, len, ".");
+    else if (slash == path)
+        snprintf(dir, len, "/");
+    else
+        snprintf(dir, len, "%.*s", (int)(slash - path), path);
 }
 
 /* Reads and discards pending inotify events; 1 if there were any. */
@@ -108,43 +128,55 @@ static void *watch_main(void *arg)
         }
         uint64_t now = fingerprint(w);
         if (now == w->fingerprint) {
-            log_debug("watch: %s: events, but nothing a reload reads changed", w->dir);
+            log_debug("watch: %s: events, but nothing a reload reads changed", w->what);
             continue;
         }
         w->fingerprint = now;
-        log_info("watch: %s changed: reloading", w->path);
+        log_info("watch: %s changed: reloading", w->what);
         w->on_change(w->arg);
     }
     return NULL;
 }
 
-struct watch *watch_start(const char *script_path, int settle_ms, void (*on_change)(void *arg),
-                          void *arg, char *err, size_t errlen)
+static struct watch *start(const char *const *paths, int npaths, int lua_siblings,
+                           const char *what, int settle_ms, void (*on_change)(void *arg),
+                           void *arg, char *err, size_t errlen)
 {
     struct watch *w = calloc(1, sizeof *w);
-    if (!w || !(w->path = strdup(script_path))) {
-        free(w);
+    if (!w) {
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    const char *slash = strrchr(script_path, '/');
-    if (!slash)
-        snprintf(w->dir, sizeof w->dir, ".");
-    else if (slash == script_path)
-        snprintf(w->dir, sizeof w->dir, "/");
-    else
-        snprintf(w->dir, sizeof w->dir, "%.*s", (int)(slash - script_path), script_path);
+    w->ifd = w->wake[0] = w->wake[1] = -1;
+    w->paths = calloc((size_t)npaths, sizeof *w->paths);
+    for (int i = 0; w->paths && i < npaths; i++)
+        if ((w->paths[w->npaths] = strdup(paths[i])) != NULL)
+            w->npaths++;
+    if (w->npaths < npaths) {
+        watch_stop(w);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    folder_of(paths[0], w->dir, sizeof w->dir);
+    snprintf(w->what, sizeof w->what, "%s", what);
+    w->lua_siblings = lua_siblings;
     w->settle_ms = settle_ms;
     w->on_change = on_change;
     w->arg = arg;
-    w->wake[0] = w->wake[1] = -1;
     w->ifd = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-    if (w->ifd < 0 ||
-        inotify_add_watch(w->ifd, w->dir,
-                          IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE |
-                              IN_ATTRIB | IN_MODIFY) < 0 ||
-        pipe(w->wake) != 0) {
-        snprintf(err, errlen, "cannot watch %s: %s", w->dir, strerror(errno));
+    char dir[PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", w->dir);
+    bool ok = w->ifd >= 0 && pipe(w->wake) == 0;
+    /* each file's folder: a file replaced by a rename, or a Kubernetes volume's `..data`
+     * link swapped, shows up there and not on the file */
+    for (int i = 0; ok && i < npaths; i++) {
+        folder_of(paths[i], dir, sizeof dir);
+        ok = inotify_add_watch(w->ifd, dir, IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM |
+                                                IN_CREATE | IN_DELETE | IN_ATTRIB |
+                                                IN_MODIFY) >= 0;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "cannot watch %s: %s", dir, strerror(errno));
         watch_stop(w);
         return NULL;
     }
@@ -160,8 +192,25 @@ struct watch *watch_start(const char *script_path, int settle_ms, void (*on_chan
         return NULL;
     }
     w->running = 1;
-    log_info("watching %s for changes", w->dir);
+    for (int i = 0; i < npaths; i++) {
+        folder_of(paths[i], dir, sizeof dir);
+        if (i == 0 || strcmp(dir, w->dir) != 0)
+            log_info("watching %s for changes (%s)", dir, what);
+    }
     return w;
+}
+
+struct watch *watch_start(const char *script_path, int settle_ms, void (*on_change)(void *arg),
+                          void *arg, char *err, size_t errlen)
+{
+    return start(&script_path, 1, 1, script_path, settle_ms, on_change, arg, err, errlen);
+}
+
+struct watch *watch_files_start(const char *const *paths, int npaths, const char *what,
+                                int settle_ms, void (*on_change)(void *arg), void *arg,
+                                char *err, size_t errlen)
+{
+    return start(paths, npaths, 0, what, settle_ms, on_change, arg, err, errlen);
 }
 
 void watch_stop(struct watch *w)
@@ -179,6 +228,8 @@ void watch_stop(struct watch *w)
         close(w->wake[0]);
     if (w->ifd >= 0)
         close(w->ifd);
-    free(w->path);
+    for (int i = 0; i < w->npaths; i++)
+        free(w->paths[i]);
+    free(w->paths);
     free(w);
 }

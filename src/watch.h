@@ -1,4 +1,5 @@
-/* watch.h — `--watch`: reload when the script (or a Lua module beside it) changes. */
+/* watch.h — `--watch`: reload when the script (or a Lua module beside it), or a TLS file,
+ * changes. */
 #ifndef LUACALLOUT_WATCH_H
 #define LUACALLOUT_WATCH_H
 
@@ -13,6 +14,12 @@ struct watch;
  * calls on_change(arg) from that thread. NULL with a message in err on failure. */
 struct watch *watch_start(const char *script_path, int settle_ms, void (*on_change)(void *arg),
                           void *arg, char *err, size_t errlen);
+/* The same for a list of files (npaths >= 1), e.g. the TLS certificate, key and client
+ * CA: each one's folder is watched, and on_change is called when any of the files really
+ * differs. `what` names them in the log. */
+struct watch *watch_files_start(const char *const *paths, int npaths, const char *what,
+                                int settle_ms, void (*on_change)(void *arg), void *arg,
+                                char *err, size_t errlen);
 void watch_stop(struct watch *w);
 
 #endif

@@ -62,7 +62,8 @@ static uint64_t now_ms(void)
 }
 
 /* A reload is two records: GENERATION (build it, say LOADED or FAILED), then COMMIT (serve
- * it, say SERVING) or ABORT (another worker could not build it: drop it). */
+ * it, say SERVING) or ABORT (another worker could not build it: drop it). A certificate
+ * reload is one record, IDENTITY, taken at once and not answered. */
 /* Sends an answer tagged with the reload attempt it answers (control.h). */
 static void answer(int ctl, uint32_t type, uint64_t attempt, const char *text)
 {
@@ -89,6 +90,12 @@ static void follow(struct server *srv, int ctl, uint32_t type, const char *data,
         snapshot_unref(snap);
         *prepared_attempt = attempt;
         answer(ctl, *prepared ? CONTROL_LOADED : CONTROL_FAILED, attempt, *prepared ? NULL : err);
+    } else if (type == CONTROL_IDENTITY) {
+        /* a reloaded certificate: the next handshakes use it, open connections keep theirs */
+        struct tls_identity id;
+        if (tls_identity_unpack(&id, data, len) != 0 || server_set_identity(srv, &id) != 0)
+            log_error("worker: cannot take the new TLS identity; the old one keeps serving");
+        tls_identity_free(&id);
     } else if (type == CONTROL_COMMIT || type == CONTROL_ABORT) {
         uint64_t attempt = strtoull(data, NULL, 10);
         if (!*prepared || attempt != *prepared_attempt)
@@ -138,12 +145,13 @@ int worker_run(const struct config *given)
     char *identity = expect_record(ctl, CONTROL_IDENTITY, &len);
     if (!identity)
         return 1;
-    struct tls_identity id = {0};
-    if (len) {
-        id.cert_pem = strdup(identity);
-        id.key_pem = strdup(identity + strlen(identity) + 1);
-    }
+    struct tls_identity id;
+    int unpacked = tls_identity_unpack(&id, identity, len);
     free(identity);
+    if (unpacked != 0) {
+        log_error("worker %d: the TLS identity sent by the supervisor is malformed", slot);
+        return 1;
+    }
     char *packed = expect_record(ctl, CONTROL_GENERATION, &len);
     if (!packed)
         return 1;
