@@ -186,7 +186,7 @@ static size_t render_json(char *buf, enum log_level level, const struct timespec
         }
     }
     if (extra) {
-        logjson_raw(&j, f->extra, f->extra_len);
+        logjson_members(&j, f->extra, f->extra_len);
     } else if (f->extra_len) {
         m = logjson_mark(&j);
         if (!(logjson_key(&j, "fields_dropped", 14) && logjson_bool(&j, true)))

@@ -93,6 +93,18 @@ static bool fits(struct logjson *j, size_t k, int extra_depth)
     return true;
 }
 
+/* Whether a value may come now: in an object only after its key (a key that did not fit
+ * takes its value out with it). */
+static bool value_ok(struct logjson *j)
+{
+    bool in_object = j->depth > 0 && !((j->arrays >> (j->depth - 1)) & 1);
+    if (in_object && !j->after_key) {
+        j->full = true;
+        return false;
+    }
+    return true;
+}
+
 /* The comma an element needs before it: none first in a container or after a key. */
 static size_t sep_len(const struct logjson *j) { return j->first || j->after_key ? 0 : 1; }
 
@@ -106,7 +118,7 @@ static void put_sep(struct logjson *j)
 
 bool logjson_open(struct logjson *j, char bracket)
 {
-    if (j->depth >= LOGJSON_MAX_DEPTH || !fits(j, sep_len(j) + 1, 1))
+    if (!value_ok(j) || j->depth >= LOGJSON_MAX_DEPTH || !fits(j, sep_len(j) + 1, 1))
         return false;
     put_sep(j);
     j->buf[j->len++] = bracket == '[' ? '[' : '{';
@@ -136,9 +148,10 @@ void logjson_close(struct logjson *j)
  * left; with cut, as much as fits followed by "...". */
 static bool put_string(struct logjson *j, const char *s, size_t n, size_t max, bool cut)
 {
+    /* !cut: a key, checked by logjson_key */
     static const char more[] = "...";
     size_t head = sep_len(j) + 1;
-    if (!fits(j, head + 1 + (cut ? sizeof more - 1 : 0), 0))
+    if ((cut && !value_ok(j)) || !fits(j, head + 1 + (cut ? sizeof more - 1 : 0), 0))
         return false;
     size_t room = j->cap - j->len - (size_t)j->depth - head - 1;   /* for the content */
     if (room > max)
@@ -167,10 +180,16 @@ static bool put_string(struct logjson *j, const char *s, size_t n, size_t max, b
 bool logjson_key(struct logjson *j, const char *key, size_t n)
 {
     size_t at = j->len;
+    bool in_object = j->depth > 0 && !((j->arrays >> (j->depth - 1)) & 1);
+    if (!in_object || j->after_key) {
+        j->full = true;
+        return false;
+    }
+    struct logjson_mark m = logjson_mark(j);
     if (!fits(j, sep_len(j) + 3, 0) || !put_string(j, key, n, SIZE_MAX, false))
         return false;
     if (!fits(j, 1, 0)) {
-        j->len = at;
+        logjson_rewind(j, m);
         return false;
     }
     j->buf[j->len++] = ':';
@@ -184,7 +203,7 @@ bool logjson_string(struct logjson *j, const char *s, size_t n, size_t max)
     return put_string(j, s, n, max, true);
 }
 
-bool logjson_raw(struct logjson *j, const char *s, size_t n)
+static bool put_raw(struct logjson *j, const char *s, size_t n)
 {
     if (!fits(j, sep_len(j) + n, 0))
         return false;
@@ -192,6 +211,21 @@ bool logjson_raw(struct logjson *j, const char *s, size_t n)
     memcpy(j->buf + j->len, s, n);
     j->len += n;
     return true;
+}
+
+bool logjson_raw(struct logjson *j, const char *s, size_t n)
+{
+    return value_ok(j) && put_raw(j, s, n);
+}
+
+bool logjson_members(struct logjson *j, const char *s, size_t n)
+{
+    bool in_object = j->depth > 0 && !((j->arrays >> (j->depth - 1)) & 1);
+    if (!in_object || j->after_key) {
+        j->full = true;
+        return false;
+    }
+    return put_raw(j, s, n);
 }
 
 bool logjson_int(struct logjson *j, long long v)

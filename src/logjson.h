@@ -36,7 +36,8 @@ void logjson_init(struct logjson *j, char *buf, size_t cap);
 size_t logjson_escape(char *out, size_t cap, const char *s, size_t n, size_t *written);
 
 /* Containers: open writes '{' or '[' (after a comma when needed), close the innermost
- * open one (never fails). A key is written with logjson_key before the value of an object member. */
+ * open one (never fails). In an object a value is accepted only right after its key, so
+ * a key that did not fit takes its value with it. A key is written with logjson_key before the value of an object member. */
 bool logjson_open(struct logjson *j, char bracket);
 void logjson_close(struct logjson *j);
 /* `"key":` — escaped like a string, never cut. */
@@ -52,8 +53,10 @@ bool logjson_int(struct logjson *j, long long v);
 bool logjson_number(struct logjson *j, double v);
 bool logjson_bool(struct logjson *j, bool v);
 bool logjson_null(struct logjson *j);
-/* Bytes that are already JSON (a member list or a value made by this writer), verbatim. */
+/* Bytes that are already JSON, verbatim: a value, or (members) `"k":v,...` of the open
+ * object, e.g. made by another logjson writer. */
 bool logjson_raw(struct logjson *j, const char *s, size_t n);
+bool logjson_members(struct logjson *j, const char *s, size_t n);
 
 /* The position to go back to if a group of elements (a key and its value) must be all
  * or nothing. */
