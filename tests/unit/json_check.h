@@ -3,7 +3,7 @@
  * trust what they test. RFC 8259: no raw control characters in strings, only the defined
  * escapes, valid UTF-8 (no overlongs, surrogates or code points past U+10FFFF), numbers
  * as the grammar has them, no duplicate keys, nothing after the value. Header-only
- * (static functions): each test includes it once. */
+ * (static inline functions): each test includes it once. */
 #ifndef LUACALLOUT_JSON_CHECK_H
 #define LUACALLOUT_JSON_CHECK_H
 
@@ -22,7 +22,7 @@ struct jc {
     struct { size_t k, klen, v, vlen; } keys[64];
 };
 
-static size_t jc_utf8(const unsigned char *s, size_t n)
+static inline size_t jc_utf8(const unsigned char *s, size_t n)
 {
     if (s[0] < 0x80)
         return 1;
@@ -46,13 +46,13 @@ static size_t jc_utf8(const unsigned char *s, size_t n)
     return cp >= min && cp <= 0x10ffff && !(cp >= 0xd800 && cp <= 0xdfff) ? len : 0;
 }
 
-static void jc_ws(struct jc *p)
+static inline void jc_ws(struct jc *p)
 {
     while (p->i < p->n && strchr(" \t\r\n", p->s[p->i]) && p->s[p->i])
         p->i++;
 }
 
-static bool jc_hex4(struct jc *p, unsigned *v)
+static inline bool jc_hex4(struct jc *p, unsigned *v)
 {
     *v = 0;
     for (int k = 0; k < 4; k++, p->i++) {
@@ -69,7 +69,7 @@ static bool jc_hex4(struct jc *p, unsigned *v)
 }
 
 /* A string at p->i; decoded into out (up to cap bytes) when out is not NULL. */
-static bool jc_string(struct jc *p, char *out, size_t cap, size_t *outlen)
+static inline bool jc_string(struct jc *p, char *out, size_t cap, size_t *outlen)
 {
     size_t o = 0;
 #define JC_PUT(c) do { if (out && o < cap) out[o] = (char)(c); o++; } while (0)
@@ -138,7 +138,7 @@ static bool jc_string(struct jc *p, char *out, size_t cap, size_t *outlen)
     return true;
 }
 
-static bool jc_digits(struct jc *p)
+static inline bool jc_digits(struct jc *p)
 {
     size_t at = p->i;
     while (p->i < p->n && p->s[p->i] >= '0' && p->s[p->i] <= '9')
@@ -146,7 +146,7 @@ static bool jc_digits(struct jc *p)
     return p->i > at;
 }
 
-static bool jc_number(struct jc *p)
+static inline bool jc_number(struct jc *p)
 {
     if (p->i < p->n && p->s[p->i] == '-')
         p->i++;
@@ -169,7 +169,7 @@ static bool jc_number(struct jc *p)
     return true;
 }
 
-static bool jc_word(struct jc *p, const char *w)
+static inline bool jc_word(struct jc *p, const char *w)
 {
     size_t k = strlen(w);
     if (p->n - p->i < k || memcmp(p->s + p->i, w, k) != 0)
@@ -178,9 +178,9 @@ static bool jc_word(struct jc *p, const char *w)
     return true;
 }
 
-static bool jc_value(struct jc *p);
+static inline bool jc_value(struct jc *p);
 
-static bool jc_container(struct jc *p, bool object)
+static inline bool jc_container(struct jc *p, bool object)
 {
     if (++p->depth > 64)
         return false;
@@ -240,7 +240,7 @@ static bool jc_container(struct jc *p, bool object)
     }
 }
 
-static bool jc_value(struct jc *p)
+static inline bool jc_value(struct jc *p)
 {
     jc_ws(p);
     if (p->i >= p->n)
@@ -258,7 +258,7 @@ static bool jc_value(struct jc *p)
 
 /* Whether s[0..n) is exactly one JSON value (surrounding whitespace allowed); with an
  * object, p->keys lists its members afterwards. */
-static bool jc_parse(struct jc *p, const char *s, size_t n)
+static inline bool jc_parse(struct jc *p, const char *s, size_t n)
 {
     memset(p, 0, sizeof *p);
     p->s = (const unsigned char *)s;
@@ -270,7 +270,7 @@ static bool jc_parse(struct jc *p, const char *s, size_t n)
 }
 
 /* The same, accepting repeated keys (and recording no members). */
-static bool jc_parse_lax(struct jc *p, const char *s, size_t n)
+static inline bool jc_parse_lax(struct jc *p, const char *s, size_t n)
 {
     memset(p, 0, sizeof *p);
     p->s = (const unsigned char *)s;
@@ -283,7 +283,7 @@ static bool jc_parse_lax(struct jc *p, const char *s, size_t n)
 }
 
 /* The raw value of the top-level member `key` (NULL if absent); *len its length. */
-static const char *jc_member(const struct jc *p, const char *key, size_t *len)
+static inline const char *jc_member(const struct jc *p, const char *key, size_t *len)
 {
     size_t klen = strlen(key);
     for (size_t m = 0; m < p->nkeys; m++) {
@@ -297,7 +297,7 @@ static const char *jc_member(const struct jc *p, const char *key, size_t *len)
 
 /* The decoded string value of `key` into out (NUL-terminated, cut to cap - 1); false when
  * absent or not a string. */
-static bool jc_member_string(const struct jc *p, const char *key, char *out, size_t cap,
+static inline bool jc_member_string(const struct jc *p, const char *key, char *out, size_t cap,
                              size_t *outlen)
 {
     size_t len;
