@@ -202,11 +202,17 @@ static int native_log(lua_State *L)
     } else if (!lua_isnoneornil(L, 3)) {
         return luaL_typeerror(L, 3, "table or nil");
     }
-    int n = len > 4000 ? 4000 : (int)len;  /* log lines are capped anyway; keeps %.*s in int */
-    if (lf.stream_id != 0)
-        log_with(level, &lf, "%.*s", n, msg);
-    else
-        log_with(level, &lf, "script: %.*s", n, msg);
+    /* the bytes as they are (a NUL does not end them); records are capped anyway */
+    if (len > LOG_RECORD_MAX)
+        len = LOG_RECORD_MAX;
+    if (lf.stream_id != 0) {
+        log_bytes(level, &lf, msg, len);
+    } else {
+        char line[LOG_RECORD_MAX + 8];
+        memcpy(line, "script: ", 8);
+        memcpy(line + 8, msg, len);
+        log_bytes(level, &lf, line, len + 8);
+    }
     return 0;
 }
 

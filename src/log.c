@@ -210,16 +210,10 @@ size_t log_render(char *buf, enum log_format format, enum log_level level,
     return render_text(buf, level, ts, f, msg, msg_len, body);
 }
 
-/* Formats the message (with an optional suffix), renders the record and writes it at
- * once. */
-static void emit(enum log_level level, const struct log_fields *f, const char *suffix,
-                 const char *fmt, va_list ap)
+/* Renders the record of msg[0..len) and writes it at once. */
+static void emit_bytes(enum log_level level, const struct log_fields *f, const char *msg,
+                       size_t len)
 {
-    char msg[LOG_RECORD_MAX];
-    int m = vsnprintf(msg, sizeof msg, fmt, ap);
-    size_t len = m < 0 ? 0 : (size_t)m < sizeof msg ? (size_t)m : sizeof msg - 1;
-    if (suffix)
-        put(msg, &len, sizeof msg, suffix, strlen(suffix));
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     char line[LOG_RECORD_MAX];
@@ -234,6 +228,25 @@ static void emit(enum log_level level, const struct log_fields *f, const char *s
      * lands inside this one; a signal before anything is written only delays it */
     while (write(STDERR_FILENO, line, n) < 0 && errno == EINTR) {
     }
+}
+
+/* Formats the message (with an optional suffix) and writes its record. */
+static void emit(enum log_level level, const struct log_fields *f, const char *suffix,
+                 const char *fmt, va_list ap)
+{
+    char msg[LOG_RECORD_MAX];
+    int m = vsnprintf(msg, sizeof msg, fmt, ap);
+    size_t len = m < 0 ? 0 : (size_t)m < sizeof msg ? (size_t)m : sizeof msg - 1;
+    if (suffix)
+        put(msg, &len, sizeof msg, suffix, strlen(suffix));
+    emit_bytes(level, f, msg, len);
+}
+
+void log_bytes(enum log_level level, const struct log_fields *f, const char *msg, size_t len)
+{
+    if ((int)level < current_level)
+        return;
+    emit_bytes(level, f, msg, len);
 }
 
 void log_msg(enum log_level level, const char *fmt, ...)

@@ -47,6 +47,8 @@ struct log_fields {
 };
 void log_with(enum log_level level, const struct log_fields *f, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* A message as it is, no format: msg[0..len) may hold any byte, NUL included (callout.log). */
+void log_bytes(enum log_level level, const struct log_fields *f, const char *msg, size_t len);
 
 /* Largest record written, newline included: PIPE_BUF on Linux. Longer messages are cut
  * (in JSON at a character boundary, ending in "..."), the traceback first. */
