@@ -353,6 +353,13 @@ static void logs_json(void)
     phase = "request_headers";
     LUA_CHECK("callout.log.warn({ ['logging.googleapis.com/trace'] = 'projects/p/traces/t',\n"
               "                   labels = { a = 'b' } }, 'line\\none')\n");
+    /* values of every kind; a cycle stops at the depth limit; too many values: dropped */
+    LUA_CHECK("local t = { n = 0/0, f = print, z = callout.null, mixed = { 1, x = 2 }, [7] = 'seven' }\n"
+              "t.self = t\n"
+              "callout.log.info(t, 'kinds')\n"
+              "local big = {}\n"
+              "for i = 1, 1000 do big['k' .. i] = i end\n"
+              "callout.log.info(big, 'big')\n");
     stream_id = 0;
     phase = NULL;
     LUA_CHECK("callout.log.info('loading')\n");
@@ -370,8 +377,20 @@ static void test_log_json(void)
     CHECK(strstr(err, "\"msg\":\"script: loading\"") != NULL);
     /* two records, two lines */
     const char *nl = strchr(err, '\n');
-    CHECK(nl != NULL && strchr(nl + 1, '\n') != NULL && strchr(strchr(nl + 1, '\n') + 1, '\n') == NULL);
-    CHECK(strstr(err, "\"phase\"") == strstr(err, "\"phase\":\"request_headers\""));
+    int lines = 0;
+    for (const char *c = err; *c; c++)
+        lines += *c == '\n';
+    CHECK(nl != NULL && lines == 4);   /* four records, four lines */
+    /* the load-time record has no stream and no phase */
+    const char *load = strstr(err, "\"msg\":\"script: loading\"");
+    while (load > err && load[-1] != '\n')
+        load--;
+    CHECK(strstr(load, "\"phase\"") == NULL && strstr(load, "\"stream_id\"") == NULL);
+    CHECK(strstr(err, "\"n\":null") != NULL && strstr(err, "\"f\":\"function\"") != NULL);
+    CHECK(strstr(err, "\"z\":null") != NULL && strstr(err, "\"7\":\"seven\"") != NULL);
+    CHECK(strstr(err, "\"1\":1") != NULL && strstr(err, "\"x\":2") != NULL);   /* not an array */
+    CHECK(strstr(err, "(nested too deep)") != NULL);
+    CHECK(strstr(err, "\"msg\":\"big\",\"message\":\"big\",\"fields_dropped\":true}") != NULL);
 }
 
 /* Fields the server writes itself are refused, with the script line; so are keys that are
