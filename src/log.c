@@ -5,10 +5,10 @@
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdbool.h>
-
+#include <limits.h>
 #include <stdarg.h>
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -20,6 +20,9 @@
 
 static _Atomic int current_level = LOG_INFO;
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR"};
+/* a record must be one atomic write into a pipe */
+_Static_assert(LOG_RECORD_MAX <= PIPE_BUF, "LOG_RECORD_MAX exceeds PIPE_BUF");
+
 static enum log_format current_format = LOG_FORMAT_TEXT;
 static int worker_slot = -1;
 static log_sink_fn *sink;
