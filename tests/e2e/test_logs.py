@@ -296,3 +296,11 @@ def test_records_of_workers_never_share_a_line(servers, tmp_path, fmt):
             assert pat.match(l), l[:300]
             assert len(l.encode()) < 4096
         assert all(len(l.encode()) < 4096 for l in lines)
+
+
+def test_unknown_format_is_refused(servers, tmp_path):
+    script = servers.script("function on_request_headers() end")
+    rc, out, err = servers.run_to_exit(["--log_format", "xml", script])
+    assert rc == 2 and "--log_format: unknown format 'xml' (text, json)" in err, (rc, err)
+    rc, out, err = servers.run_to_exit(["--log-format=json", "--check", script])
+    assert rc == 0, (rc, err)   # the dashed spelling is accepted too
