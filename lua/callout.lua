@@ -4,7 +4,8 @@
 -- messages, so a script can also write those tables by hand.
 --
 -- Embedded at build time and loaded by src/calloutlib.c, which passes the native helpers:
---   native.log(level, msg)   one server log line tagged with the current stream id
+--   native.log(level, msg, fields)  one server log record tagged with the current stream
+--                            id and phase; fields (a table or nil) are extra members
 --   native.enabled(level)    whether that level is logged at all
 --   native.api(f)            f behind a C function, see the end of this file
 --   native.null              JSON null of Struct values (pbstruct_push_null)
@@ -163,19 +164,26 @@ function M.build_dynamic_forwarding_metadata(ip, port)
 end
 
 -- callout.log.info(fmt, ...): string.format, as Python's logging does with %-args; a lone
--- argument is logged as is (tostring), so "100%" needs no escaping.
+-- argument is logged as is (tostring), so "100%" needs no escaping. A table first is a set
+-- of fields for the record: callout.log.info({ user = id }, "denied %s", path) — members
+-- of the JSON object with --log_format json, {...} after the message in text.
 local function logger(level)
-  return function(fmt, ...)
-    if not native.enabled(level) then return end  -- skip the formatting too
+  local function emit(fields, fmt, ...)
     local msg
     if select("#", ...) == 0 then
-      msg = tostring(fmt)
+      msg = fmt == nil and fields and "" or tostring(fmt)
     else
       local ok, s = pcall(format, fmt, ...)
       if not ok then error("callout.log." .. level .. ": " .. tostring(s), SCRIPT_LEVEL - 2) end
       msg = s
     end
-    native.log(level, msg)
+    local err = native.log(level, msg, fields)
+    if err then error("callout.log." .. level .. ": " .. err, SCRIPT_LEVEL - 2) end
+  end
+  return function(first, ...)
+    if not native.enabled(level) then return end  -- skip the formatting too
+    if type(first) == "table" then return emit(first, ...) end
+    return emit(nil, first, ...)
   end
 end
 

@@ -1,16 +1,21 @@
--- examples/cloud_log.lua: gate on header-check / body-check, one JSON log entry per phase.
+-- examples/cloud_log.lua: gate on header-check / body-check, one structured log entry per
+-- phase. callout.testing sees the text form of the records ("LEVEL stream N: message
+-- {fields}"); the JSON form the server writes with --log_format json is checked end to end
+-- (tests/e2e/test_examples.py, test_cloud_log_entries_are_structured).
 
 local testing = require "callout.testing"
 local cjson = require "cjson"
 
--- The JSON entries among the last run's log lines, with their level.
+local LABELS = "logging.googleapis.com/labels"
+
+-- The last run's records: level, message and the fields.
 local function entries()
   local out = {}
   for _, line in ipairs(testing.logs()) do
-    local level, json = line:match("^(%u+)%s+stream %d+: ({.*})$")
+    local level, message, json = line:match("^(%u+)%s+stream %d+: (.-) ({.*})$")
     if json then
       local e = cjson.decode(json)
-      e.level = level
+      e.level, e.message = level, message
       out[#out + 1] = e
     end
   end
@@ -21,14 +26,25 @@ describe("examples/cloud_log.lua", function()
   local script = testing.load("examples/cloud_log.lua")
 
   it("lets a request with header-check through, tagged and re-routed, and logs it", function()
-    local resp = testing.run(script, testing.request_headers { ["header-check"] = "1", other = "2" })
+    local resp = testing.run(script, testing.request_headers {
+      [":method"] = "GET", [":path"] = "/a?b", [":authority"] = "example.com",
+      ["user-agent"] = "curl/8", ["header-check"] = "1" })
     assert.header_set(resp, "header-request", "request")
     assert.is_true(resp.request_headers.response.clear_route_cache)
     local e = entries()
     assert.equal(1, #e)
-    assert.same({ level = "INFO", severity = "INFO", decision = "allow", phase = "request_headers",
-                  message = '"header-check" found', headers = 2, stream = e[1].stream }, e[1])
-    assert.equal("number", type(e[1].stream))
+    assert.same({
+      level = "INFO", message = '"header-check" found', decision = "allow", headers = 5,
+      [LABELS] = { example = "cloud_log", decision = "allow" },
+      httpRequest = { requestMethod = "GET", requestUrl = "https://example.com/a?b",
+                      userAgent = "curl/8" },
+    }, e[1])
+  end)
+
+  it("has no trace field without GOOGLE_CLOUD_PROJECT, even with a trace header", function()
+    testing.run(script, testing.request_headers {
+      ["header-check"] = "1", ["x-cloud-trace-context"] = "105445aa7843bc8bf206b120001000/1;o=1" })
+    assert.is_nil(entries()[1]["logging.googleapis.com/trace"])
   end)
 
   it("denies a request without header-check, and logs a warning", function()
@@ -36,14 +52,14 @@ describe("examples/cloud_log.lua", function()
     assert.denied(r, '"header-check" not found within the request headers')
     local e = entries()
     assert.equal(1, #e)
-    assert.same({ "WARN", "WARNING", "deny", '"header-check" not found within the request headers' },
-                { e[1].level, e[1].severity, e[1].decision, e[1].message })
+    assert.same({ "WARN", "deny", '"header-check" not found within the request headers', "deny" },
+                { e[1].level, e[1].decision, e[1].message, e[1][LABELS].decision })
   end)
 
   it("replaces a request body containing body-check", function()
     assert.body_replaced(testing.run(script, testing.request_body("xx body-check xx")), "replaced-body")
     local e = entries()
-    assert.same({ "allow", "request_body", 16 }, { e[1].decision, e[1].phase, e[1].bytes })
+    assert.same({ "allow", 16 }, { e[1].decision, e[1].bytes })
   end)
 
   it("denies a request body without body-check", function()
@@ -52,12 +68,14 @@ describe("examples/cloud_log.lua", function()
     assert.equal("deny", entries()[1].decision)
   end)
 
-  it("logs the response phases and lets them through", function()
-    assert.unchanged(testing.run(script, testing.response_headers { [":status"] = "200" }))
-    assert.same({ "continue", "response_headers", 1 },
-                { entries()[1].decision, entries()[1].phase, entries()[1].headers })
-    assert.unchanged(testing.run(script, testing.response_body("abc", { end_of_stream = true })))
-    assert.same({ "continue", "response_body", 3 },
-                { entries()[1].decision, entries()[1].phase, entries()[1].bytes })
+  it("logs the response phases and lets them through, with the status on the stream's request", function()
+    local stream <close> = testing.stream(script)
+    stream:run(testing.request_headers { [":method"] = "POST", [":path"] = "/", ["header-check"] = "1" })
+    assert.unchanged(stream:run(testing.response_headers { [":status"] = "503" }))
+    local e = entries()[1]
+    assert.same({ "continue", 1, 503, "POST" },
+                { e.decision, e.headers, e.httpRequest.status, e.httpRequest.requestMethod })
+    assert.unchanged(stream:run(testing.response_body("abc", { end_of_stream = true })))
+    assert.same({ "continue", 3 }, { entries()[1].decision, entries()[1].bytes })
   end)
 end)

@@ -10,9 +10,11 @@
 
 /* Registers package.preload["callout"] (and the native helpers it uses) and sets the
  * global `callout` to the loaded module. `current_stream` points at the id of the stream
- * whose handler is running (0 outside handlers); callout.log lines carry it. May raise;
+ * whose handler is running (0 outside handlers), `current_phase` at its phase name
+ * ("request_headers" ..., NULL outside handlers); callout.log lines carry both. May raise;
  * call under a protected call. */
-void calloutlib_open(lua_State *L, const uint64_t *current_stream);
+void calloutlib_open(lua_State *L, const uint64_t *current_stream,
+                     const char *const *current_phase);
 
 /* Whether the error object at idx was raised by callout.deny_callout(msg); if so, *msg and
  * *len give the message ("Callout DENIED." by default). Does not call Lua code. */

@@ -15,8 +15,8 @@
 #define LUACALLOUT_VERSION "0.0.0"
 #endif
 
-enum flag_kind { FLAG_STRING, FLAG_BOOL, FLAG_INT, FLAG_LIMIT, FLAG_LEVEL, FLAG_HELP,
-                 FLAG_VERSION };
+enum flag_kind { FLAG_STRING, FLAG_BOOL, FLAG_INT, FLAG_LIMIT, FLAG_LEVEL, FLAG_LOG_FORMAT,
+                 FLAG_HELP, FLAG_VERSION };
 
 struct flag {
     const char *name;     /* canonical, underscore spelling */
@@ -78,6 +78,8 @@ static const struct flag flags[] = {
     {"threads", FLAG_INT, AT(threads), "N",
      "worker processes, one serving thread each (default: number of cores)"},
     {"log_level", FLAG_LEVEL, AT(log_level), "LEVEL", "debug, info, warn or error (default info)"},
+    {"log_format", FLAG_LOG_FORMAT, AT(log_format), "FORMAT",
+     "text (default) or json: one JSON object per line (docs/operations.md, Logs)"},
     {"help", FLAG_HELP, 0, "", "print this help and exit"},
     /* internal: how the supervisor starts a worker process (SLOT,CONTROL_FD,METRICS_FD) */
     {"worker_of", FLAG_STRING, AT(worker_of), "", NULL},
@@ -217,6 +219,9 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
             if (log_parse_level(value, (enum log_level *)field) != 0)
                 return fail("flag --%s: unknown level '%s' (debug, info, warn, error)", f->name,
                             value);
+        } else if (f->kind == FLAG_LOG_FORMAT) {
+            if (log_parse_format(value, (enum log_format *)field) != 0)
+                return fail("flag --%s: unknown format '%s' (text, json)", f->name, value);
         }
     }
     if (!cfg->script_path)

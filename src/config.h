@@ -21,6 +21,7 @@ struct config {
     const char *cert_hostnames;     /* names of the ephemeral certificate (comma-separated) */
     int threads;
     enum log_level log_level;
+    enum log_format log_format;     /* --log_format: text (default) or json */
     bool watch;                     /* reload when the script's folder changes */
     bool bench_echo;                /* fixed answers, no Lua: the benchmark's baseline */
     bool check;                     /* load the script, list its handlers, exit */

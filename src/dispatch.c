@@ -128,6 +128,8 @@ struct call {
     struct pbconv_result res;
     enum pbconv_status status;
     char err[1152];  /* PBCONV_BAD: "file:line: on_x returned a bad table: ..." */
+    char script[256];/* PBCONV_BAD: the handler's file and the line it is defined at */
+    int line;
 };
 
 _Static_assert(PBCONV_PHASE_COUNT == METRICS_PHASE_UNKNOWN, "metrics.c names pbconv's phases");
@@ -282,10 +284,28 @@ static int run_handler(lua_State *L)
         lua_getinfo(L, ">S", &ar);
         checks_bad_table_message(c->err, sizeof c->err, ar.short_src, ar.linedefined,
                                  c->handler, detail);
+        snprintf(c->script, sizeof c->script, "%s",
+                 ar.source[0] == '@' || ar.source[0] == '=' ? ar.source + 1 : ar.short_src);
+        c->line = ar.linedefined;
     }
     lua_replace(L, 1);
     lua_settop(L, 1);
     return 1;
+}
+
+/* The log fields of the script error vm_error returned (e, with the message's length
+ * mlen): the traceback after the message, and the file and line it points at. */
+static void error_fields(const struct vm *s, const char *e, size_t mlen, struct log_fields *lf)
+{
+    size_t len = strlen(e);
+    if (mlen < len) {   /* "\nstack traceback:\n\t..." follows the message */
+        lf->traceback = e + mlen + (e[mlen] == '\n');
+        lf->traceback_len = len - mlen - (e[mlen] == '\n');
+    }
+    if (s->err_line > 0) {
+        lf->script = s->err_script;
+        lf->line = s->err_line;
+    }
 }
 
 /* Ends the stream with status and msg. The message travels as a C string (grpc-message):
@@ -394,14 +414,16 @@ static pbconv_request *decode(struct dispatch_stream *st, const uint8_t *msg, si
         if (wirecheck_depth(msg, len, &envoy__service__ext_proc__v3__processing_request__descriptor,
                             ctx_fields, &scan, where, sizeof where) != 0) {
             snprintf(m, sizeof m, "ProcessingRequest.%s", where);
-            log_warn_limited("stream %" PRIu64 ": refused: %s", st->id, m);
+            log_limited_fields_at(LOG_WARN, (&(struct log_fields){.stream_id = st->id}),
+                                  "refused: %s", m);
             fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, m, strlen(m));
             return NULL;
         }
         if (lim->max_ctx_bytes && scan.ctx_bytes > lim->max_ctx_bytes - st->ctx_bytes) {
             snprintf(m, sizeof m, "attributes and metadata_context of this stream exceed "
                      "%zu KiB (--max_ctx_kb)", lim->max_ctx_bytes >> 10);
-            log_warn_limited("stream %" PRIu64 ": refused: %s", st->id, m);
+            log_limited_fields_at(LOG_WARN, (&(struct log_fields){.stream_id = st->id}),
+                                  "refused: %s", m);
             fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, m, strlen(m));
             return NULL;
         }
@@ -409,8 +431,8 @@ static pbconv_request *decode(struct dispatch_stream *st, const uint8_t *msg, si
         ProtobufCAllocator alloc = arena_pb_allocator(&s->arena);
         req = envoy__service__ext_proc__v3__processing_request__unpack(&alloc, len, msg);
         if (req == NULL) {
-            log_warn_limited("stream %" PRIu64 ": malformed ProcessingRequest (%zu bytes)",
-                             st->id, len);
+            log_limited_fields_at(LOG_WARN, (&(struct log_fields){.stream_id = st->id}),
+                                  "malformed ProcessingRequest (%zu bytes)", len);
             static const char mal[] = "malformed ProcessingRequest";
             fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, mal, sizeof mal - 1);
             return NULL;
@@ -420,7 +442,8 @@ static pbconv_request *decode(struct dispatch_stream *st, const uint8_t *msg, si
     if (lim->max_headers && nh > lim->max_headers) {
         snprintf(m, sizeof m, "the message carries %zu headers, more than %zu (--max_headers)",
                  nh, lim->max_headers);
-        log_warn_limited("stream %" PRIu64 ": refused: %s", st->id, m);
+        log_limited_fields_at(LOG_WARN, (&(struct log_fields){.stream_id = st->id}),
+                              "refused: %s", m);
         fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, m, strlen(m));
         return NULL;
     }
@@ -449,7 +472,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     if (req == NULL)
         goto done;
     if (pbconv_phase_of(req, &phase) != 0) {
-        log_warn_limited("stream %" PRIu64 ": ProcessingRequest with no phase set", st->id);
+        log_limited_fields_at(LOG_WARN, (&(struct log_fields){.stream_id = st->id}),
+                              "ProcessingRequest with no phase set");
         static const char m[] = "ProcessingRequest carries no headers, body or trailers";
         fail(s, reply, GRPC_STATUS_INVALID_ARGUMENT, m, sizeof m - 1);
         goto done;
@@ -468,7 +492,9 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     metrics_phase = (int)phase;
     if (s->activity)   /* for the watchdog's count, published by vm_call's store of since_ns */
         atomic_store_explicit(&s->activity->phase, (int)phase, memory_order_relaxed);
+    s->current_phase = pbconv_phase_name(phase);   /* for callout.log */
     int status = vm_call(s, 1, 1, st->id, s->where[s->has_process ? PBCONV_PHASE_COUNT : phase]);
+    s->current_phase = NULL;
     bool observe = req->observability_mode;
     ran = true;
     /* what a handler's answer does; the failures below say otherwise */
@@ -478,6 +504,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         [PBCONV_ANSWER_IMMEDIATE] = METRICS_IMMEDIATE,
     };
     outcome = c.status == PBCONV_DENY ? METRICS_DENY : answered[c.res.answer];
+    struct log_fields lf = {.stream_id = st->id, .phase = pbconv_phase_name(phase)};
     if (status != LUA_OK && (s->timed_out || s->mem_exceeded)) {
         /* A budget stopped the handler: say which, and where (the hook's error carries the
          * script line it stopped at; a memory error has none, so name the handler's). */
@@ -492,8 +519,10 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
             snprintf(m, sizeof m, "%s exceeded the script memory limit (%zu MB)",
                      s->where[s->has_process ? PBCONV_PHASE_COUNT : phase],
                      vm_get_limits()->memory_bytes >> 20);
-        log_error("stream %" PRIu64 ": %s stopped: %s", st->id, c.handler,
-                  s->timed_out ? e : m);
+        if (s->timed_out)
+            error_fields(s, e, mlen, &lf);
+        log_with(LOG_ERROR, &lf, "%s stopped: %.*s", c.handler,
+                 s->timed_out ? (int)mlen : (int)strlen(m), s->timed_out ? e : m);
         if (!observe)
             fail(s, reply, code, m, strlen(m));
     } else if (status != LUA_OK) {
@@ -501,12 +530,12 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         const char *e = vm_error(s, &mlen);
         outcome = s->denied ? METRICS_DENY : METRICS_LUA_ERROR;
         if (s->denied) {
-            log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
-                     (int)mlen, e);
+            log_with(LOG_WARN, &lf, "%s denied the request: %.*s", c.handler, (int)mlen, e);
             if (!observe)
                 fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, e, mlen);
         } else {
-            log_error("stream %" PRIu64 ": %s failed: %s", st->id, c.handler, e);
+            error_fields(s, e, mlen, &lf);
+            log_with(LOG_ERROR, &lf, "%s failed: %.*s", c.handler, (int)mlen, e);
             if (!observe)
                 fail(s, reply, GRPC_STATUS_INTERNAL, e, mlen);
         }
@@ -518,19 +547,29 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     } else if (c.status == PBCONV_NOMEM) {
         outcome = METRICS_MEMORY;
         log_error("stream %" PRIu64 ": out of memory building the response", st->id);
+        if (c.line > 0) {
+            lf.script = c.script;
+            lf.line = c.line;
+        }
+        log_with(LOG_ERROR, &lf, "%s", c.err);
+        if (!observe)
+            fail(s, reply, GRPC_STATUS_INTERNAL, c.err, strlen(c.err));
+    } else if (c.status == PBCONV_NOMEM) {
+        log_with(LOG_ERROR, &lf, "out of memory building the response");
         if (!observe)
             fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
     } else if (observe) {
         /* Envoy does not wait for an answer in observability mode */
     } else if (c.status == PBCONV_DENY) {
-        log_warn("stream %" PRIu64 ": %s denied the request: %.*s", st->id, c.handler,
-                 (int)c.res.deny_len, c.res.deny_message);
+        log_with(LOG_WARN, &lf, "%s denied the request: %.*s", c.handler, (int)c.res.deny_len,
+                 c.res.deny_message);
         fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, c.res.deny_message, c.res.deny_len);
     } else if (c.n == 0) {
         reply->outcome = DISPATCH_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */
     } else if (pack(s, c.resps, c.n, reply) != 0) {
         outcome = METRICS_MEMORY;
         log_error("stream %" PRIu64 ": out of memory packing the response", st->id);
+        log_with(LOG_ERROR, &lf, "out of memory packing the response");
         fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
     }
     if (observe)

@@ -112,6 +112,7 @@ int main(int argc, char **argv)
         break;
     }
     log_set_level(cfg.log_level);
+    log_set_format(cfg.log_format);
     /* A reload reads the path again: made absolute now, so that nothing that changes the
      * working directory later can change which file that is. */
     char abs_path[4096];

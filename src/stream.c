@@ -196,8 +196,8 @@ static bool start_batch(struct stream *s, const grpc_op *ops, size_t n, struct t
 {
     grpc_call_error err = grpc_call_start_batch(s->call, ops, n, tag, NULL);
     if (err != GRPC_CALL_OK) {
-        log_error("stream %llu: grpc_call_start_batch failed (%d)", (unsigned long long)s->id,
-                  (int)err);
+        log_with(LOG_ERROR, &(struct log_fields){.stream_id = s->id},
+                 "grpc_call_start_batch failed (%d)", (int)err);
         s->dead = true;
         return false;
     }
@@ -332,8 +332,8 @@ static bool enqueue(struct stream *s, const uint8_t *data, size_t len)
         snprintf(msg, sizeof msg, "answers not read by clients exceed this worker's share "
                  "(%zu MB) of --max_queued_total_mb %d", limits.max_queued_total_bytes >> 20,
                  limits.total_mb);
-        log_warn_limited("stream %llu: %s (this worker's streams together): ending it",
-                         (unsigned long long)s->id, msg);
+        log_limited_fields_at(LOG_WARN, (&(struct log_fields){.stream_id = s->id}),
+                              "%s (this worker's streams together): ending it", msg);
         abort_stream(s, GRPC_STATUS_RESOURCE_EXHAUSTED, msg);
         return false;
     }
@@ -462,7 +462,7 @@ static void on_close(struct tag *tag, bool ok)
     struct stream *s = container_of(tag, struct stream, close_tag);
     if (s->close_cancelled) {
         s->dead = true;
-        log_debug("stream %llu: cancelled by the client", (unsigned long long)s->id);
+        log_with(LOG_DEBUG, &(struct log_fields){.stream_id = s->id}, "cancelled by the client");
     }
     batch_done(s);
 }
@@ -552,7 +552,7 @@ static void sweep_idle(void)
     snprintf(msg, sizeof msg, "no message for %d ms", limits.idle_timeout_ms);
     for (struct stream *s = here.head; s; s = s->next) {
         if (!s->dead && here.now_ms - s->last_active_ms >= limits.idle_timeout_ms) {
-            log_debug("stream %llu: %s, ending it", (unsigned long long)s->id, msg);
+            log_with(LOG_DEBUG, &(struct log_fields){.stream_id = s->id}, "%s, ending it", msg);
             abort_stream(s, GRPC_STATUS_DEADLINE_EXCEEDED, msg);
         }
     }

@@ -63,6 +63,32 @@ static uint64_t now_ns(void)
 
 /* ---- errors ------------------------------------------------------------------------------ */
 
+/* Records in the VM the file and line an error message points at, for the log's script
+ * and line fields: the frame whose "short_src:line:" starts the message, else the
+ * innermost Lua frame. The full path comes from the frame's source (short_src is cut to
+ * LUA_IDSIZE, with "..." in front, for long paths). Allocates nothing. */
+static void note_site(lua_State *L, const char *msg)
+{
+    struct vm *vm = vm_of(L);
+    lua_Debug ar;
+    for (int level = 1; level < 64 && lua_getstack(L, level, &ar); level++) {
+        if (!lua_getinfo(L, "Sl", &ar) || ar.currentline <= 0)
+            continue;
+        size_t k = strlen(ar.short_src);
+        char *end;
+        bool named = strncmp(msg, ar.short_src, k) == 0 && msg[k] == ':' &&
+                     strtol(msg + k + 1, &end, 10) == ar.currentline && *end == ':';
+        if (named || vm->err_line == 0) {
+            const char *src = ar.source[0] == '@' || ar.source[0] == '=' ? ar.source + 1
+                                                                         : ar.short_src;
+            snprintf(vm->err_script, sizeof vm->err_script, "%s", src);
+            vm->err_line = ar.currentline;
+        }
+        if (named)
+            break;
+    }
+}
+
 /* Turns any error object into "where: message" + traceback; records the length of the
  * first part in vm_of(L)->errmsg_len. */
 static int msghandler(lua_State *L)
@@ -97,6 +123,7 @@ static int msghandler(lua_State *L)
         }
     }
     vm_of(L)->errmsg_len = strlen(msg);
+    note_site(L, msg);
     luaL_traceback(L, L, msg, 1);
     return 1;
 }
@@ -108,6 +135,7 @@ static int docall(lua_State *L, int narg, int nres)
     int base = lua_gettop(L) - narg;
     vm_of(L)->errmsg_len = SIZE_MAX;
     vm_of(L)->denied = false;
+    vm_of(L)->err_line = 0;
     lua_pushcfunction(L, msghandler);
     lua_insert(L, base);
     int status = lua_pcall(L, narg, nres, base);
@@ -1016,7 +1044,7 @@ static int open_state(lua_State *L)
     }
     strmatch_open(L, pattern_expired);
     pbconv_open(L);
-    calloutlib_open(L, &vm_of(L)->current_stream);
+    calloutlib_open(L, &vm_of(L)->current_stream, &vm_of(L)->current_phase);
     if (!limits.unsafe_stdlib)
         lock_metatables(L);
 

@@ -59,7 +59,12 @@ struct vm {
     bool tainted;           /* a budget stopped a call mid-way: see vm_take_taint */
     size_t errmsg_len;      /* set by the message handler: message length before the traceback */
     bool denied;            /* set by the message handler: the error is callout.deny_callout */
+    /* set by the message handler: the script file and line the error points at (the frame
+     * its "file:line:" prefix names, else the innermost Lua frame); err_line 0: unknown */
+    int err_line;
+    char err_script[256];
     uint64_t current_stream;/* the stream whose handler runs, 0 outside handlers */
+    const char *current_phase; /* its phase ("request_headers" ...), set by dispatch.c */
     struct vm_activity *activity;  /* the owning worker's, NULL when no worker owns the VM */
 
     /* per-worker bookkeeping (generation.c) */

@@ -125,6 +125,7 @@ int worker_run(const struct config *given)
         fprintf(stderr, "luacallout: --worker_of is for the supervisor's use only\n");
         return 2;
     }
+    log_set_worker(slot);   /* every JSON record of this process names its worker */
     /* inherited across exec on purpose; a script's child (--unsafe_stdlib) must not get it */
     fcntl(ctl, F_SETFD, FD_CLOEXEC);
     /* A supervisor killed outright takes its workers with it: nobody else would stop them,

@@ -298,27 +298,51 @@ def test_example_whole_stream(example_server, name):
         assert responses == expected
 
 
-def test_cloud_log_lines_are_json(example_server):
-    srv = example_server("cloud_log")
+def test_cloud_log_entries_are_structured(module_servers):
+    """With --log_format json every line is one object, and the example's entries carry what
+    Cloud Logging moves into the LogEntry: severity, message, the trace (with the project
+    from GOOGLE_CLOUD_PROJECT), spanId, labels, httpRequest."""
+    saved = os.environ.get("GOOGLE_CLOUD_PROJECT")
+    os.environ["GOOGLE_CLOUD_PROJECT"] = "my-project"
+    try:
+        srv = module_servers.start(EXAMPLES / "cloud_log.lua", "--disable_tls", "--log_format",
+                                   "json")
+    finally:
+        if saved is None:
+            del os.environ["GOOGLE_CLOUD_PROJECT"]
+        else:
+            os.environ["GOOGLE_CLOUD_PROJECT"] = saved
     stub = srv.stub()
-    check(run_one(stub, req_headers([("header-check", "1"), ("x", "y")])),
-          on_req_headers(add=[("header-request", "request")], clear_route_cache=True))
+    trace = "105445aa7843bc8bf206b12000100000"
+    responses, code, details = h.process(stub, [
+        req_headers([(":method", "GET"), (":scheme", "https"), (":authority", "example.com"),
+                     (":path", "/a?b=1"), ("user-agent", "curl/8"), ("header-check", "1"),
+                     ("x-cloud-trace-context", f"{trace}/255;o=1")]),
+        resp_headers([(":status", "404")])])
+    assert code == OK, details
     check(run_one(stub, req_body(b"no marker")),
           Denied('"body-check" not found within the request body'))
-    entries = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        entries = [json.loads(line[line.index("{"):]) for line in srv.log().splitlines()
-                   if re.search(r"stream \d+: \{", line)]
-        if any(e.get("decision") == "deny" and e.get("phase") == "request_body" for e in entries):
-            break
-        time.sleep(0.05)
-    allow = [e for e in entries if e["decision"] == "allow" and e.get("headers") == 2]
-    assert allow and allow[0]["severity"] == "INFO" and allow[0]["phase"] == "request_headers"
-    deny = [e for e in entries if e["decision"] == "deny" and e["phase"] == "request_body"]
-    assert deny and deny[0]["severity"] == "WARNING"
-    assert deny[0]["message"] == '"body-check" not found within the request body'
-    assert all(isinstance(e["stream"], int) for e in entries)
+
+    def entries():
+        return [json.loads(line) for line in srv.log().splitlines()]   # every line is JSON
+    h.wait_for(lambda: any(e.get("decision") == "deny" for e in entries()), 5, "the deny entry")
+    es = [e for e in entries() if "decision" in e]
+    allow = [e for e in es if e["decision"] == "allow"]
+    assert len(allow) == 1
+    a = allow[0]
+    assert (a["severity"], a["message"], a["phase"]) == ("INFO", '"header-check" found',
+                                                         "request_headers")
+    assert a["logging.googleapis.com/trace"] == f"projects/my-project/traces/{trace}"
+    assert a["logging.googleapis.com/spanId"] == "00000000000000ff"
+    assert a["logging.googleapis.com/labels"] == {"example": "cloud_log", "decision": "allow"}
+    assert a["httpRequest"] == {"requestMethod": "GET", "requestUrl": "https://example.com/a?b=1",
+                                "userAgent": "curl/8"}
+    [r] = [e for e in es if e["phase"] == "response_headers"]
+    assert r["stream_id"] == a["stream_id"] and r["httpRequest"]["status"] == 404
+    assert r["logging.googleapis.com/trace"] == a["logging.googleapis.com/trace"]
+    [d] = [e for e in es if e["decision"] == "deny"]
+    assert (d["severity"], d["message"]) == ("WARNING", '"body-check" not found within the request body')
+    assert d["stream_id"] != a["stream_id"] and "logging.googleapis.com/trace" not in d
 
 
 # --- jwt_auth --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@
 
 static lua_State *L;
 static uint64_t stream_id;
+static const char *phase;
 
 /* Runs a Lua snippet (chunk name "snippet", so errors read "snippet:LINE: ...") that asserts
  * what it checks; fails with the Lua error, reported at the C line of the call. */
@@ -66,7 +67,7 @@ static const char *capture_stderr(void (*fn)(void))
 
 static int open_callout(lua_State *L1)
 {
-    calloutlib_open(L1, &stream_id);
+    calloutlib_open(L1, &stream_id, &phase);
     return 0;
 }
 
@@ -330,8 +331,10 @@ static void logs(void)
     stream_id = 42;
     LUA_CHECK("callout.log.info('hello %d %s', 7, 'x')\n"
               "callout.log.warn('100%')   -- a lone message is not a format\n"
-              "callout.log.error({}) \n"
-              "callout.log.debug('hidden at info')\n");
+              "callout.log.error({}) -- fields, no message\n"
+              "callout.log.debug('hidden at info')\n"
+              "callout.log.info({ user = 'ann', n = 3 }, 'fields %s', 'then format')\n"
+              "callout.log.info({ list = { 1, 'two', true } }, 'a list')\n");
     stream_id = 0;
     LUA_CHECK("callout.log.info('at load time')\n");
     log_set_level(LOG_DEBUG);
@@ -341,12 +344,76 @@ static void logs(void)
     log_set_level(LOG_INFO);
 }
 
+/* The same calls with --log_format json: one object per line, the stream and phase of
+ * the handler, the fields as members. */
+static void logs_json(void)
+{
+    log_set_format(LOG_FORMAT_JSON);
+    stream_id = 7;
+    phase = "request_headers";
+    LUA_CHECK("callout.log.warn({ ['logging.googleapis.com/trace'] = 'projects/p/traces/t',\n"
+              "                   labels = { a = 'b' } }, 'line\\none')\n");
+    /* values of every kind; a cycle stops at the depth limit; too many values: dropped */
+    LUA_CHECK("local t = { n = 0/0, f = print, z = callout.null, mixed = { 1, x = 2 }, [7] = 'seven' }\n"
+              "t.self = t\n"
+              "callout.log.info(t, 'kinds')\n"
+              "local big = {}\n"
+              "for i = 1, 1000 do big['k' .. i] = i end\n"
+              "callout.log.info(big, 'big')\n");
+    stream_id = 0;
+    phase = NULL;
+    LUA_CHECK("callout.log.info('loading')\n");
+    log_set_format(LOG_FORMAT_TEXT);
+}
+
+static void test_log_json(void)
+{
+    const char *err = capture_stderr(logs_json);
+    CHECK(strstr(err, "\"level\":\"warn\",\"severity\":\"WARNING\",\"stream_id\":7,"
+                      "\"phase\":\"request_headers\",\"msg\":\"line\\none\","
+                      "\"message\":\"line\\none\",") != NULL);
+    CHECK(strstr(err, "\"logging.googleapis.com/trace\":\"projects/p/traces/t\"") != NULL);
+    CHECK(strstr(err, "\"labels\":{\"a\":\"b\"}") != NULL);
+    CHECK(strstr(err, "\"msg\":\"script: loading\"") != NULL);
+    /* two records, two lines */
+    const char *nl = strchr(err, '\n');
+    int lines = 0;
+    for (const char *c = err; *c; c++)
+        lines += *c == '\n';
+    CHECK(nl != NULL && lines == 4);   /* four records, four lines */
+    /* the load-time record has no stream and no phase */
+    const char *load = strstr(err, "\"msg\":\"script: loading\"");
+    while (load > err && load[-1] != '\n')
+        load--;
+    CHECK(strstr(load, "\"phase\"") == NULL && strstr(load, "\"stream_id\"") == NULL);
+    CHECK(strstr(err, "\"n\":null") != NULL && strstr(err, "\"f\":\"function\"") != NULL);
+    CHECK(strstr(err, "\"z\":null") != NULL && strstr(err, "\"7\":\"seven\"") != NULL);
+    CHECK(strstr(err, "\"1\":1") != NULL && strstr(err, "\"x\":2") != NULL);   /* not an array */
+    CHECK(strstr(err, "(nested too deep)") != NULL);
+    CHECK(strstr(err, "\"msg\":\"big\",\"message\":\"big\",\"fields_dropped\":true}") != NULL);
+}
+
+/* Fields the server writes itself are refused, with the script line; so are keys that are
+ * not strings. */
+static void test_log_field_errors(void)
+{
+    stream_id = 1;
+    LUA_CHECK("local ok, e = pcall(callout.log.info, { msg = 'x' }, 'hi')\n"
+              "assert(not ok and e:find('callout.log.info: a field may not be called', 1, true), e)\n"
+              "local ok2, e2 = pcall(function() callout.log.info({ [true] = 1 }, 'hi') end)\n"
+              "assert(not ok2 and e2:find('^snippet:3: callout.log.info: field names must be strings'), e2)\n");
+    stream_id = 0;
+}
+
 static void test_log(void)
 {
     const char *err = capture_stderr(logs);
     CHECK(strstr(err, "INFO  stream 42: hello 7 x\n") != NULL);
     CHECK(strstr(err, "WARN  stream 42: 100%\n") != NULL);
-    CHECK(strstr(err, "ERROR stream 42: table: 0x") != NULL);
+    CHECK(strstr(err, "ERROR stream 42: \n") != NULL);
+    CHECK(strstr(err, "INFO  stream 42: fields then format {") != NULL);
+    CHECK(strstr(err, "\"user\":\"ann\"") != NULL && strstr(err, "\"n\":3") != NULL);
+    CHECK(strstr(err, "INFO  stream 42: a list {\"list\":[1,\"two\",true]}\n") != NULL);
     CHECK(strstr(err, "hidden at info") == NULL);
     CHECK(strstr(err, "INFO  script: at load time\n") != NULL);
     CHECK(strstr(err, "DEBUG script: shown now\n") != NULL);
@@ -366,6 +433,8 @@ int main(void)
     test_arg_errors();
     test_deny();
     test_log();
+    test_log_json();
+    test_log_field_errors();
     lua_close(L);
     printf("%d passed, 0 failed\n", passed);
     return 0;
