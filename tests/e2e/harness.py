@@ -531,7 +531,34 @@ class Server:
                 raise AssertionError(f"listeners {sorted(pending)} not accepting after {timeout}s: "
                                      f"{self.argv}\n--- server log ---\n{self.log()}")
             time.sleep(0.02)
+        # The health port opens before the script is loaded and a gRPC port accepts once
+        # the first worker listens: ready means /ready says so (every worker serves).
+        while "health" in self.enabled and self.ready_status() != 200:
+            rc = self.proc.poll()
+            if rc is not None or time.monotonic() > deadline:
+                raise AssertionError(f"/ready not 200 after {timeout}s (exit code {rc}): "
+                                     f"{self.argv}\n--- server log ---\n{self.log()}")
+            time.sleep(0.02)
         return self
+
+    def ready_status(self):
+        """GET /ready on the health port: its status code, or None when it does not answer."""
+        import http.client
+        host, port = self.hostport("health")
+        if any(_norm_flag(a) == "secure_health_check" for a in self.argv if a.startswith("--")):
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(host, port, timeout=2, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            conn.request("GET", "/ready")
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
 
     # -- channels --
     def channel(self, kind="plaintext", root_pem=None, override="localhost", options=()):
