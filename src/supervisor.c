@@ -81,6 +81,7 @@ struct supervisor {
     pthread_mutex_t hup_lock;        /* the SIGHUP reload thread's state: */
     pthread_t reloader;
     bool reloader_running, reloader_joinable, reload_again;
+    _Atomic bool started;            /* every first worker serves: start-up is over */
     _Atomic bool draining;           /* from the first SIGTERM/SIGINT: /ready says 503 */
     char *packed;                    /* the current generation, packed */
     size_t packed_len;
@@ -630,7 +631,7 @@ static bool probe_live(void *arg)
 static bool probe_ready(void *arg)
 {
     struct supervisor *sv = arg;
-    if (atomic_load(&sv->draining) || stop_requested())
+    if (!atomic_load(&sv->started) || atomic_load(&sv->draining) || stop_requested())
         return false;
     return metrics_sum(offsetof(struct metrics, workers_serving)) -
                metrics_sum(offsetof(struct metrics, workers_stuck)) > 0;
@@ -861,6 +862,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         rc = 1;
         goto out;
     }
+    atomic_store(&sv.started, true);
     if (cfg->watch) {
         watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, reload, &sv, err, sizeof err);
         if (!watch)

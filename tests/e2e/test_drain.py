@@ -31,6 +31,8 @@ def http_status(server, path):
             if not chunk:
                 break
             data += chunk
+    if not data:
+        raise ConnectionResetError("closed without an answer")   # the server is exiting
     m = re.match(rb"HTTP/1\.1 (\d{3}) ", data)
     assert m, data
     return int(m.group(1))
