@@ -836,7 +836,8 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     /* The counters the load sets are then the shared ones. */
     sv.metrics_fd = sv.kids ? metrics_share(sv.n) : -1;
     if (sv.metrics_fd < 0) {
-        fprintf(stderr, "luacallout: %s\n", sv.kids ? "cannot share the metrics" : "out of memory");
+        fprintf(stderr, "luacallout: %s%s\n", sv.kids ? "cannot share the metrics: " : "out of memory",
+                sv.kids ? strerror(errno) : "");
         rc = 1;
         goto out;
     }

@@ -260,6 +260,7 @@ def test_a_drain_during_a_slow_reload_starts_at_once(servers):
     assert rc == 0, srv.log()
     assert took < 2.5, took
     assert "reloaded" not in srv.log()
+    assert re.search(r"exiting with a reload of \S+ still loading .* it is abandoned", srv.log()), srv.log()
 
 
 def test_supervisor_kill_after_follows_the_drain_timeout(servers):
