@@ -149,3 +149,11 @@ def test_draining_is_not_serving_and_watches_end_at_the_end_of_the_drain(servers
     took = time.monotonic() - t0
     assert 1.3 < took < 5, took
     assert srv.signal_and_wait(send=False) == 0, srv.log()
+
+
+def test_combined_health_check_leaves_grpc_health_only(servers):
+    srv = servers.start(SCRIPT, "--threads", "1", "--combined_health_check")
+    host, port = srv.hostport("health")
+    assert isinstance(h.connect_error(host, port), ConnectionRefusedError)
+    for kind in KINDS:
+        assert check(srv.health_stub(kind), "") == SERVING
