@@ -71,6 +71,10 @@ static const struct flag flags[] = {
      "answers a client has not read yet, per stream, in KiB (default 8192)"},
     {"max_queued_total_mb", FLAG_LIMIT, AT(max_queued_total_mb), "MB",
      "answers clients have not read yet, all streams together, in MiB (default 256)"},
+    {"drain_grace_ms", FLAG_LIMIT, AT(drain_grace_ms), "MS",
+     "after SIGTERM, keep accepting new streams this long, not ready (default 5000)"},
+    {"drain_timeout_ms", FLAG_LIMIT, AT(drain_timeout_ms), "MS",
+     "then let open streams finish this long before cancelling them (default 20000)"},
     {"unsafe_stdlib", FLAG_BOOL, AT(unsafe_stdlib), "",
      "give scripts os.exit, os.execute, io.popen, debug and binary chunks"},
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
@@ -132,6 +136,8 @@ static void set_defaults(struct config *cfg)
     cfg->stream_idle_timeout_ms = 300000;
     cfg->max_queued_kb = 8192;
     cfg->max_queued_total_mb = 256;
+    cfg->drain_grace_ms = 5000;
+    cfg->drain_timeout_ms = 20000;
 }
 
 static enum config_result fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

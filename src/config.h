@@ -36,6 +36,8 @@ struct config {
     int stream_idle_timeout_ms;     /* a stream with no message for this long ends; 0 = none */
     int max_queued_kb;              /* answers a client has not read yet, per stream */
     int max_queued_total_mb;        /* the same, summed over all streams */
+    int drain_grace_ms;             /* after SIGTERM: new streams still accepted this long */
+    int drain_timeout_ms;           /* then: open streams may finish this long */
     const char *worker_of;          /* set in worker processes: "slot,control fd,metrics fd" */
 };
 

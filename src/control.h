@@ -21,6 +21,9 @@ enum control_type {
     CONTROL_COMMIT = 6,      /* supervisor: serve the generation built last */
     CONTROL_ABORT = 7,       /* supervisor: drop it (another worker could not build it) */
     CONTROL_SERVING = 8,     /* worker: new streams now start on it */
+    CONTROL_DRAIN = 9,       /* supervisor: draining: health NOT_SERVING, still accepting */
+    CONTROL_STOP = 10,       /* supervisor: the grace is over: stop accepting, let open
+                              * streams finish for --drain_timeout_ms, cancel the rest, exit */
 };
 
 /* Writes one whole record, waiting as long as it takes. 0, or -1 (errno). */

@@ -24,6 +24,7 @@
 
 #include "config.h"
 #include "generation.h"
+#include "grpc_health.h"
 #include "log.h"
 #include "metrics.h"
 #include "stream.h"
@@ -39,8 +40,8 @@
 /* A handler running this long past its time budget is stuck in C code the budget cannot
  * interrupt: the watchdog reports it and liveness fails while it lasts. */
 #define WATCHDOG_MARGIN_MS 1000
-/* After the drain grace and the cancellation of what was left, how long shutdown waits for
- * the workers before it gives up on them. */
+/* After the drain timeout and the cancellation of what was left, how long shutdown waits
+ * for the workers before it gives up on them. */
 #define ABANDON_AFTER_MS 2000
 /* Request metadata of one call (HTTP/2 header list): Envoy sends a few hundred bytes plus
  * any initial_metadata its grpc_service sets; its own limit for HTTP requests is 60 KiB. */
@@ -113,7 +114,11 @@ static void on_new_call(struct tag *tag, bool ok)
     struct worker *w = r->worker;
     if (ok) {
         if (r->generic) {
-            stream_reject_unknown(r->call, &r->details.method);
+            enum grpc_health_method health = grpc_health_method_of(&r->details.method);
+            if (health != GRPC_HEALTH_NONE)
+                grpc_health_start(r->call, health, w->vms.current != NULL);
+            else
+                stream_reject_unknown(r->call, &r->details.method);
         } else {
             stream_start(r->call, generation_current(&w->vms));
         }
@@ -159,19 +164,45 @@ static int add_port(struct server *srv, const char *what, const char *address,
     return 0;
 }
 
+static gpr_timespec after_ms(int64_t ms)
+{
+    return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(ms, GPR_TIMESPAN));
+}
+
 /* Frees whatever server_start built, in the reverse order; safe on a partial server.
+ * Streams open get timeout_ms to end; gRPC health Watches end when the last stream has
+ * (or at the timeout), so a health checker hears NOT_SERVING until the server is gone.
  * -1 when streams did not end within ABANDON_AFTER_MS of their cancellation (a worker is
  * stuck in a handler): then nothing is freed, and the caller should exit. */
-static int teardown(struct server *srv, int grace_ms)
+static int teardown(struct server *srv, int timeout_ms)
 {
     atomic_store(&srv->stopping, true);
     if (srv->grpc) {
+        /* no new calls from now on: GOAWAY on every connection */
         grpc_server_shutdown_and_notify(srv->grpc, srv->shutdown_cq, srv);
-        gpr_timespec grace = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                          gpr_time_from_millis(grace_ms, GPR_TIMESPAN));
-        grpc_event ev = grpc_completion_queue_next(srv->shutdown_cq, grace, NULL);
+        gpr_timespec timeout = after_ms(timeout_ms);
+        bool watches_ended = false;
+        grpc_event ev;
+        for (;;) {
+            if (!watches_ended && stream_live_count() == 0) {
+                grpc_health_end_watches();
+                watches_ended = true;
+            }
+            /* in slices, to see the last stream end while Watches hold the server open */
+            gpr_timespec slice = after_ms(watches_ended ? 100 : 10);
+            if (gpr_time_cmp(slice, timeout) > 0)
+                slice = timeout;
+            ev = grpc_completion_queue_next(srv->shutdown_cq, slice, NULL);
+            if (ev.type != GRPC_QUEUE_TIMEOUT ||
+                gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), timeout) >= 0)
+                break;
+        }
         if (ev.type == GRPC_QUEUE_TIMEOUT) {
-            log_warn("shutdown: cancelling the calls still open after %d ms", grace_ms);
+            long open = stream_live_count();
+            if (open > 0)
+                log_warn("drain: cancelling the %ld stream%s still open after %d ms "
+                         "(--drain_timeout_ms)", open, open == 1 ? "" : "s", timeout_ms);
+            grpc_health_end_watches();
             grpc_server_cancel_all_calls(srv->grpc);
         }
         /* Cancelled calls still deliver their last events, and a stream may answer one
@@ -183,11 +214,11 @@ static int teardown(struct server *srv, int grace_ms)
         bool notified = ev.type != GRPC_QUEUE_TIMEOUT ||
                         grpc_completion_queue_next(srv->shutdown_cq, deadline, NULL).type ==
                             GRPC_OP_COMPLETE;
-        while (stream_live_count() > 0 &&
+        while (stream_live_count() + grpc_health_live_count() > 0 &&
                gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), deadline) < 0)
             gpr_sleep_until(gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                          gpr_time_from_millis(5, GPR_TIMESPAN)));
-        if (!notified || stream_live_count() > 0) {
+        if (!notified || stream_live_count() + grpc_health_live_count() > 0) {
             int stuck = server_stuck_workers(srv, NULL);
             if (stuck)
                 log_error("shutdown: %ld streams did not end within %d ms of their "
@@ -433,9 +464,15 @@ fail:
     return NULL;
 }
 
-int server_stop(struct server *srv, int grace_ms)
+void server_drain(struct server *srv)
 {
-    return teardown(srv, grace_ms);
+    (void)srv;
+    grpc_health_set_serving(false);
+}
+
+int server_stop(struct server *srv, int timeout_ms)
+{
+    return teardown(srv, timeout_ms);
 }
 
 static uint64_t now_ns(void)

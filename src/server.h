@@ -32,12 +32,16 @@ void server_discard(struct server *srv, struct vm **vms);
  * connections keep theirs. A no-op without a TLS port. 0, or -1 when out of memory. */
 int server_set_identity(struct server *srv, const struct tls_identity *id);
 
-/* Stops accepting calls, lets calls in flight finish for up to `grace_ms`, cancels the
- * rest, joins the workers and frees everything: 0. When streams did not end within 2 s of
+/* The drain has begun: gRPC health answers NOT_SERVING (open Watches hear it); streams
+ * are still accepted. */
+void server_drain(struct server *srv);
+
+/* Stops accepting calls (GOAWAY), lets calls in flight finish for up to `timeout_ms`,
+ * cancels the rest, joins the workers and frees everything: 0. When streams did not end within 2 s of
  * their cancellation, gives up on them without freeing anything, and the process should
  * exit: -1 when a worker is stuck in a handler (a failure), -2 when no worker is and the
  * streams are held by the transport (clients that stopped reading). */
-int server_stop(struct server *srv, int grace_ms);
+int server_stop(struct server *srv, int timeout_ms);
 
 /* The control thread's periodic work (every 100 ms or so): builds the spare VMs workers
  * asked for, and runs the watchdog, which logs (once per call) and counts a worker stuck

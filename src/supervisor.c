@@ -45,9 +45,9 @@
 #define RELOAD_ACK_MS 10000
 /* A worker that dies this soon after it started is started again only after this long. */
 #define RESTART_BACKOFF_MS 1000
-/* After SIGTERM, how long workers get to stop (their 5 s grace, 2 s to abandon, margin)
- * before they are killed. */
-#define STOP_TIMEOUT_MS 10000
+/* After the drain timeout, how long workers get to cancel what is left and exit (their 2 s
+ * to abandon streams that do not end, and a margin) before they are killed. */
+#define STOP_MARGIN_MS 5000
 /* A worker whose main thread has not ticked (every 100 ms) for this long is not coming
  * back by itself (SIGSTOP, a kernel hang): it is killed and replaced, so that the
  * connections the kernel keeps handing it are served by a worker that answers. */
@@ -80,6 +80,12 @@ struct supervisor {
     struct tls_source tls_src;       /* where it is read from again (reload_tls) */
     struct admin *admin;             /* the health listener, which serves it too */
     pthread_mutex_t lock;            /* reloads (watch thread) against restarts (main) */
+    pthread_mutex_t reload_lock;     /* one reload at a time (the load runs outside lock) */
+    pthread_mutex_t hup_lock;        /* the SIGHUP reload thread's state: */
+    pthread_t reloader;
+    bool reloader_running, reloader_joinable, reload_again;
+    _Atomic bool started;            /* every first worker serves: start-up is over */
+    _Atomic bool draining;           /* from the first SIGTERM/SIGINT: /ready says 503 */
     char *packed;                    /* the current generation, packed */
     size_t packed_len;
     uint64_t generation;
@@ -272,7 +278,7 @@ static int await(struct supervisor *sv, int slot, uint32_t want, uint64_t attemp
     for (;;) {
         uint64_t now = now_ms(CLOCK_MONOTONIC);
         char why[128];
-        if (stop_requested()) {
+        if (stop_requested() || atomic_load(&sv->draining)) {
             snprintf(err, errlen, "the server is stopping");
             return -2;
         }
@@ -474,18 +480,29 @@ static void reload(void *arg)
 {
     struct supervisor *sv = arg;
     char err[1024];
-    pthread_mutex_lock(&sv->lock);
+    pthread_mutex_lock(&sv->reload_lock);
+    if (atomic_load(&sv->draining)) {
+        pthread_mutex_unlock(&sv->reload_lock);
+        return;
+    }
     uint64_t t0 = now_us();
-    uint64_t generation = sv->generation + 1;
-    uint64_t attempt = ++sv->attempt;
+    uint64_t generation = sv->generation + 1;   /* only reloads change it, one at a time */
     struct loaded l = {0};
+    /* The load runs the top level, which may take its whole budget (or block in a C call,
+     * without one): not under sv->lock, which the main thread takes to restart workers and
+     * to drain. */
+    int loaded = load(sv, generation, &l, err, sizeof err);
+    pthread_mutex_lock(&sv->lock);
+    uint64_t attempt = ++sv->attempt;
     char tag[24];
     snprintf(tag, sizeof tag, "%llu", (unsigned long long)attempt);
     if (sv->stopping) {
+        free(l.packed);
         pthread_mutex_unlock(&sv->lock);
+        pthread_mutex_unlock(&sv->reload_lock);
         return;
     }
-    if (load(sv, generation, &l, err, sizeof err) != 0)
+    if (loaded != 0)
         goto failed;
     atomic_store(&metrics->reload_in_progress, 1);
     char *record = malloc(l.len + 8);
@@ -528,12 +545,70 @@ static void reload(void *arg)
              sv->cfg->script_path, (unsigned long long)generation,
              (unsigned long long)(now_us() - t0));
     pthread_mutex_unlock(&sv->lock);
+    pthread_mutex_unlock(&sv->reload_lock);
     return;
 failed:
     atomic_fetch_add(&metrics->reload_failures_total, 1);
     log_error("reload of %s failed, still serving generation %llu: %s", sv->cfg->script_path,
               (unsigned long long)(generation - 1), err);
     pthread_mutex_unlock(&sv->lock);
+    pthread_mutex_unlock(&sv->reload_lock);
+}
+
+/* SIGHUP's reload runs on a thread of its own, so that the main thread goes on taking
+ * signals (a SIGTERM during a slow top level starts the drain at once) and restarting
+ * workers. A SIGHUP during a reload asks for one more after it. */
+static void *reloader_main(void *arg)
+{
+    struct supervisor *sv = arg;
+    for (;;) {
+        reload(sv);
+        pthread_mutex_lock(&sv->hup_lock);
+        bool again = sv->reload_again && !atomic_load(&sv->draining);
+        sv->reload_again = false;
+        sv->reloader_running = again;
+        pthread_mutex_unlock(&sv->hup_lock);
+        if (!again)
+            return NULL;
+    }
+}
+
+static void reload_in_background(struct supervisor *sv)
+{
+    pthread_mutex_lock(&sv->hup_lock);
+    if (sv->reloader_running) {
+        sv->reload_again = true;
+        log_info("SIGHUP received: a reload is under way; reloading %s again after it",
+                 sv->cfg->script_path);
+    } else {
+        if (sv->reloader_joinable)
+            pthread_join(sv->reloader, NULL);
+        sv->reloader_joinable = false;
+        log_info("SIGHUP received: reloading %s", sv->cfg->script_path);
+        int e = pthread_create(&sv->reloader, NULL, reloader_main, sv);
+        if (e == 0)
+            sv->reloader_running = sv->reloader_joinable = true;
+        else
+            log_error("cannot reload: no thread for it: %s", strerror(e));
+    }
+    pthread_mutex_unlock(&sv->hup_lock);
+}
+
+/* At exit: true when a reload is still loading (its top level blocked in a C call, say),
+ * which nothing can interrupt: the caller then exits without waiting for it. Otherwise
+ * the SIGHUP thread is joined (it finds the drain and returns). */
+static bool reload_abandoned(struct supervisor *sv)
+{
+    if (pthread_mutex_trylock(&sv->reload_lock) != 0)
+        return true;
+    pthread_mutex_unlock(&sv->reload_lock);
+    pthread_mutex_lock(&sv->hup_lock);
+    bool joinable = sv->reloader_joinable;
+    sv->reloader_joinable = false;
+    pthread_mutex_unlock(&sv->hup_lock);
+    if (joinable)
+        pthread_join(sv->reloader, NULL);
+    return false;
 }
 
 /* SIGHUP, and --watch when a TLS file changes: the certificate, key and client CA bundle
@@ -621,7 +696,9 @@ static bool stop_requested(void)
 /* ---- health --------------------------------------------------------------------------- */
 
 /* Liveness fails while a worker is stuck in a handler past its budget (the watchdog);
- * readiness while no worker is serving and unstuck. Health listener's thread. */
+ * readiness before the first workers serve, while no worker is serving and unstuck, and
+ * from the moment a SIGTERM or SIGINT is pending (even before the main thread, busy
+ * starting workers, takes it) to the exit. Health listener's thread. */
 static bool probe_live(void *arg)
 {
     (void)arg;
@@ -630,27 +707,76 @@ static bool probe_live(void *arg)
 
 static bool probe_ready(void *arg)
 {
-    (void)arg;
+    struct supervisor *sv = arg;
+    if (!atomic_load(&sv->started) || atomic_load(&sv->draining) || stop_requested())
+        return false;
     return metrics_sum(offsetof(struct metrics, workers_serving)) -
                metrics_sum(offsetof(struct metrics, workers_stuck)) > 0;
 }
 
 /* ---- stopping ------------------------------------------------------------------------- */
 
-/* SIGTERM to every worker, then waits for them; kills what is left after STOP_TIMEOUT_MS.
- * 3 when a worker exited with 3 (a stuck handler) or had to be killed, else 0. */
+static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
+
+/* SIGTERM or SIGINT: the drain's first step (docs/operations.md, Drain). /ready answers 503
+ * from now on and every worker is told, so that its gRPC health says NOT_SERVING; streams
+ * are still accepted for --drain_grace_ms, the time a load balancer (Kubernetes'
+ * endpoints, Envoy's health checker) takes to stop sending new ones. A second signal ends
+ * the grace at once. stop_workers is the next step. Main thread. */
+static void drain(struct supervisor *sv, int sig, const sigset_t *waited)
+{
+    uint64_t t0 = now_ms(CLOCK_MONOTONIC);
+    atomic_store(&sv->draining, true);
+    int grace = sv->cfg->drain_grace_ms;
+    log_info("drain: %s received: /ready answers 503 and gRPC health NOT_SERVING; new streams "
+             "are still accepted for %d ms (--drain_grace_ms)", signal_name(sig), grace);
+    pthread_mutex_lock(&sv->lock);   /* a reload in its worker round gives up first */
+    sv->stopping = true;             /* no reload, no worker started again */
+    tell_all(sv, CONTROL_DRAIN, "", 0);
+    pthread_mutex_unlock(&sv->lock);
+    for (;;) {
+        uint64_t now = now_ms(CLOCK_MONOTONIC);
+        if (now >= t0 + (uint64_t)grace)
+            break;
+        uint64_t left = t0 + (uint64_t)grace - now;
+        struct timespec tick = {.tv_sec = 0,
+                                .tv_nsec = (long)(left < TICK_MS ? left : TICK_MS) * 1000000L};
+        int again = sigtimedwait(waited, NULL, &tick);
+        if (again == SIGTERM || again == SIGINT) {
+            log_info("drain: second signal (%s): the grace ends now, after %llu of %d ms",
+                     signal_name(again), (unsigned long long)(now_ms(CLOCK_MONOTONIC) - t0),
+                     grace);
+            break;
+        }
+        if (again == SIGHUP)
+            log_info("drain: SIGHUP ignored: the server is draining");
+        reap_and_restart(sv);
+    }
+}
+
+/* The drain's last steps: every worker stops accepting (GOAWAY), gives its open streams up
+ * to --drain_timeout_ms, cancels the rest and exits; what is left STOP_MARGIN_MS after that
+ * is killed. 3 when a worker exited with 3 (a stuck handler) or had to be killed, else 0. */
 static int stop_workers(struct supervisor *sv)
 {
+    int timeout = sv->cfg->drain_timeout_ms;
     pthread_mutex_lock(&sv->lock);
     sv->stopping = true;
-    pthread_mutex_unlock(&sv->lock);
-    int rc = 0;
+    bool any = false;
+    for (int i = 0; i < sv->n; i++)
+        any |= sv->kids[i].pid != 0;
+    if (any)
+        log_info("drain: no new streams from now on (GOAWAY); open streams have %d ms to "
+                 "finish (--drain_timeout_ms)", timeout);
     for (int i = 0; i < sv->n; i++)
         if (sv->kids[i].pid) {
-            kill(sv->kids[i].pid, SIGTERM);
-            kill(sv->kids[i].pid, SIGCONT);   /* a stopped worker handles it too */
+            control_send(sv->kids[i].ctl, CONTROL_STOP, "", 0);
+            kill(sv->kids[i].pid, SIGCONT);   /* a stopped worker reads it too */
         }
-    uint64_t deadline = now_ms(CLOCK_MONOTONIC) + STOP_TIMEOUT_MS;
+    pthread_mutex_unlock(&sv->lock);
+    int rc = 0;
+    uint64_t t0 = now_ms(CLOCK_MONOTONIC);
+    uint64_t deadline = t0 + (uint64_t)timeout + STOP_MARGIN_MS;
     bool killed = false;
     for (;;) {
         int left = 0;
@@ -676,8 +802,9 @@ static int stop_workers(struct supervisor *sv)
         if (!left)
             break;
         if (!killed && now_ms(CLOCK_MONOTONIC) > deadline) {
-            log_error("shutdown: %d worker%s did not stop within %d ms; killing %s", left,
-                      left == 1 ? "" : "s", STOP_TIMEOUT_MS, left == 1 ? "it" : "them");
+            log_error("drain: %d worker%s did not stop within %d ms; killing %s", left,
+                      left == 1 ? "" : "s", timeout + STOP_MARGIN_MS,
+                      left == 1 ? "it" : "them");
             for (int i = 0; i < sv->n; i++)
                 if (sv->kids[i].pid)
                     kill(sv->kids[i].pid, SIGKILL);
@@ -687,6 +814,9 @@ static int stop_workers(struct supervisor *sv)
         struct timespec pause = {0, 10 * 1000000L};
         nanosleep(&pause, NULL);
     }
+    if (any)
+        log_info("drain: every worker has stopped, %llu ms after the grace",
+                 (unsigned long long)(now_ms(CLOCK_MONOTONIC) - t0));
     return rc;
 }
 
@@ -698,12 +828,6 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
     sv->identity = tls_identity_pack(id, &sv->identity_len);
     if (!sv->identity) {
         snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-    /* first: the counters the load sets are then the shared ones */
-    sv->metrics_fd = metrics_share(sv->n);
-    if (sv->metrics_fd < 0) {
-        snprintf(err, errlen, "cannot share the metrics: %s", strerror(errno));
         return -1;
     }
     struct loaded first = {0};
@@ -791,21 +915,23 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
                             .metrics_fd = -1, .n = cfg->threads, .tls = &id,
                             .tls_src = tls_src};
     pthread_mutex_init(&sv.lock, NULL);
+    pthread_mutex_init(&sv.reload_lock, NULL);
+    pthread_mutex_init(&sv.hup_lock, NULL);
     sv.kids = calloc((size_t)sv.n, sizeof *sv.kids);
     find_exe(&sv);
     int rc = 0;
     struct admin *admin = NULL;
     struct watch *watch = NULL, *tls_watch = NULL;
-    int started = sv.kids ? start(&sv, &id, err, sizeof err) : -1;
-    if (started == -2) {
-        log_info("signal received during start-up: shutting down");
-        goto out;
-    }
-    if (started != 0) {
-        fprintf(stderr, "luacallout: %s\n", sv.kids ? err : "out of memory");
+    /* The counters the load sets are then the shared ones. */
+    sv.metrics_fd = sv.kids ? metrics_share(sv.n) : -1;
+    if (sv.metrics_fd < 0) {
+        fprintf(stderr, "luacallout: %s%s\n", sv.kids ? "cannot share the metrics: " : "out of memory",
+                sv.kids ? strerror(errno) : "");
         rc = 1;
         goto out;
     }
+    /* The health listener before the first load: while a slow top level runs, a probe
+     * hears /ready 503, not a refused connection. */
     struct admin_probes probes = {.live = probe_live, .ready = probe_ready, .ud = &sv};
     if (!cfg->combined_health_check) {
         admin = admin_start(cfg->health_address, cfg->secure_health_check ? &id : NULL, &probes,
@@ -817,6 +943,17 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         }
     }
     sv.admin = admin;
+    int started = start(&sv, &id, err, sizeof err);
+    if (started == -2) {
+        log_info("signal received during start-up: shutting down");
+        goto out;
+    }
+    if (started != 0) {
+        fprintf(stderr, "luacallout: %s\n", err);
+        rc = 1;
+        goto out;
+    }
+    atomic_store(&sv.started, true);
     if (cfg->watch) {
         watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, reload, &sv, err, sizeof err);
         if (!watch)
@@ -826,31 +963,40 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
 
     sigset_t waited;
     supervisor_signals(&waited);
+    int sig;
     for (;;) {
         struct timespec tick = {.tv_sec = 0, .tv_nsec = TICK_MS * 1000000L};
-        int sig = sigtimedwait(&waited, NULL, &tick);
+        sig = sigtimedwait(&waited, NULL, &tick);
+        if (sig == SIGTERM || sig == SIGINT)
+            break;   /* the drain starts before anything else */
         reap_and_restart(&sv);
-        if (sig <= 0 || sig == SIGCHLD)
-            continue;
         if (sig == SIGHUP) {
-            log_info("SIGHUP received: reloading %s", cfg->script_path);
-            reload(&sv);
-            reload_tls(&sv);
-            continue;
+            reload_in_background(&sv);   /* the script, on its own thread */
+            reload_tls(&sv);             /* the certificates: a quick read of files */
         }
-        log_info("signal %d received: shutting down", sig);
-        break;
     }
+    drain(&sv, sig, &waited);
 out:
-    watch_stop(watch);
-    watch_stop(tls_watch);
-    if (admin)
-        admin_stop(admin);
+    atomic_store(&sv.draining, true);
     if (sv.kids) {
         int stopped = stop_workers(&sv);
         if (!rc)
             rc = stopped;
     }
+    /* the health port answers (ready 503, live 200) until every worker is gone */
+    if (admin)
+        admin_stop(admin);
+    if (reload_abandoned(&sv)) {
+        log_warn("exiting with a reload of %s still loading (its top level does not "
+                 "return); it is abandoned", cfg->script_path);
+        if (rc == 3)
+            log_error("stopped, abandoning streams a stuck worker still held");
+        else
+            log_info("stopped");
+        _exit(rc);
+    }
+    watch_stop(watch);
+    watch_stop(tls_watch);
     for (int i = 0; i < 2; i++)
         if (sv.held[i] >= 0)
             close(sv.held[i]);
@@ -862,6 +1008,8 @@ out:
     }
     tls_identity_free(&id);
     pthread_mutex_destroy(&sv.lock);
+    pthread_mutex_destroy(&sv.reload_lock);
+    pthread_mutex_destroy(&sv.hup_lock);
     if (rc == 3)
         log_error("stopped, abandoning streams a stuck worker still held");
     else if (rc == 0)

@@ -2,8 +2,8 @@
  * starts one worker process per --threads (worker.h: each runs its own grpc server on the
  * shared ports, so no two workers ever contend for a poller or a lock), serves health and
  * metrics, reloads every worker with the same generation, starts a worker again when one
- * dies, and stops them all on SIGTERM. grpc is never initialised here, so forking is
- * safe. */
+ * dies, and drains and stops them all on SIGTERM (supervisor.c, drain). grpc is never
+ * initialised here, so forking is safe. */
 #ifndef LUACALLOUT_SUPERVISOR_H
 #define LUACALLOUT_SUPERVISOR_H
 

@@ -27,8 +27,6 @@
 #include "stream.h"
 #include "tls.h"
 
-/* After SIGTERM: how long calls in flight may go on before they are cancelled. */
-#define SHUTDOWN_GRACE_MS 5000
 /* How often the main thread runs the watchdog and builds spare VMs. */
 #define TICK_MS 100
 /* The first records arrive right after exec; a supervisor that sends nothing is broken. */
@@ -196,14 +194,23 @@ int worker_run(const struct config *given)
     int sfd = signalfd(-1, &stop, SFD_CLOEXEC);
     struct vm **prepared = NULL;
     uint64_t prepared_attempt = 0;
+    /* The drain is the supervisor's to time (supervisor.c, drain): DRAIN, then STOP. A
+     * SIGTERM of our own (a service manager signalling the whole group) only drains: the
+     * supervisor, which has it too, says when to stop. */
+    bool draining = false;
     for (;;) {
         atomic_store(&metrics->heartbeat_ms, now_ms());
         struct pollfd pfd[2] = {{.fd = ctl, .events = POLLIN}, {.fd = sfd, .events = POLLIN}};
         int r = poll(pfd, 2, TICK_MS);
         if (r < 0 && errno != EINTR)
             break;
-        if (r > 0 && (pfd[1].revents & POLLIN))
-            break;
+        bool drain = false;
+        if (r > 0 && (pfd[1].revents & POLLIN)) {
+            struct signalfd_siginfo si;
+            if (read(sfd, &si, sizeof si) != (ssize_t)sizeof si)
+                break;
+            drain = true;
+        }
         if (r > 0 && (pfd[0].revents & (POLLIN | POLLHUP | POLLERR))) {
             uint32_t type;
             char *data;
@@ -212,10 +219,20 @@ int worker_run(const struct config *given)
                 log_error("worker %d: the supervisor went away; stopping", slot);
                 break;
             }
+            if (type == CONTROL_STOP) {
+                free(data);
+                break;
+            }
+            drain |= type == CONTROL_DRAIN;
             atomic_store(&metrics->building_since_ms, now_ms());
             follow(srv, ctl, type, data, len, &prepared, &prepared_attempt);
             atomic_store(&metrics->building_since_ms, 0);
             free(data);
+        }
+        if (drain && !draining) {
+            draining = true;
+            server_drain(srv);
+            log_debug("worker %d: draining: gRPC health NOT_SERVING", slot);
         }
         atomic_store(&metrics->building_since_ms, now_ms());   /* a spare may be built */
         server_tick(srv);
@@ -223,7 +240,7 @@ int worker_run(const struct config *given)
     }
     atomic_store(&metrics->workers_serving, 0);
     server_discard(srv, prepared);
-    int stopped = server_stop(srv, SHUTDOWN_GRACE_MS);
+    int stopped = server_stop(srv, cfg.drain_timeout_ms);
     if (stopped == -1)
         _exit(3);
     if (stopped == -2)

@@ -1,7 +1,8 @@
 /* worker.h — the main thread of a worker process: started by the supervisor (exec of the
  * same binary with --worker_of), it receives the TLS identity and the generation to serve
  * over its control socket, runs one server (server.h) and follows the supervisor's
- * reloads until SIGTERM or the supervisor goes away. */
+ * reloads and drain (DRAIN: health NOT_SERVING; STOP: stop accepting, finish, exit) until
+ * it stops or the supervisor goes away. */
 #ifndef LUACALLOUT_WORKER_H
 #define LUACALLOUT_WORKER_H
 

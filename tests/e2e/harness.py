@@ -40,8 +40,9 @@ METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
 
 
 # --------------------------------------------------------------------------------------------
-# Python stubs, generated once from proto/ (envoy/** only: google/protobuf comes from the
-# protobuf package itself). Keyed by a hash of the protos so a proto change regenerates;
+# Python stubs, generated once from proto/ (envoy/** and grpc/health/v1: google/protobuf
+# comes from the protobuf package itself; the health stubs are top-level modules,
+# health_pb2 and health_pb2_grpc, so that they cannot clash with the grpc package). Keyed by a hash of the protos so a proto change regenerates;
 # generated into a private tmp dir and renamed into place, so concurrent ctest runs never see
 # a half-written tree.
 # --------------------------------------------------------------------------------------------
@@ -79,6 +80,11 @@ def ensure_stubs():
                               f"--grpc_python_out={tmp}", *files])
             if rc != 0:
                 raise RuntimeError(f"grpc_tools.protoc failed ({rc}) on {files}")
+            health = PROTO_DIR / "grpc" / "health" / "v1"
+            rc = protoc.main(["grpc_tools.protoc", f"-I{health}", f"--python_out={tmp}",
+                              f"--grpc_python_out={tmp}", "health.proto"])
+            if rc != 0:
+                raise RuntimeError(f"grpc_tools.protoc failed ({rc}) on {health}/health.proto")
             # Regular packages, so that no other 'envoy' on sys.path can shadow ours.
             for d in [tmp / "envoy", *(p for p in (tmp / "envoy").rglob("*") if p.is_dir())]:
                 (d / "__init__.py").touch()
@@ -104,6 +110,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb  # noqa: E402
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc  # noqa: E402
 from envoy.type.v3 import http_status_pb2  # noqa: E402,F401
 from google.protobuf import struct_pb2  # noqa: E402,F401
+import health_pb2  # noqa: E402
+import health_pb2_grpc  # noqa: E402
 
 assert pb.ProcessingRequest.DESCRIPTOR.fields_by_name["metadata_context"].message_type \
     is base_pb2.Metadata.DESCRIPTOR
@@ -523,7 +531,34 @@ class Server:
                 raise AssertionError(f"listeners {sorted(pending)} not accepting after {timeout}s: "
                                      f"{self.argv}\n--- server log ---\n{self.log()}")
             time.sleep(0.02)
+        # The health port opens before the script is loaded and a gRPC port accepts once
+        # the first worker listens: ready means /ready says so (every worker serves).
+        while "health" in self.enabled and self.ready_status() != 200:
+            rc = self.proc.poll()
+            if rc is not None or time.monotonic() > deadline:
+                raise AssertionError(f"/ready not 200 after {timeout}s (exit code {rc}): "
+                                     f"{self.argv}\n--- server log ---\n{self.log()}")
+            time.sleep(0.02)
         return self
+
+    def ready_status(self):
+        """GET /ready on the health port: its status code, or None when it does not answer."""
+        import http.client
+        host, port = self.hostport("health")
+        if any(_norm_flag(a) == "secure_health_check" for a in self.argv if a.startswith("--")):
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            conn = http.client.HTTPSConnection(host, port, timeout=2, context=ctx)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=2)
+        try:
+            conn.request("GET", "/ready")
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None
+        finally:
+            conn.close()
 
     # -- channels --
     def channel(self, kind="plaintext", root_pem=None, override="localhost", options=()):
@@ -545,6 +580,10 @@ class Server:
 
     def stub(self, kind="plaintext", **kw):
         return pb_grpc.ExternalProcessorStub(self.channel(kind, **kw))
+
+    def health_stub(self, kind="plaintext", **kw):
+        """grpc.health.v1.Health on the plaintext or the TLS ("tls") gRPC port."""
+        return health_pb2_grpc.HealthStub(self.channel(kind, **kw))
 
     def alive(self):
         return self.proc.poll() is None
@@ -631,6 +670,11 @@ class ServerFactory:
                 continue
             f = flag(names[l], dashed)
             args += [f"{f}={a}"] if equals else [f, a]
+        # No drain grace and a short drain timeout unless a test asks: teardown SIGTERMs
+        # every server and expects a quick exit.
+        for name, value in (("drain_grace_ms", "0"), ("drain_timeout_ms", "5000")):
+            if name not in norm:
+                args += [flag(name, dashed), value]
         args += list(extra)
         args.append(str(script))
         addrs = {l: a for l, a in addrs.items() if a is not None}
