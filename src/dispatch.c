@@ -541,12 +541,6 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         }
     } else if (c.status == PBCONV_BAD) {
         outcome = METRICS_BAD_RETURN;
-        log_error("stream %" PRIu64 ": %s", st->id, c.err);
-        if (!observe)
-            fail(s, reply, GRPC_STATUS_INTERNAL, c.err, strlen(c.err));
-    } else if (c.status == PBCONV_NOMEM) {
-        outcome = METRICS_MEMORY;
-        log_error("stream %" PRIu64 ": out of memory building the response", st->id);
         if (c.line > 0) {
             lf.script = c.script;
             lf.line = c.line;
@@ -555,6 +549,7 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         if (!observe)
             fail(s, reply, GRPC_STATUS_INTERNAL, c.err, strlen(c.err));
     } else if (c.status == PBCONV_NOMEM) {
+        outcome = METRICS_MEMORY;
         log_with(LOG_ERROR, &lf, "out of memory building the response");
         if (!observe)
             fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
@@ -568,7 +563,6 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         reply->outcome = DISPATCH_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */
     } else if (pack(s, c.resps, c.n, reply) != 0) {
         outcome = METRICS_MEMORY;
-        log_error("stream %" PRIu64 ": out of memory packing the response", st->id);
         log_with(LOG_ERROR, &lf, "out of memory packing the response");
         fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
     }
