@@ -616,3 +616,19 @@ def test_supervisor_as_pid1_reaps_orphans_and_stops_on_sigterm(servers):
             srv.proc.kill()
             srv.proc.wait()
         srv.signal_and_wait(send=False)
+
+
+# --------------------------------------------------------------------------------------------
+# The guide
+# --------------------------------------------------------------------------------------------
+
+def test_guide_is_linked_and_covers_every_file():
+    assert "(docs/deploy.md)" in (h.SRC / "README.md").read_text()
+    guide = (h.SRC / "docs" / "deploy.md").read_text()
+    for p in sorted(DEPLOY.rglob("*")):
+        if p.is_file() and p.name != "Dockerfile.dockerignore" and p.parent != K8S:
+            assert p.relative_to(h.SRC).as_posix() in guide, f"docs/deploy.md does not mention {p}"
+    assert "deploy/kubernetes/" in guide
+    for topic in ("Service Extensions", "route extension", "traffic extension", "/ready",
+                  "HTTP2", "H2C", "message_timeout", "failure_mode_allow"):
+        assert topic in guide, topic
