@@ -515,6 +515,33 @@ def test_deploy_files_use_real_flags():
     assert not unknown, f"flags the binary does not have: {sorted(unknown)}"
 
 
+def test_deployment_and_unit_arguments_are_accepted(tmp_path):
+    """The binary takes the Deployment's and the unit's command lines as they are (values
+    included), with --check: a typo or a bad value fails here, not in a pod."""
+    known = help_flags()
+    script = h.SRC / "examples" / "basic.lua"
+
+    def runnable(argv):
+        out = []
+        for a in argv:
+            if a.endswith(".lua") or a.startswith("$"):
+                continue
+            name = a[2:].partition("=")[0].replace("-", "_")
+            if name in PENDING_FLAGS and name not in known:
+                continue
+            out.append(a)
+        return out
+
+    _, c = deployment_container()
+    unit = shlex.split(unit_settings()["ExecStart"][0])[1:]
+    for argv in (c["args"], unit):
+        args = runnable(argv)
+        assert all("=" in a or flags_in([a])[a[2:].replace("-", "_")] is True for a in args), \
+            f"write flags with values as --name=value: {args}"
+        code, out, err = h.ServerFactory(tmp_path).run_to_exit(["--check", *args, script])
+        assert code == 0, f"{args}: {err or out}"
+
+
 # --------------------------------------------------------------------------------------------
 # The HEALTHCHECK probe against a real server
 # --------------------------------------------------------------------------------------------
@@ -606,7 +633,9 @@ def test_supervisor_as_pid1_reaps_orphans_and_stops_on_sigterm(servers):
                  if l.startswith("NSpid:")][0].split()
         assert nspid[-1] == "1", f"the supervisor is not PID 1 of its namespace: {nspid}"
 
-        h.process(srv.stub(), [h.headers_req("request_headers", [(":path", "/")])])
+        with h.grpc.insecure_channel(srv.target("plaintext")) as ch:
+            h.process(h.pb_grpc.ExternalProcessorStub(ch),
+                      [h.headers_req("request_headers", [(":path", "/")])])
         # the orphan is re-parented to the supervisor while it sleeps ...
         orphan = h.wait_for(lambda: [p for p, c, _ in _children(sup) if c == "sleep"], 5,
                             "the orphaned sleep to be re-parented to PID 1")[0]
@@ -618,7 +647,7 @@ def test_supervisor_as_pid1_reaps_orphans_and_stops_on_sigterm(servers):
         os.kill(sup, signal.SIGTERM)        # from outside, as the container runtime sends it
         rc = srv.proc.wait(h.STOP_TIMEOUT)
         assert rc == 0, f"exit status {rc} after SIGTERM\n{srv.log()}"
-        assert "shutting down" in srv.log()
+        assert re.search(r"SIGTERM|signal 15", srv.log()) and "stopped" in srv.log(), srv.log()
         san = h.sanitizer_report(srv.log())
         assert not san, san
     finally:
