@@ -34,10 +34,6 @@ DRAIN_DEFAULTS = {"drain_grace_ms": 5000, "drain_timeout_ms": 20000}
 WORKER_KILL_MS = 5000
 SCRIPT_TIMEOUT_DEFAULT_MS = 200
 
-# Flags the deploy files use that arrive with the other parts of issue 12 (drain, logs,
-# mTLS). Until those are merged `--help` does not list them; once it does, this set can go.
-PENDING_FLAGS = {"drain_grace_ms", "drain_timeout_ms", "log_format", "client_ca_path",
-                 "cert_hostnames"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,7 +507,7 @@ def test_deploy_files_use_real_flags():
     used = set(flags_in(c["args"]))
     used |= set(flags_in(shlex.split(unit_settings()["ExecStart"][0])))
     known = help_flags()
-    unknown = used - known - PENDING_FLAGS
+    unknown = used - known
     assert not unknown, f"flags the binary does not have: {sorted(unknown)}"
 
 
@@ -525,9 +521,6 @@ def test_deployment_and_unit_arguments_are_accepted(tmp_path):
         out = []
         for a in argv:
             if a.endswith(".lua") or a.startswith("$"):
-                continue
-            name = a[2:].partition("=")[0].replace("-", "_")
-            if name in PENDING_FLAGS and name not in known:
                 continue
             out.append(a)
         return out
