@@ -1,6 +1,7 @@
 /* config.c — command-line flags to struct config. Flag names follow the Python
  * service-extensions SDK (`--secure_address` ...); dashed spellings are accepted too. */
 #include "config.h"
+#include "cpus.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -80,7 +81,7 @@ static const struct flag flags[] = {
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
      "benchmark baseline: answer every message with a fixed response, no Lua"},
     {"threads", FLAG_INT, AT(threads), "N",
-     "worker processes, one serving thread each (default: number of cores)"},
+     "worker processes, one serving thread each (default: the CPUs this process may use, affinity and cgroup quota)"},
     {"log_level", FLAG_LEVEL, AT(log_level), "LEVEL", "debug, info, warn or error (default info)"},
     {"log_format", FLAG_LOG_FORMAT, AT(log_format), "FORMAT",
      "text (default) or json: one JSON object per line (docs/operations.md, Logs)"},
@@ -124,8 +125,7 @@ static void set_defaults(struct config *cfg)
     cfg->secure_address = "0.0.0.0:8443";
     cfg->plaintext_address = "0.0.0.0:8080";
     cfg->health_address = "0.0.0.0:8000";
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    cfg->threads = cores > 0 ? (int)cores : 1;
+    cfg->threads = cpus_available();
     cfg->log_level = LOG_INFO;
     cfg->script_timeout_ms = 200;
     cfg->script_memory_mb = 64;

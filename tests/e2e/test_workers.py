@@ -278,3 +278,15 @@ def test_sigterm_during_a_reload_stuck_on_a_stopped_worker_is_prompt(servers):
     rc = srv.signal_and_wait(signal.SIGTERM)
     assert rc == 0, srv.log()
     assert time.monotonic() - t0 < 3, srv.log()
+
+
+def test_default_threads_follow_the_cpus_the_process_may_use(servers):
+    """Without --threads, one worker per CPU the process may run on (affinity here; a
+    cgroup quota the same way), not one per CPU of the host."""
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    srv = servers.start(servers.script(TAGGED % {"tag": "a"}),
+                        preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    wait_for(lambda: len(workers(srv)) == 1, 5, "1 worker")
+    assert metric(srv, "luacallout_workers_serving") == 1
+    assert ask(srv.target("plaintext")) == "a"
+    assert len(workers(srv)) == 1
