@@ -10,38 +10,39 @@
 
 /* ---- strings and headers ---------------------------------------------------------------- */
 
-bool checks_utf8_valid(const char *str, size_t len)
+size_t checks_utf8_seq(const char *str, size_t n)
 {
     const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-    while (i < len) {
-        unsigned char b = s[i];
-        if (b < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        uint32_t cp, min;
-        if ((b & 0xe0) == 0xc0) {
-            n = 2, cp = b & 0x1f, min = 0x80;
-        } else if ((b & 0xf0) == 0xe0) {
-            n = 3, cp = b & 0x0f, min = 0x800;
-        } else if ((b & 0xf8) == 0xf0) {
-            n = 4, cp = b & 0x07, min = 0x10000;
-        } else {
-            return false;
-        }
-        if (len - i < n)
-            return false;
-        for (size_t j = 1; j < n; j++) {
-            if ((s[i + j] & 0xc0) != 0x80)
-                return false;
-            cp = (cp << 6) | (s[i + j] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-            return false;
-        i += n;
+    unsigned char b = s[0];
+    size_t len;
+    uint32_t cp, min;
+    if (b < 0x80)
+        return 1;
+    if ((b & 0xe0) == 0xc0)
+        len = 2, cp = b & 0x1f, min = 0x80;
+    else if ((b & 0xf0) == 0xe0)
+        len = 3, cp = b & 0x0f, min = 0x800;
+    else if ((b & 0xf8) == 0xf0)
+        len = 4, cp = b & 0x07, min = 0x10000;
+    else
+        return 0;
+    if (n < len)
+        return 0;
+    for (size_t i = 1; i < len; i++) {
+        if ((s[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (s[i] & 0x3f);
     }
+    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
+        return 0;
+    return len;
+}
+
+bool checks_utf8_valid(const char *str, size_t len)
+{
+    for (size_t i = 0, n; i < len; i += n)
+        if ((n = checks_utf8_seq(str + i, len - i)) == 0)
+            return false;
     return true;
 }
 

@@ -30,6 +30,8 @@
 /* Whether s[0..len) is valid UTF-8 (no overlongs, surrogates or code points past
  * U+10FFFF): protobuf's parsers reject a message whose string fields are not. */
 bool checks_utf8_valid(const char *s, size_t len);
+/* Length of the well-formed UTF-8 sequence at s[0..n) (n > 0), 0 if s does not start one. */
+size_t checks_utf8_seq(const char *s, size_t n);
 
 /* What a proto `string` field may not hold; NULL when s is fine, else the reason
  * ("contains a NUL byte": protobuf-c strings end at the first NUL; "is not valid UTF-8"). */

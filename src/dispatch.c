@@ -293,6 +293,22 @@ static int run_handler(lua_State *L)
     return 1;
 }
 
+/* "prefix" and a script's text as one log record: the text may hold NUL bytes, which a
+ * printf format would stop at. */
+static void log_script_text(enum log_level level, const struct log_fields *lf,
+                            const char *handler, const char *what, const char *text,
+                            size_t len)
+{
+    char buf[LOG_RECORD_MAX];
+    int n = snprintf(buf, sizeof buf, "%s %s: ", handler, what);
+    size_t at = n < 0 ? 0 : (size_t)n < sizeof buf ? (size_t)n : sizeof buf - 1;
+    size_t room = sizeof buf - at;
+    if (len > room)
+        len = room;
+    memcpy(buf + at, text, len);
+    log_bytes(level, lf, buf, at + len);
+}
+
 /* The log fields of the script error vm_error returned (e, with the message's length
  * mlen): the traceback after the message, and the file and line it points at. */
 static void error_fields(const struct vm *s, const char *e, size_t mlen, struct log_fields *lf)
@@ -521,8 +537,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
                      vm_get_limits()->memory_bytes >> 20);
         if (s->timed_out)
             error_fields(s, e, mlen, &lf);
-        log_with(LOG_ERROR, &lf, "%s stopped: %.*s", c.handler,
-                 s->timed_out ? (int)mlen : (int)strlen(m), s->timed_out ? e : m);
+        log_script_text(LOG_ERROR, &lf, c.handler, "stopped", s->timed_out ? e : m,
+                        s->timed_out ? mlen : strlen(m));
         if (!observe)
             fail(s, reply, code, m, strlen(m));
     } else if (status != LUA_OK) {
@@ -530,12 +546,12 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         const char *e = vm_error(s, &mlen);
         outcome = s->denied ? METRICS_DENY : METRICS_LUA_ERROR;
         if (s->denied) {
-            log_with(LOG_WARN, &lf, "%s denied the request: %.*s", c.handler, (int)mlen, e);
+            log_script_text(LOG_WARN, &lf, c.handler, "denied the request", e, mlen);
             if (!observe)
                 fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, e, mlen);
         } else {
             error_fields(s, e, mlen, &lf);
-            log_with(LOG_ERROR, &lf, "%s failed: %.*s", c.handler, (int)mlen, e);
+            log_script_text(LOG_ERROR, &lf, c.handler, "failed", e, mlen);
             if (!observe)
                 fail(s, reply, GRPC_STATUS_INTERNAL, e, mlen);
         }
@@ -556,8 +572,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     } else if (observe) {
         /* Envoy does not wait for an answer in observability mode */
     } else if (c.status == PBCONV_DENY) {
-        log_with(LOG_WARN, &lf, "%s denied the request: %.*s", c.handler, (int)c.res.deny_len,
-                 c.res.deny_message);
+        log_script_text(LOG_WARN, &lf, c.handler, "denied the request", c.res.deny_message,
+                        c.res.deny_len);
         fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, c.res.deny_message, c.res.deny_len);
     } else if (c.n == 0) {
         reply->outcome = DISPATCH_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */

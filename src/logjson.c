@@ -6,41 +6,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "checks.h"
+
 void logjson_init(struct logjson *j, char *buf, size_t cap)
 {
     memset(j, 0, sizeof *j);
     j->buf = buf;
     j->cap = cap;
     j->first = true;
-}
-
-/* Length of the well-formed UTF-8 sequence at s[0..n) (RFC 3629: no overlong forms, no
- * surrogates, nothing past U+10FFFF), 0 if s does not start one. */
-static size_t utf8_seq(const unsigned char *s, size_t n)
-{
-    unsigned char b = s[0];
-    size_t len;
-    uint32_t cp, min;
-    if (b < 0x80)
-        return 1;
-    if ((b & 0xe0) == 0xc0)
-        len = 2, cp = b & 0x1f, min = 0x80;
-    else if ((b & 0xf0) == 0xe0)
-        len = 3, cp = b & 0x0f, min = 0x800;
-    else if ((b & 0xf8) == 0xf0)
-        len = 4, cp = b & 0x07, min = 0x10000;
-    else
-        return 0;
-    if (n < len)
-        return 0;
-    for (size_t i = 1; i < len; i++) {
-        if ((s[i] & 0xc0) != 0x80)
-            return 0;
-        cp = (cp << 6) | (s[i] & 0x3f);
-    }
-    if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff))
-        return 0;
-    return len;
 }
 
 size_t logjson_escape(char *out, size_t cap, const char *str, size_t n, size_t *written)
@@ -67,7 +40,7 @@ size_t logjson_escape(char *out, size_t cap, const char *str, size_t n, size_t *
             e[4] = hex[c >> 4], e[5] = hex[c & 15], k = 6;
         } else if (c < 0x80) {
             src = (const char *)s + i, k = 1;
-        } else if ((in = utf8_seq(s + i, n - i)) > 0) {
+        } else if ((in = checks_utf8_seq((const char *)s + i, n - i)) > 0) {
             src = (const char *)s + i, k = in;
         } else {
             src = "\xef\xbf\xbd", k = 3, in = 1;  /* U+FFFD for the one bad byte */

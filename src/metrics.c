@@ -16,6 +16,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "checks.h"
+
 #ifndef LUACALLOUT_VERSION
 #define LUACALLOUT_VERSION "0.0.0"
 #endif
@@ -138,14 +140,23 @@ void metrics_set_script(const char *sha256, const char *path, uint64_t generatio
     pthread_mutex_lock(&script_lock);
     snprintf(script_sha256, sizeof script_sha256, "%s", sha256);
     script_gen = generation;
-    /* a label value: backslash, quote and newline escaped as the text format wants */
-    size_t at = 0;
-    for (const char *p = path; *p && at + 3 < sizeof script_path; p++) {
-        if (*p == '\\' || *p == '"' || *p == '\n') {
+    /* a label value: backslash, quote and newline escaped as the text format wants, and
+     * UTF-8 as it requires (a byte that starts no sequence becomes U+FFFD) */
+    size_t at = 0, n = strlen(path);
+    for (size_t i = 0, k; i < n && at + 4 < sizeof script_path; i += k) {
+        k = checks_utf8_seq(path + i, n - i);
+        if (path[i] == '\\' || path[i] == '"' || path[i] == '\n') {
             script_path[at++] = '\\';
-            script_path[at++] = *p == '\n' ? 'n' : *p;
+            script_path[at++] = path[i] == '\n' ? 'n' : path[i];
+        } else if (k == 0) {
+            memcpy(script_path + at, "\xef\xbf\xbd", 3);
+            at += 3;
+            k = 1;
+        } else if (at + k + 1 < sizeof script_path) {
+            memcpy(script_path + at, path + i, k);
+            at += k;
         } else {
-            script_path[at++] = *p;
+            break;
         }
     }
     script_path[at] = '\0';

@@ -102,10 +102,11 @@ static int msghandler(lua_State *L)
         vm_of(L)->errmsg_len = lua_rawlen(L, -1);
         return 1;
     }
-    const char *msg = lua_tostring(L, 1);
+    size_t len = 0;
+    const char *msg = lua_tolstring(L, 1, &len);
     if (msg == NULL) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) {
-            msg = lua_tostring(L, -1);
+            msg = lua_tolstring(L, -1, &len);
         } else {
             /* error({...}): no message to read, so say what it is and, when a Lua function
              * raised it, where (level 1 is usually the C function `error` itself) */
@@ -120,11 +121,17 @@ static int msghandler(lua_State *L)
             }
             msg = lua_pushfstring(L, "%s(error object is a %s value)", where,
                                   luaL_typename(L, 1));
+            len = strlen(msg);
         }
     }
-    vm_of(L)->errmsg_len = strlen(msg);
+    /* the whole message, NUL bytes included (luaL_traceback would stop at the first),
+     * then a newline and the traceback */
+    vm_of(L)->errmsg_len = len;
     note_site(L, msg);
-    luaL_traceback(L, L, msg, 1);
+    lua_pushlstring(L, msg, len);
+    lua_pushliteral(L, "\n");
+    luaL_traceback(L, L, NULL, 1);
+    lua_concat(L, 3);
     return 1;
 }
 

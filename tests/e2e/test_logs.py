@@ -304,3 +304,29 @@ def test_unknown_format_is_refused(servers, tmp_path):
     assert rc == 2 and "--log_format: unknown format 'xml' (text, json)" in err, (rc, err)
     rc, out, err = servers.run_to_exit(["--log-format=json", "--check", script])
     assert rc == 0, (rc, err)   # the dashed spelling is accepted too
+
+
+NUL_SCRIPT = r'''
+local callout = require("callout")
+function on_request_headers(headers, ctx)
+  if headers:get(":path") == "/deny" then
+    callout.deny_callout("before\0after-deny")
+  end
+  error("before\0after-error", 0)
+end
+'''
+
+
+def test_a_nul_in_an_error_or_a_deny_loses_nothing_after_it(servers):
+    """The status and the log record keep what follows a NUL byte (written \\0 in the
+    status, \\u0000 in JSON)."""
+    srv = servers.start(NUL_SCRIPT, "--log_format", "json")
+    stub = srv.stub()
+    for path, code, tail in (("/e", grpc.StatusCode.INTERNAL, "after-error"),
+                             ("/deny", grpc.StatusCode.PERMISSION_DENIED, "after-deny")):
+        _, got, details = h.process(stub, [h.headers_req("request_headers", [(":path", path)])])
+        assert got == code, details
+        assert details.endswith("before\\0" + tail), details
+        recs = wait_records(srv, lambda rs: any(tail in r["msg"] for r in rs), tail)
+        [rec] = [r for r in recs if tail in r["msg"]]
+        assert rec["msg"].endswith("before\x00" + tail), rec

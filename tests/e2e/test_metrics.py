@@ -342,3 +342,18 @@ def test_watchdog_outcome_counts_the_stuck_call_and_then_how_it_ended(servers):
                  le="1") == 0
     assert moved(d, "luacallout_handler_duration_seconds_bucket", phase="request_headers",
                  le="+Inf") == 1
+
+
+def test_a_script_path_that_is_not_utf8_is_a_valid_label(servers, tmp_path):
+    """The text format is UTF-8: a path byte that starts no UTF-8 sequence is U+FFFD, and
+    quotes, backslashes and newlines are escaped."""
+    d = tmp_path / os.fsdecode(b'odd\xff"\\\ndir')
+    d.mkdir()
+    script = d / "basic.lua"
+    script.write_text((h.SRC / "examples" / "basic.lua").read_text())
+    srv = servers.start(script)
+    text = h.metrics_text(srv)   # decodes strictly: the whole body is UTF-8
+    [info] = [f for f in text_string_to_metric_families(text)
+              if f.name == "luacallout_script_info"]
+    [s] = info.samples
+    assert s.labels["path"] == str(script).replace(os.fsdecode(b"\xff"), "\ufffd")
