@@ -426,6 +426,9 @@ static void on_recv(struct tag *tag, bool ok)
     } else if (!s->dead && !s->finishing) {
         s->last_active_ms = here.now_ms;
         handle_message(s, payload);
+        /* the handler's own time is not the client's idleness: the stream is waiting for
+         * us, and the idle sweep that runs next must not end it */
+        s->last_active_ms = coarse_ms();
     }
     if (payload)
         grpc_byte_buffer_destroy(payload);

@@ -124,6 +124,28 @@ def test_idle_stream_ends_with_deadline_exceeded_active_stream_unaffected(server
     assert acode == OK, (acode, adetails)
 
 
+SLOW_HANDLER = r"""
+function on_request_headers(headers, ctx)
+  local t = os.clock()
+  while os.clock() - t < 0.35 do end
+  return { add = { { "x-slow", "done" } } }
+end
+"""
+
+
+def test_a_handler_slower_than_the_idle_timeout_is_not_idleness(servers):
+    """The stream waits for the server while its handler runs: the idle timeout (200 ms)
+    must not end it when the handler takes 350 ms (within its budget)."""
+    srv = servers.start(SLOW_HANDLER, "--stream_idle_timeout_ms", "200",
+                        "--script_timeout_ms", "2000", "--threads", "1")
+    for _ in range(3):
+        responses, code, details = h.process(
+            srv.stub(), [h.headers_req("request_headers", [(":path", "/")])])
+        assert code == OK, (code, details)
+        muts = responses[0].request_headers.response.header_mutation.set_headers
+        assert [m.header.raw_value for m in muts if m.header.key == "x-slow"] == [b"done"]
+
+
 def _wait_end(stream):
     """Waits, sending nothing, for the server to end the stream."""
     try:
