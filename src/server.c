@@ -49,6 +49,7 @@
 /* Memory grpc's transport may use for all connections (buffers, messages being received). */
 #define TRANSPORT_MEMORY_BYTES ((size_t)256 << 20)
 /* A TLS or HTTP/2 handshake not done by then holds a connection for nothing. */
+#define MIN_PING_INTERVAL_MS 10000   /* keepalive pings a client may send */
 #define HANDSHAKE_TIMEOUT_MS 10000
 
 struct worker;
@@ -394,12 +395,17 @@ struct server *server_start(const struct config *cfg, const struct tls_identity 
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MAX_FRAME_SIZE, .value.integer = 16384},
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_MAX_METADATA_SIZE,
          .value.integer = MAX_METADATA_BYTES},
-        /* Ping floods: grpc's defaults stated. A client may ping at most once per 5 min
-         * without sending data; the second offence closes the connection (GOAWAY
-         * ENHANCE_YOUR_CALM), so PING ACKs cannot pile up for a client that does not read. */
+        /* Keepalive pings, with or without streams open, at most one per 10 s: Envoy's
+         * connection_keepalive (and load balancers' idea of it) then works between
+         * requests, where grpc's defaults (5 min with streams, 2 h without, as TCP's
+         * keepalive) closed the connection. Past that rate a ping is an offence; the
+         * third closes the connection (GOAWAY ENHANCE_YOUR_CALM), so PING ACKs cannot
+         * pile up for a client that does not read. */
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MAX_PING_STRIKES, .value.integer = 2},
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS,
-         .value.integer = 300000},
+         .value.integer = MIN_PING_INTERVAL_MS},
+        {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS,
+         .value.integer = 1},
         {.type = GRPC_ARG_INTEGER, .key = GRPC_ARG_SERVER_HANDSHAKE_TIMEOUT_MS,
          .value.integer = HANDSHAKE_TIMEOUT_MS},
         /* The memory grpc's transport may use, all connections together: past it grpc

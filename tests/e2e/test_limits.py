@@ -259,3 +259,35 @@ def test_unknown_method_warnings_are_rate_limited(servers):
     assert 1 <= len(lines) <= 10, lines
     assert "at most one per 10 s" in lines[-1], lines
     assert re.search(r"/no\.such\.Service/Method", lines[0]), lines
+
+
+# --- pings ---------------------------------------------------------------------------------
+
+def test_keepalive_pings_every_10_s_are_welcome_floods_are_not(servers):
+    """A client may ping once per 10 s even with no stream open (Envoy's
+    connection_keepalive between requests); faster pings are offences, and the third
+    closes the connection with GOAWAY ENHANCE_YOUR_CALM."""
+    srv = servers.start(ECHO, "--threads", "1")
+    c = h2raw.RawClient(*srv.hostport("plaintext"))
+    try:
+        c.pump(0.2)
+        c.conn.ping(b"keep0000")
+        c.flush()
+        c.pump(10.5)
+        c.conn.ping(b"keep0001")     # 10.5 s later, no stream open: allowed
+        c.flush()
+        c.pump(0.3)
+        for i in range(2):            # two offences: tolerated
+            c.conn.ping(b"fast000%d" % i)
+            c.flush()
+            c.pump(0.1)
+        assert not c.closed and c.goaway is None, "closed after a keepalive ping and 2 offences"
+        c.conn.ping(b"fast0009")     # the third offence
+        c.flush()
+        c.pump(2)
+        assert c.goaway == 11, c.goaway   # ENHANCE_YOUR_CALM
+    finally:
+        c.close()
+    # the server keeps serving everyone else
+    _, code, details = h.process(srv.stub(), [h.headers_req("request_headers", [(":path", "/")])])
+    assert code == OK, details
