@@ -62,6 +62,7 @@ struct child {
     uint64_t started_ms;
     uint64_t restart_at_ms; /* when to start it again after an unexpected end (0: no) */
     bool killing;           /* we sent it SIGKILL */
+    bool stop_asked;        /* we sent it STOP: its end is the one we asked for */
 };
 
 static bool stop_requested(void);
@@ -258,6 +259,7 @@ static int spawn(struct supervisor *sv, int slot)
     c->started_ms = now_ms(CLOCK_MONOTONIC);
     c->restart_at_ms = 0;
     c->killing = false;
+    c->stop_asked = false;
     if (control_send(c->ctl, CONTROL_IDENTITY, sv->identity, sv->identity_len) != 0 ||
         control_send(c->ctl, CONTROL_GENERATION, sv->packed, sv->packed_len) != 0)
         log_warn("worker %d (pid %d) did not take its start-up records: %s", slot, (int)pid,
@@ -330,8 +332,14 @@ static void child_ended(struct supervisor *sv, int slot, int status)
     c->ctl = -1;
     c->pid = 0;
     metrics_worker_gone(slot);
-    if (sv->stopping)
+    if (sv->stopping) {
+        /* nothing is started again; but an end nobody asked for (a SIGKILL, a crash during
+         * the grace) cost its clients their streams, and is said */
+        if (!c->stop_asked && !c->killing)
+            log_warn("worker %d ended during the drain (%s); the streams it had open were "
+                     "lost", slot, how);
         return;
+    }
     uint64_t now = now_ms(CLOCK_MONOTONIC);
     bool early = now - c->started_ms < RESTART_BACKOFF_MS;
     c->restart_at_ms = early ? now + RESTART_BACKOFF_MS : now;
@@ -771,6 +779,7 @@ static int stop_workers(struct supervisor *sv)
     for (int i = 0; i < sv->n; i++)
         if (sv->kids[i].pid) {
             control_send(sv->kids[i].ctl, CONTROL_STOP, "", 0);
+            sv->kids[i].stop_asked = true;
             kill(sv->kids[i].pid, SIGCONT);   /* a stopped worker reads it too */
         }
     pthread_mutex_unlock(&sv->lock);

@@ -2,6 +2,7 @@
 still accepted for --drain_grace_ms, then no new streams (GOAWAY), open streams finish for up
 to --drain_timeout_ms, the rest are cancelled, exit 0. The health port answers to the end."""
 
+import os
 import re
 import signal
 import socket
@@ -282,3 +283,17 @@ def test_supervisor_kill_after_follows_the_drain_timeout(servers):
         s.cancel()
     assert srv.signal_and_wait(send=False, close_channels=False) == 0, srv.log()
     assert "killing" not in srv.log()
+
+
+def test_a_worker_killed_during_the_grace_is_logged(servers):
+    srv = servers.start(SCRIPT, "--threads", "2", "--drain_grace_ms", "2000")
+    worker = h.process_tree(srv.proc.pid)[1]
+    srv.proc.send_signal(signal.SIGTERM)
+    h.wait_for(lambda: "drain: SIGTERM received" in srv.log(), 2, "the drain")
+    os.kill(worker, signal.SIGKILL)
+    h.wait_for(lambda: re.search(r"WARN +worker \d ended during the drain \(killed by signal 9"
+                                 r".*\); the streams it had open were lost", srv.log()),
+               1.5, "the warning about the killed worker")
+    assert srv.signal_and_wait(send=False) == 0, srv.log()
+    # the other worker's requested stop is not reported as a loss
+    assert len(re.findall(r"ended during the drain", srv.log())) == 1, srv.log()
