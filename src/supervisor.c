@@ -92,6 +92,7 @@ struct supervisor {
     uint64_t generation;
     uint64_t attempt;                /* reloads tried: tags their control records */
     char sha256[65];                 /* of the current generation's script */
+    bool first_load_abandoned;       /* a signal came while the first top level ran */
     bool stopping;
     int n;
     struct child *kids;
@@ -831,6 +832,82 @@ static int stop_workers(struct supervisor *sv)
 
 /* ---- the supervisor ------------------------------------------------------------------- */
 
+/* The first load, on a thread of its own (load_first). Heap-held: the thread may outlive
+ * the wait for it. */
+struct first_load {
+    struct supervisor *sv;
+    struct loaded out;
+    char err[1024];
+    int rc;
+    _Atomic bool done;
+};
+
+static void *first_load_main(void *arg)
+{
+    struct first_load *fl = arg;
+    fl->rc = load(fl->sv, 1, &fl->out, fl->err, sizeof fl->err);
+    atomic_store(&fl->done, true);
+    return NULL;
+}
+
+/* Loads generation 1 while the main thread watches for SIGTERM/SIGINT: a start-up signal
+ * is taken within a tick however long the top level runs, even blocked in a C call
+ * (--unsafe_stdlib), which nothing can interrupt. 0, -1 (err), or -2: a signal came first;
+ * the load is abandoned (sv->first_load_abandoned: the exit must not wait for it). */
+static int load_first(struct supervisor *sv, struct loaded *out, char *err, size_t errlen)
+{
+    struct first_load *fl = calloc(1, sizeof *fl);
+    if (!fl) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    fl->sv = sv;
+    pthread_t t;
+    int e = pthread_create(&t, NULL, first_load_main, fl);
+    if (e != 0) {   /* no thread: load here, signals are taken after it */
+        free(fl);
+        return load(sv, 1, out, err, errlen);
+    }
+    while (!atomic_load(&fl->done)) {
+        if (stop_requested()) {
+            pthread_detach(t);
+            sv->first_load_abandoned = true;   /* fl stays the thread's, never freed */
+            return -2;
+        }
+        struct timespec pause = {0, 10 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+    pthread_join(t, NULL);
+    int rc = fl->rc;
+    *out = fl->out;
+    if (rc != 0)
+        snprintf(err, errlen, "%s", fl->err);
+    free(fl);
+    return rc;
+}
+
+/* A signal during start-up: the workers serve nothing yet, so they (and what their top
+ * levels started, in their process groups) are killed at once, not drained. */
+static void kill_workers(struct supervisor *sv)
+{
+    pthread_mutex_lock(&sv->lock);
+    sv->stopping = true;
+    for (int i = 0; i < sv->n; i++) {
+        struct child *c = &sv->kids[i];
+        if (!c->pid)
+            continue;
+        c->killing = true;
+        kill(-c->pid, SIGKILL);
+        kill(c->pid, SIGKILL);
+    }
+    for (int i = 0; i < sv->n; i++) {
+        int status;
+        if (sv->kids[i].pid && waitpid(sv->kids[i].pid, &status, 0) == sv->kids[i].pid)
+            child_ended(sv, i, status);
+    }
+    pthread_mutex_unlock(&sv->lock);
+}
+
 static int start(struct supervisor *sv, struct tls_identity *id, char *err, size_t errlen)
 {
     const struct config *cfg = sv->cfg;
@@ -840,8 +917,9 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
         return -1;
     }
     struct loaded first = {0};
-    if (load(sv, 1, &first, err, errlen) != 0)
-        return -1;
+    int loaded = load_first(sv, &first, err, errlen);
+    if (loaded != 0)
+        return loaded;
     make_current(sv, &first, 1);
     snprintf(sv->plaintext_address, sizeof sv->plaintext_address, "%s", cfg->plaintext_address);
     snprintf(sv->secure_address, sizeof sv->secure_address, "%s", cfg->secure_address);
@@ -853,6 +931,8 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
         hold_port("TLS gRPC", cfg->secure_address, sv->secure_address,
                   sizeof sv->secure_address, &sv->held[1], &sv->ports[1], err, errlen) != 0)
         return -1;
+    if (stop_requested())
+        return -2;
     for (int i = 0; i < sv->n; i++)
         if (spawn(sv, i) != 0) {
             snprintf(err, errlen, "cannot start worker %d", i);
@@ -954,7 +1034,9 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     sv.admin = admin;
     int started = start(&sv, &id, err, sizeof err);
     if (started == -2) {
-        log_info("signal received during start-up: shutting down");
+        log_info("signal received during start-up: shutting down at once%s",
+                 sv.first_load_abandoned ? " (the script's top level was still running)" : "");
+        kill_workers(&sv);
         goto out;
     }
     if (started != 0) {
@@ -995,9 +1077,10 @@ out:
     /* the health port answers (ready 503, live 200) until every worker is gone */
     if (admin)
         admin_stop(admin);
-    if (reload_abandoned(&sv)) {
-        log_warn("exiting with a reload of %s still loading (its top level does not "
-                 "return); it is abandoned", cfg->script_path);
+    if (sv.first_load_abandoned || reload_abandoned(&sv)) {
+        log_warn("exiting with %s of %s still loading (its top level has not returned); it "
+                 "is abandoned", sv.first_load_abandoned ? "the first load" : "a reload",
+                 cfg->script_path);
         if (rc == 3)
             log_error("stopped, abandoning streams a stuck worker still held");
         else
