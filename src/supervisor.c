@@ -75,6 +75,8 @@ struct supervisor {
     int ports[2];
     int held[2];                     /* the ports, bound and held (not listening) */
     int metrics_fd;
+    int drain_pipe[2];               /* [1] closed at the drain: each worker's health hears
+                                      * it at once, whatever its main thread is doing */
     char *identity;                  /* CONTROL_IDENTITY payload */
     size_t identity_len;
     struct tls_identity *tls;        /* what identity was packed from (no cert_pem: no TLS) */
@@ -215,7 +217,8 @@ static int spawn(struct supervisor *sv, int slot)
         return -1;
     }
     char worker_of[64], plain[400], secure[400];
-    snprintf(worker_of, sizeof worker_of, "--worker_of=%d,%d,%d", slot, pair[1], sv->metrics_fd);
+    snprintf(worker_of, sizeof worker_of, "--worker_of=%d,%d,%d,%d", slot, pair[1],
+             sv->metrics_fd, sv->drain_pipe[0]);
     snprintf(plain, sizeof plain, "--plaintext_address=%s", sv->plaintext_address);
     snprintf(secure, sizeof secure, "--secure_address=%s", sv->secure_address);
     /* the supervisor's own flags, then the resolved addresses (the last value wins) */
@@ -238,9 +241,9 @@ static int spawn(struct supervisor *sv, int slot)
         /* its own process group: what a script starts (--unsafe_stdlib) can be ended with
          * it, and a terminal's ^C reaches only the supervisor, which stops workers in order */
         setpgid(0, 0);
-        /* the two descriptors the worker keeps across exec */
-        int keep[2] = {pair[1], sv->metrics_fd};
-        for (int i = 0; i < 2; i++) {
+        /* the descriptors the worker keeps across exec */
+        int keep[3] = {pair[1], sv->metrics_fd, sv->drain_pipe[0]};
+        for (int i = 0; i < 3; i++) {
             int flags = fcntl(keep[i], F_GETFD);
             fcntl(keep[i], F_SETFD, flags & ~FD_CLOEXEC);
         }
@@ -395,12 +398,16 @@ static void kill_hopeless(struct supervisor *sv, uint64_t now)
     }
 }
 
-/* Collects ended workers and starts again those whose time has come. Main thread. */
+/* Collects ended workers and starts again those whose time has come. Main thread, every
+ * tick. Not while a reload holds the lock (it waits up to RELOAD_ACK_MS for the workers'
+ * builds, watching them itself): the main thread must go on taking signals meanwhile, so
+ * that a SIGTERM starts the drain, and gRPC health says NOT_SERVING, at once. */
 static void reap_and_restart(struct supervisor *sv)
 {
     int status;
     pid_t pid;
-    pthread_mutex_lock(&sv->lock);
+    if (pthread_mutex_trylock(&sv->lock) != 0)
+        return;   /* the next tick */
     kill_hopeless(sv, now_ms(CLOCK_MONOTONIC));
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         for (int i = 0; i < sv->n; i++)
@@ -727,6 +734,14 @@ static bool probe_ready(void *arg)
 
 static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
 
+/* Every worker's drain thread (worker.c) sees the end of the pipe. */
+static void close_drain_pipe(struct supervisor *sv)
+{
+    if (sv->drain_pipe[1] >= 0)
+        close(sv->drain_pipe[1]);
+    sv->drain_pipe[1] = -1;
+}
+
 /* SIGTERM or SIGINT: the drain's first step (docs/operations.md, Drain). /ready answers 503
  * from now on and every worker is told, so that its gRPC health says NOT_SERVING; streams
  * are still accepted for --drain_grace_ms, the time a load balancer (Kubernetes'
@@ -736,6 +751,9 @@ static void drain(struct supervisor *sv, int sig, const sigset_t *waited)
 {
     uint64_t t0 = now_ms(CLOCK_MONOTONIC);
     atomic_store(&sv->draining, true);
+    /* first, before the lock a reload may hold for a while: a worker whose main thread is
+     * busy (building a reload's VMs) reads CONTROL_DRAIN only after */
+    close_drain_pipe(sv);
     int grace = sv->cfg->drain_grace_ms;
     log_info("drain: %s received: /ready answers 503 and gRPC health NOT_SERVING; new streams "
              "are still accepted for %d ms (--drain_grace_ms)", signal_name(sig), grace);
@@ -1001,7 +1019,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         log_tls_identity(&id, &tls_src);
     }
     struct supervisor sv = {.cfg = cfg, .argc = argc, .argv = argv, .held = {-1, -1},
-                            .metrics_fd = -1, .n = cfg->threads, .tls = &id,
+                            .metrics_fd = -1, .drain_pipe = {-1, -1}, .n = cfg->threads, .tls = &id,
                             .tls_src = tls_src};
     pthread_mutex_init(&sv.lock, NULL);
     pthread_mutex_init(&sv.reload_lock, NULL);
@@ -1013,6 +1031,11 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     struct watch *watch = NULL, *tls_watch = NULL;
     /* The counters the load sets are then the shared ones. */
     sv.metrics_fd = sv.kids ? metrics_share(sv.n) : -1;
+    if (sv.metrics_fd >= 0 && pipe2(sv.drain_pipe, O_CLOEXEC) != 0) {
+        fprintf(stderr, "luacallout: cannot make the drain pipe: %s\n", strerror(errno));
+        rc = 1;
+        goto out;
+    }
     if (sv.metrics_fd < 0) {
         fprintf(stderr, "luacallout: %s%s\n", sv.kids ? "cannot share the metrics: " : "out of memory",
                 sv.kids ? strerror(errno) : "");
@@ -1089,9 +1112,12 @@ out:
     }
     watch_stop(watch);
     watch_stop(tls_watch);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
         if (sv.held[i] >= 0)
             close(sv.held[i]);
+        if (sv.drain_pipe[i] >= 0)
+            close(sv.drain_pipe[i]);
+    }
     free(sv.kids);
     free(sv.packed);
     if (sv.identity) {
