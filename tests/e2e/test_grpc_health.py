@@ -186,3 +186,41 @@ def test_the_drain_reaches_health_at_once_while_the_worker_builds_a_reload(serve
     watch.cancel()
     assert srv.signal_and_wait(send=False) == 0, srv.log()
     assert "reloaded" not in srv.log()
+
+
+def test_watches_beyond_100_per_worker_are_refused(servers):
+    srv = servers.start(SCRIPT, "--threads", "1")
+    stub = srv.health_stub()
+    watches = [stub.Watch(HP.HealthCheckRequest(service=""), timeout=60) for _ in range(100)]
+    try:
+        assert [next(w).status for w in watches] == [SERVING] * 100
+        extra = stub.Watch(HP.HealthCheckRequest(service=""), timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many open grpc.health.v1.Health/Watch calls on this worker (100 at most)" \
+            in e.value.details()
+        h.wait_for(lambda: "gRPC health: refusing Watch calls (RESOURCE_EXHAUSTED): this "
+                   "worker keeps at most 100 open" in srv.log(), 2, "the warning")
+        # Check is not limited, and a Watch that ends makes room for another
+        assert check(stub, "") == SERVING
+        watches.pop().cancel()
+
+        def another():
+            w = stub.Watch(HP.HealthCheckRequest(service=""), timeout=60)
+            try:
+                if next(w).status == SERVING:
+                    watches.append(w)
+                    return True
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+        h.wait_for(another, 5, "room for a new Watch")
+        # many refusals, one warning (at most one every 10 s)
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError):
+                next(stub.Watch(HP.HealthCheckRequest(service=""), timeout=10))
+        assert srv.log().count("refusing Watch calls") == 1, srv.log()
+    finally:
+        for w in watches:
+            w.cancel()
