@@ -678,6 +678,26 @@ out:
     pthread_mutex_unlock(&sv->lock);
 }
 
+/* --watch: a change is reloaded, except during the drain (which no reload interrupts). */
+static bool watched_change(struct supervisor *sv, const char *what)
+{
+    bool draining = atomic_load(&sv->draining);
+    log_info("watch: %s changed: %s", what, draining ? "ignored: draining" : "reloading");
+    return !draining;
+}
+
+static void script_changed(void *arg, const char *what)
+{
+    if (watched_change(arg, what))
+        reload(arg);
+}
+
+static void tls_changed(void *arg, const char *what)
+{
+    if (watched_change(arg, what))
+        reload_tls(arg);
+}
+
 /* --watch for the TLS files (none for an ephemeral certificate without a client CA). */
 static struct watch *watch_tls(struct supervisor *sv)
 {
@@ -694,7 +714,7 @@ static struct watch *watch_tls(struct supervisor *sv)
         paths[n++] = sv->tls_src.client_ca_path;
     if (n == 0)
         return NULL;
-    struct watch *w = watch_files_start(paths, n, "TLS files", WATCH_SETTLE_MS, reload_tls, sv,
+    struct watch *w = watch_files_start(paths, n, "TLS files", WATCH_SETTLE_MS, tls_changed, sv,
                                         err, sizeof err);
     if (!w)
         log_error("--watch: %s; reload the certificates with SIGHUP instead", err);
@@ -1069,7 +1089,8 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     }
     atomic_store(&sv.started, true);
     if (cfg->watch) {
-        watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, reload, &sv, err, sizeof err);
+        watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, script_changed, &sv, err,
+                            sizeof err);
         if (!watch)
             log_error("--watch: %s; reload with SIGHUP instead", err);
         tls_watch = watch_tls(&sv);

@@ -285,20 +285,6 @@ def test_supervisor_kill_after_follows_the_drain_timeout(servers):
     assert "killing" not in srv.log()
 
 
-def test_a_worker_killed_during_the_grace_is_logged(servers):
-    srv = servers.start(SCRIPT, "--threads", "2", "--drain_grace_ms", "2000")
-    worker = h.process_tree(srv.proc.pid)[1]
-    srv.proc.send_signal(signal.SIGTERM)
-    h.wait_for(lambda: "drain: SIGTERM received" in srv.log(), 2, "the drain")
-    os.kill(worker, signal.SIGKILL)
-    h.wait_for(lambda: re.search(r"WARN +worker \d ended during the drain \(killed by signal 9"
-                                 r".*\); the streams it had open were lost", srv.log()),
-               1.5, "the warning about the killed worker")
-    assert srv.signal_and_wait(send=False) == 0, srv.log()
-    # the other worker's requested stop is not reported as a loss
-    assert len(re.findall(r"ended during the drain", srv.log())) == 1, srv.log()
-
-
 def busy_top_level(seconds):
     return f"local t = os.clock() while os.clock() - t < {seconds} do end\n" + SCRIPT
 
@@ -332,3 +318,29 @@ def test_a_signal_during_start_up_stops_at_once(servers, when):
     for pid in kids:   # the workers are gone, not left building
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", pid
+
+
+def test_a_worker_killed_during_the_grace_is_logged(servers):
+    srv = servers.start(SCRIPT, "--threads", "2", "--drain_grace_ms", "2000")
+    worker = h.process_tree(srv.proc.pid)[1]
+    srv.proc.send_signal(signal.SIGTERM)
+    h.wait_for(lambda: "drain: SIGTERM received" in srv.log(), 2, "the drain")
+    os.kill(worker, signal.SIGKILL)
+    h.wait_for(lambda: re.search(r"WARN +worker \d ended during the drain \(killed by signal 9"
+                                 r".*\); the streams it had open were lost", srv.log()),
+               1.5, "the warning about the killed worker")
+    assert srv.signal_and_wait(send=False) == 0, srv.log()
+    # the other worker's requested stop is not reported as a loss
+    assert len(re.findall(r"ended during the drain", srv.log())) == 1, srv.log()
+
+
+def test_a_watched_change_during_the_drain_is_said_to_be_ignored(servers):
+    script = servers.script(SCRIPT)
+    srv = servers.start(script, "--threads", "1", "--watch", "--drain_grace_ms", "3000")
+    srv.proc.send_signal(signal.SIGTERM)
+    h.wait_for(lambda: "drain: SIGTERM received" in srv.log(), 2, "the drain")
+    script.write_text(SCRIPT + "-- changed\n")
+    h.wait_for(lambda: re.search(r"watch: \S+ changed: ignored: draining", srv.log()), 2.5,
+               "the watch's line")
+    assert "changed: reloading" not in srv.log()
+    assert srv.signal_and_wait(send=False) == 0, srv.log()
