@@ -38,7 +38,7 @@ struct config {
     int max_queued_total_mb;        /* the same, summed over all streams */
     int drain_grace_ms;             /* after SIGTERM: new streams still accepted this long */
     int drain_timeout_ms;           /* then: open streams may finish this long */
-    const char *worker_of;          /* set in worker processes: "slot,control fd,metrics fd" */
+    const char *worker_of;          /* set in worker processes: "slot,control,metrics,drain fds" */
 };
 
 enum config_result { CONFIG_RUN, CONFIG_EXIT_OK, CONFIG_EXIT_ERROR };

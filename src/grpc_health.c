@@ -17,12 +17,22 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "grpc/health/v1/health.pb-c.h"
 #include "log.h"
 #include "tag.h"
 
 #define STATUS(name) GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__##name
+
+/* Open Watches a worker keeps (docs/operations.md, Health checks). A Watch costs ~12 KB and
+ * lives as long as its client wants: without a cap, anyone who reaches the port could make
+ * the worker hold any number. A health checker needs one per connection it checks on. */
+#define MAX_WATCHES 100
+#define STRINGIFY_(x) #x
+#define STRINGIFY(x) STRINGIFY_(x)
+/* At most one warning about refused Watches this often. */
+#define REFUSED_LOG_MS 10000
 
 /* The services a health check may name: the server, and the one service it serves. */
 static const char *const known_services[] = {"", "envoy.service.ext_proc.v3.ExternalProcessor"};
@@ -49,6 +59,9 @@ static bool serving = true;
 static bool ending;
 static struct health_call *watches;
 static _Atomic long live_calls;
+static int open_watches;          /* Watch calls started and not yet freed (lock) */
+static long refused_watches;      /* since the last warning (lock) */
+static uint64_t refused_logged_ms;
 
 long grpc_health_live_count(void) { return atomic_load(&live_calls); }
 
@@ -152,6 +165,11 @@ static bool batch_done(struct health_call *hc)
 
 static void call_free(struct health_call *hc)
 {
+    if (hc->watch) {
+        pthread_mutex_lock(&lock);
+        open_watches--;
+        pthread_mutex_unlock(&lock);
+    }
     if (hc->recv)
         grpc_byte_buffer_destroy(hc->recv);
     grpc_call_unref(hc->call);
@@ -248,10 +266,53 @@ static void on_close(struct tag *tag, bool ok)
     on_final_or_close(container_of(tag, struct health_call, close_tag), true);
 }
 
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* A Watch over MAX_WATCHES: refused at once, and said (at most every REFUSED_LOG_MS). */
+static bool watch_refused(void)
+{
+    pthread_mutex_lock(&lock);
+    bool refused = open_watches >= MAX_WATCHES;
+    long n = 0;
+    if (refused) {
+        refused_watches++;
+        uint64_t now = now_ms();
+        if (!refused_logged_ms || now - refused_logged_ms >= REFUSED_LOG_MS) {
+            n = refused_watches;
+            refused_watches = 0;
+            refused_logged_ms = now;
+        }
+    } else {
+        open_watches++;
+    }
+    pthread_mutex_unlock(&lock);
+    if (n)
+        log_warn("gRPC health: refusing Watch calls (RESOURCE_EXHAUSTED): this worker keeps "
+                 "at most %d open; %ld refused since the last such warning", MAX_WATCHES, n);
+    return refused;
+}
+
 void grpc_health_start(grpc_call *call, enum grpc_health_method method, bool has_vm)
 {
+    if (method == GRPC_HEALTH_WATCH && watch_refused()) {
+        grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                     "too many open grpc.health.v1.Health/Watch calls on "
+                                     "this worker (" STRINGIFY(MAX_WATCHES) " at most)", NULL);
+        grpc_call_unref(call);
+        return;
+    }
     struct health_call *hc = calloc(1, sizeof *hc);
     if (!hc) {
+        if (method == GRPC_HEALTH_WATCH) {
+            pthread_mutex_lock(&lock);
+            open_watches--;
+            pthread_mutex_unlock(&lock);
+        }
         grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory",
                                      NULL);
         grpc_call_unref(call);

@@ -62,6 +62,7 @@ struct child {
     uint64_t started_ms;
     uint64_t restart_at_ms; /* when to start it again after an unexpected end (0: no) */
     bool killing;           /* we sent it SIGKILL */
+    bool stop_asked;        /* we sent it STOP: its end is the one we asked for */
 };
 
 static bool stop_requested(void);
@@ -74,6 +75,8 @@ struct supervisor {
     int ports[2];
     int held[2];                     /* the ports, bound and held (not listening) */
     int metrics_fd;
+    int drain_pipe[2];               /* [1] closed at the drain: each worker's health hears
+                                      * it at once, whatever its main thread is doing */
     char *identity;                  /* CONTROL_IDENTITY payload */
     size_t identity_len;
     struct tls_identity *tls;        /* what identity was packed from (no cert_pem: no TLS) */
@@ -91,6 +94,7 @@ struct supervisor {
     uint64_t generation;
     uint64_t attempt;                /* reloads tried: tags their control records */
     char sha256[65];                 /* of the current generation's script */
+    bool first_load_abandoned;       /* a signal came while the first top level ran */
     bool stopping;
     int n;
     struct child *kids;
@@ -213,7 +217,8 @@ static int spawn(struct supervisor *sv, int slot)
         return -1;
     }
     char worker_of[64], plain[400], secure[400];
-    snprintf(worker_of, sizeof worker_of, "--worker_of=%d,%d,%d", slot, pair[1], sv->metrics_fd);
+    snprintf(worker_of, sizeof worker_of, "--worker_of=%d,%d,%d,%d", slot, pair[1],
+             sv->metrics_fd, sv->drain_pipe[0]);
     snprintf(plain, sizeof plain, "--plaintext_address=%s", sv->plaintext_address);
     snprintf(secure, sizeof secure, "--secure_address=%s", sv->secure_address);
     /* the supervisor's own flags, then the resolved addresses (the last value wins) */
@@ -236,9 +241,9 @@ static int spawn(struct supervisor *sv, int slot)
         /* its own process group: what a script starts (--unsafe_stdlib) can be ended with
          * it, and a terminal's ^C reaches only the supervisor, which stops workers in order */
         setpgid(0, 0);
-        /* the two descriptors the worker keeps across exec */
-        int keep[2] = {pair[1], sv->metrics_fd};
-        for (int i = 0; i < 2; i++) {
+        /* the descriptors the worker keeps across exec */
+        int keep[3] = {pair[1], sv->metrics_fd, sv->drain_pipe[0]};
+        for (int i = 0; i < 3; i++) {
             int flags = fcntl(keep[i], F_GETFD);
             fcntl(keep[i], F_SETFD, flags & ~FD_CLOEXEC);
         }
@@ -258,6 +263,7 @@ static int spawn(struct supervisor *sv, int slot)
     c->started_ms = now_ms(CLOCK_MONOTONIC);
     c->restart_at_ms = 0;
     c->killing = false;
+    c->stop_asked = false;
     if (control_send(c->ctl, CONTROL_IDENTITY, sv->identity, sv->identity_len) != 0 ||
         control_send(c->ctl, CONTROL_GENERATION, sv->packed, sv->packed_len) != 0)
         log_warn("worker %d (pid %d) did not take its start-up records: %s", slot, (int)pid,
@@ -330,8 +336,14 @@ static void child_ended(struct supervisor *sv, int slot, int status)
     c->ctl = -1;
     c->pid = 0;
     metrics_worker_gone(slot);
-    if (sv->stopping)
+    if (sv->stopping) {
+        /* nothing is started again; but an end nobody asked for (a SIGKILL, a crash during
+         * the grace) cost its clients their streams, and is said */
+        if (!c->stop_asked && !c->killing)
+            log_warn("worker %d ended during the drain (%s); the streams it had open were "
+                     "lost", slot, how);
         return;
+    }
     uint64_t now = now_ms(CLOCK_MONOTONIC);
     bool early = now - c->started_ms < RESTART_BACKOFF_MS;
     c->restart_at_ms = early ? now + RESTART_BACKOFF_MS : now;
@@ -386,12 +398,16 @@ static void kill_hopeless(struct supervisor *sv, uint64_t now)
     }
 }
 
-/* Collects ended workers and starts again those whose time has come. Main thread. */
+/* Collects ended workers and starts again those whose time has come. Main thread, every
+ * tick. Not while a reload holds the lock (it waits up to RELOAD_ACK_MS for the workers'
+ * builds, watching them itself): the main thread must go on taking signals meanwhile, so
+ * that a SIGTERM starts the drain, and gRPC health says NOT_SERVING, at once. */
 static void reap_and_restart(struct supervisor *sv)
 {
     int status;
     pid_t pid;
-    pthread_mutex_lock(&sv->lock);
+    if (pthread_mutex_trylock(&sv->lock) != 0)
+        return;   /* the next tick */
     kill_hopeless(sv, now_ms(CLOCK_MONOTONIC));
     while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
         for (int i = 0; i < sv->n; i++)
@@ -662,6 +678,26 @@ out:
     pthread_mutex_unlock(&sv->lock);
 }
 
+/* --watch: a change is reloaded, except during the drain (which no reload interrupts). */
+static bool watched_change(struct supervisor *sv, const char *what)
+{
+    bool draining = atomic_load(&sv->draining);
+    log_info("watch: %s changed: %s", what, draining ? "ignored: draining" : "reloading");
+    return !draining;
+}
+
+static void script_changed(void *arg, const char *what)
+{
+    if (watched_change(arg, what))
+        reload(arg);
+}
+
+static void tls_changed(void *arg, const char *what)
+{
+    if (watched_change(arg, what))
+        reload_tls(arg);
+}
+
 /* --watch for the TLS files (none for an ephemeral certificate without a client CA). */
 static struct watch *watch_tls(struct supervisor *sv)
 {
@@ -678,7 +714,7 @@ static struct watch *watch_tls(struct supervisor *sv)
         paths[n++] = sv->tls_src.client_ca_path;
     if (n == 0)
         return NULL;
-    struct watch *w = watch_files_start(paths, n, "TLS files", WATCH_SETTLE_MS, reload_tls, sv,
+    struct watch *w = watch_files_start(paths, n, "TLS files", WATCH_SETTLE_MS, tls_changed, sv,
                                         err, sizeof err);
     if (!w)
         log_error("--watch: %s; reload the certificates with SIGHUP instead", err);
@@ -718,6 +754,14 @@ static bool probe_ready(void *arg)
 
 static const char *signal_name(int sig) { return sig == SIGINT ? "SIGINT" : "SIGTERM"; }
 
+/* Every worker's drain thread (worker.c) sees the end of the pipe. */
+static void close_drain_pipe(struct supervisor *sv)
+{
+    if (sv->drain_pipe[1] >= 0)
+        close(sv->drain_pipe[1]);
+    sv->drain_pipe[1] = -1;
+}
+
 /* SIGTERM or SIGINT: the drain's first step (docs/operations.md, Drain). /ready answers 503
  * from now on and every worker is told, so that its gRPC health says NOT_SERVING; streams
  * are still accepted for --drain_grace_ms, the time a load balancer (Kubernetes'
@@ -727,6 +771,9 @@ static void drain(struct supervisor *sv, int sig, const sigset_t *waited)
 {
     uint64_t t0 = now_ms(CLOCK_MONOTONIC);
     atomic_store(&sv->draining, true);
+    /* first, before the lock a reload may hold for a while: a worker whose main thread is
+     * busy (building a reload's VMs) reads CONTROL_DRAIN only after */
+    close_drain_pipe(sv);
     int grace = sv->cfg->drain_grace_ms;
     log_info("drain: %s received: /ready answers 503 and gRPC health NOT_SERVING; new streams "
              "are still accepted for %d ms (--drain_grace_ms)", signal_name(sig), grace);
@@ -771,6 +818,7 @@ static int stop_workers(struct supervisor *sv)
     for (int i = 0; i < sv->n; i++)
         if (sv->kids[i].pid) {
             control_send(sv->kids[i].ctl, CONTROL_STOP, "", 0);
+            sv->kids[i].stop_asked = true;
             kill(sv->kids[i].pid, SIGCONT);   /* a stopped worker reads it too */
         }
     pthread_mutex_unlock(&sv->lock);
@@ -822,6 +870,82 @@ static int stop_workers(struct supervisor *sv)
 
 /* ---- the supervisor ------------------------------------------------------------------- */
 
+/* The first load, on a thread of its own (load_first). Heap-held: the thread may outlive
+ * the wait for it. */
+struct first_load {
+    struct supervisor *sv;
+    struct loaded out;
+    char err[1024];
+    int rc;
+    _Atomic bool done;
+};
+
+static void *first_load_main(void *arg)
+{
+    struct first_load *fl = arg;
+    fl->rc = load(fl->sv, 1, &fl->out, fl->err, sizeof fl->err);
+    atomic_store(&fl->done, true);
+    return NULL;
+}
+
+/* Loads generation 1 while the main thread watches for SIGTERM/SIGINT: a start-up signal
+ * is taken within a tick however long the top level runs, even blocked in a C call
+ * (--unsafe_stdlib), which nothing can interrupt. 0, -1 (err), or -2: a signal came first;
+ * the load is abandoned (sv->first_load_abandoned: the exit must not wait for it). */
+static int load_first(struct supervisor *sv, struct loaded *out, char *err, size_t errlen)
+{
+    struct first_load *fl = calloc(1, sizeof *fl);
+    if (!fl) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    fl->sv = sv;
+    pthread_t t;
+    int e = pthread_create(&t, NULL, first_load_main, fl);
+    if (e != 0) {   /* no thread: load here, signals are taken after it */
+        free(fl);
+        return load(sv, 1, out, err, errlen);
+    }
+    while (!atomic_load(&fl->done)) {
+        if (stop_requested()) {
+            pthread_detach(t);
+            sv->first_load_abandoned = true;   /* fl stays the thread's, never freed */
+            return -2;
+        }
+        struct timespec pause = {0, 10 * 1000000L};
+        nanosleep(&pause, NULL);
+    }
+    pthread_join(t, NULL);
+    int rc = fl->rc;
+    *out = fl->out;
+    if (rc != 0)
+        snprintf(err, errlen, "%s", fl->err);
+    free(fl);
+    return rc;
+}
+
+/* A signal during start-up: the workers serve nothing yet, so they (and what their top
+ * levels started, in their process groups) are killed at once, not drained. */
+static void kill_workers(struct supervisor *sv)
+{
+    pthread_mutex_lock(&sv->lock);
+    sv->stopping = true;
+    for (int i = 0; i < sv->n; i++) {
+        struct child *c = &sv->kids[i];
+        if (!c->pid)
+            continue;
+        c->killing = true;
+        kill(-c->pid, SIGKILL);
+        kill(c->pid, SIGKILL);
+    }
+    for (int i = 0; i < sv->n; i++) {
+        int status;
+        if (sv->kids[i].pid && waitpid(sv->kids[i].pid, &status, 0) == sv->kids[i].pid)
+            child_ended(sv, i, status);
+    }
+    pthread_mutex_unlock(&sv->lock);
+}
+
 static int start(struct supervisor *sv, struct tls_identity *id, char *err, size_t errlen)
 {
     const struct config *cfg = sv->cfg;
@@ -831,8 +955,9 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
         return -1;
     }
     struct loaded first = {0};
-    if (load(sv, 1, &first, err, errlen) != 0)
-        return -1;
+    int loaded = load_first(sv, &first, err, errlen);
+    if (loaded != 0)
+        return loaded;
     make_current(sv, &first, 1);
     snprintf(sv->plaintext_address, sizeof sv->plaintext_address, "%s", cfg->plaintext_address);
     snprintf(sv->secure_address, sizeof sv->secure_address, "%s", cfg->secure_address);
@@ -844,6 +969,8 @@ static int start(struct supervisor *sv, struct tls_identity *id, char *err, size
         hold_port("TLS gRPC", cfg->secure_address, sv->secure_address,
                   sizeof sv->secure_address, &sv->held[1], &sv->ports[1], err, errlen) != 0)
         return -1;
+    if (stop_requested())
+        return -2;
     for (int i = 0; i < sv->n; i++)
         if (spawn(sv, i) != 0) {
             snprintf(err, errlen, "cannot start worker %d", i);
@@ -912,7 +1039,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         log_tls_identity(&id, &tls_src);
     }
     struct supervisor sv = {.cfg = cfg, .argc = argc, .argv = argv, .held = {-1, -1},
-                            .metrics_fd = -1, .n = cfg->threads, .tls = &id,
+                            .metrics_fd = -1, .drain_pipe = {-1, -1}, .n = cfg->threads, .tls = &id,
                             .tls_src = tls_src};
     pthread_mutex_init(&sv.lock, NULL);
     pthread_mutex_init(&sv.reload_lock, NULL);
@@ -924,6 +1051,11 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     struct watch *watch = NULL, *tls_watch = NULL;
     /* The counters the load sets are then the shared ones. */
     sv.metrics_fd = sv.kids ? metrics_share(sv.n) : -1;
+    if (sv.metrics_fd >= 0 && pipe2(sv.drain_pipe, O_CLOEXEC) != 0) {
+        fprintf(stderr, "luacallout: cannot make the drain pipe: %s\n", strerror(errno));
+        rc = 1;
+        goto out;
+    }
     if (sv.metrics_fd < 0) {
         fprintf(stderr, "luacallout: %s%s\n", sv.kids ? "cannot share the metrics: " : "out of memory",
                 sv.kids ? strerror(errno) : "");
@@ -945,7 +1077,9 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     sv.admin = admin;
     int started = start(&sv, &id, err, sizeof err);
     if (started == -2) {
-        log_info("signal received during start-up: shutting down");
+        log_info("signal received during start-up: shutting down at once%s",
+                 sv.first_load_abandoned ? " (the script's top level was still running)" : "");
+        kill_workers(&sv);
         goto out;
     }
     if (started != 0) {
@@ -955,7 +1089,8 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     }
     atomic_store(&sv.started, true);
     if (cfg->watch) {
-        watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, reload, &sv, err, sizeof err);
+        watch = watch_start(cfg->script_path, WATCH_SETTLE_MS, script_changed, &sv, err,
+                            sizeof err);
         if (!watch)
             log_error("--watch: %s; reload with SIGHUP instead", err);
         tls_watch = watch_tls(&sv);
@@ -986,9 +1121,10 @@ out:
     /* the health port answers (ready 503, live 200) until every worker is gone */
     if (admin)
         admin_stop(admin);
-    if (reload_abandoned(&sv)) {
-        log_warn("exiting with a reload of %s still loading (its top level does not "
-                 "return); it is abandoned", cfg->script_path);
+    if (sv.first_load_abandoned || reload_abandoned(&sv)) {
+        log_warn("exiting with %s of %s still loading (its top level has not returned); it "
+                 "is abandoned", sv.first_load_abandoned ? "the first load" : "a reload",
+                 cfg->script_path);
         if (rc == 3)
             log_error("stopped, abandoning streams a stuck worker still held");
         else
@@ -997,9 +1133,12 @@ out:
     }
     watch_stop(watch);
     watch_stop(tls_watch);
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < 2; i++) {
         if (sv.held[i] >= 0)
             close(sv.held[i]);
+        if (sv.drain_pipe[i] >= 0)
+            close(sv.drain_pipe[i]);
+    }
     free(sv.kids);
     free(sv.packed);
     if (sv.identity) {

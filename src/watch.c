@@ -29,7 +29,7 @@ struct watch {
     int ifd;
     int wake[2];
     int settle_ms;
-    void (*on_change)(void *);
+    watch_fn *on_change;
     void *arg;
     uint64_t fingerprint;
     pthread_t thread;
@@ -132,14 +132,13 @@ static void *watch_main(void *arg)
             continue;
         }
         w->fingerprint = now;
-        log_info("watch: %s changed: reloading", w->what);
-        w->on_change(w->arg);
+        w->on_change(w->arg, w->what);   /* it says what it does about it */
     }
     return NULL;
 }
 
 static struct watch *start(const char *const *paths, int npaths, int lua_siblings,
-                           const char *what, int settle_ms, void (*on_change)(void *arg),
+                           const char *what, int settle_ms, watch_fn *on_change,
                            void *arg, char *err, size_t errlen)
 {
     struct watch *w = calloc(1, sizeof *w);
@@ -200,14 +199,14 @@ static struct watch *start(const char *const *paths, int npaths, int lua_sibling
     return w;
 }
 
-struct watch *watch_start(const char *script_path, int settle_ms, void (*on_change)(void *arg),
+struct watch *watch_start(const char *script_path, int settle_ms, watch_fn *on_change,
                           void *arg, char *err, size_t errlen)
 {
     return start(&script_path, 1, 1, script_path, settle_ms, on_change, arg, err, errlen);
 }
 
 struct watch *watch_files_start(const char *const *paths, int npaths, const char *what,
-                                int settle_ms, void (*on_change)(void *arg), void *arg,
+                                int settle_ms, watch_fn *on_change, void *arg,
                                 char *err, size_t errlen)
 {
     return start(paths, npaths, 0, what, settle_ms, on_change, arg, err, errlen);

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdatomic.h>
@@ -20,6 +21,7 @@
 #include "config.h"
 #include "control.h"
 #include "generation.h"
+#include "grpc_health.h"
 #include "log.h"
 #include "metrics.h"
 #include "server.h"
@@ -108,6 +110,34 @@ static void follow(struct server *srv, int ctl, uint32_t type, const char *data,
     }
 }
 
+/* Waits for the supervisor to close the drain pipe's write end (supervisor.c, drain) and
+ * turns gRPC health NOT_SERVING then, on a thread of its own: the main thread may be busy
+ * for seconds building a reload's VMs before it reads CONTROL_DRAIN, and a health checker
+ * must hear the drain at once. A supervisor that dies closes it too. */
+static void *drain_main(void *arg)
+{
+    int fd = (int)(intptr_t)arg;
+    for (;;) {
+        char byte;
+        ssize_t n = read(fd, &byte, 1);
+        if (n == 0 || (n < 0 && errno != EINTR))
+            break;
+    }
+    grpc_health_set_serving(false);
+    return NULL;
+}
+
+static void watch_drain(int fd)
+{
+    pthread_t t;
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (pthread_create(&t, NULL, drain_main, (void *)(intptr_t)fd) == 0)
+        pthread_detach(t);
+    else
+        log_warn("worker: no thread for the drain pipe; gRPC health follows the drain only "
+                 "once the main thread reads it");
+}
+
 /* The descriptor exists and is of the kind the supervisor passes (a socket, a memfd). */
 static bool fd_is(int fd, mode_t kind)
 {
@@ -117,15 +147,17 @@ static bool fd_is(int fd, mode_t kind)
 
 int worker_run(const struct config *given)
 {
-    int slot, ctl, metrics_fd;
-    if (sscanf(given->worker_of, "%d,%d,%d", &slot, &ctl, &metrics_fd) != 3 || slot < 0 ||
-        slot >= 64 || !fd_is(ctl, S_IFSOCK) || !fd_is(metrics_fd, S_IFREG)) {
+    int slot, ctl, metrics_fd, drain_fd;
+    if (sscanf(given->worker_of, "%d,%d,%d,%d", &slot, &ctl, &metrics_fd, &drain_fd) != 4 ||
+        slot < 0 || slot >= 64 || !fd_is(ctl, S_IFSOCK) || !fd_is(metrics_fd, S_IFREG) ||
+        !fd_is(drain_fd, S_IFIFO)) {
         fprintf(stderr, "luacallout: --worker_of is for the supervisor's use only\n");
         return 2;
     }
     log_set_worker(slot);   /* every JSON record of this process names its worker */
     /* inherited across exec on purpose; a script's child (--unsafe_stdlib) must not get it */
     fcntl(ctl, F_SETFD, FD_CLOEXEC);
+    watch_drain(drain_fd);
     /* A supervisor killed outright takes its workers with it: nobody else would stop them,
      * and they would hold the ports. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);

@@ -2,6 +2,7 @@
 still accepted for --drain_grace_ms, then no new streams (GOAWAY), open streams finish for up
 to --drain_timeout_ms, the rest are cancelled, exit 0. The health port answers to the end."""
 
+import os
 import re
 import signal
 import socket
@@ -282,3 +283,64 @@ def test_supervisor_kill_after_follows_the_drain_timeout(servers):
         s.cancel()
     assert srv.signal_and_wait(send=False, close_channels=False) == 0, srv.log()
     assert "killing" not in srv.log()
+
+
+def busy_top_level(seconds):
+    return f"local t = os.clock() while os.clock() - t < {seconds} do end\n" + SCRIPT
+
+
+@pytest.mark.parametrize("when", ["supervisor_load", "workers_building"])
+def test_a_signal_during_start_up_stops_at_once(servers, when):
+    # A top level busy for 4 s runs in the supervisor, then in every worker. A SIGTERM in
+    # either phase stops everything within a second, exit 0: nothing serves yet, so there
+    # is nothing to drain (it used to finish the load, start the workers, wait for them
+    # and kill them at timeout + 5 s, exit 3).
+    srv = servers.start(busy_top_level(4), "--threads", "2", "--script_timeout_ms", "0",
+                        "--drain_grace_ms", "5000", "--drain_timeout_ms", "5000", wait=False)
+    if when == "supervisor_load":
+        h.wait_for(lambda: h.can_connect(*srv.hostport("health"), timeout=0.2), 5,
+                   "the health port")
+        time.sleep(0.5)
+        assert "as generation 1" not in srv.log()
+    else:
+        h.wait_for(lambda: "as generation 1" in srv.log(), 15, "the supervisor's load")
+        h.wait_for(lambda: len(h.process_tree(srv.proc.pid)) == 3, 5, "the workers")
+        time.sleep(0.5)
+    kids = h.process_tree(srv.proc.pid)[1:]
+    t0 = time.monotonic()
+    rc = srv.signal_and_wait(signal.SIGTERM, timeout=15)
+    took = time.monotonic() - t0
+    assert rc == 0, srv.log()
+    assert took < 1.0, (took, srv.log())
+    log = srv.log()
+    assert "signal received during start-up: shutting down at once" in log, log
+    assert "abandoning" not in log and "killing" not in log, log
+    for pid in kids:   # the workers are gone, not left building
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", pid
+
+
+def test_a_worker_killed_during_the_grace_is_logged(servers):
+    srv = servers.start(SCRIPT, "--threads", "2", "--drain_grace_ms", "2000")
+    worker = h.process_tree(srv.proc.pid)[1]
+    srv.proc.send_signal(signal.SIGTERM)
+    h.wait_for(lambda: "drain: SIGTERM received" in srv.log(), 2, "the drain")
+    os.kill(worker, signal.SIGKILL)
+    h.wait_for(lambda: re.search(r"WARN +worker \d ended during the drain \(killed by signal 9"
+                                 r".*\); the streams it had open were lost", srv.log()),
+               1.5, "the warning about the killed worker")
+    assert srv.signal_and_wait(send=False) == 0, srv.log()
+    # the other worker's requested stop is not reported as a loss
+    assert len(re.findall(r"ended during the drain", srv.log())) == 1, srv.log()
+
+
+def test_a_watched_change_during_the_drain_is_said_to_be_ignored(servers):
+    script = servers.script(SCRIPT)
+    srv = servers.start(script, "--threads", "1", "--watch", "--drain_grace_ms", "3000")
+    srv.proc.send_signal(signal.SIGTERM)
+    h.wait_for(lambda: "drain: SIGTERM received" in srv.log(), 2, "the drain")
+    script.write_text(SCRIPT + "-- changed\n")
+    h.wait_for(lambda: re.search(r"watch: \S+ changed: ignored: draining", srv.log()), 2.5,
+               "the watch's line")
+    assert "changed: reloading" not in srv.log()
+    assert srv.signal_and_wait(send=False) == 0, srv.log()

@@ -157,3 +157,70 @@ def test_combined_health_check_leaves_grpc_health_only(servers):
     assert isinstance(h.connect_error(host, port), ConnectionRefusedError)
     for kind in KINDS:
         assert check(srv.health_stub(kind), "") == SERVING
+
+
+def test_the_drain_reaches_health_at_once_while_the_worker_builds_a_reload(servers):
+    # The worker's main thread is busy for 3 s in a reload's top level when the SIGTERM
+    # comes: its gRPC health still hears the drain at once (it used to say SERVING until
+    # the build was over).
+    script = servers.script(SCRIPT)
+    srv = servers.start(script, "--threads", "1", "--script_timeout_ms", "0",
+                        "--drain_grace_ms", "1500", "--drain_timeout_ms", "2000")
+    stub = srv.health_stub()
+    watch = stub.Watch(HP.HealthCheckRequest(service=""), timeout=30)
+    assert next(watch).status == SERVING
+    script.write_text("local t = os.clock() while os.clock() - t < 3 do end\n" + SCRIPT)
+    srv.proc.send_signal(signal.SIGHUP)
+    # the supervisor's load (3 s), then the worker's build starts
+    h.wait_for(lambda: "as generation 2" in srv.log(), 10, "the supervisor's load")
+    time.sleep(0.5)
+    assert check(stub, "") == SERVING   # the build is under way, nothing drains yet
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert next(watch).status == NOT_SERVING
+    heard = time.monotonic() - t0
+    assert heard < 0.3, heard
+    assert check(stub, "") == NOT_SERVING
+    assert check(stub, EXT_PROC) == NOT_SERVING
+    assert time.monotonic() - t0 < 0.5, time.monotonic() - t0
+    watch.cancel()
+    assert srv.signal_and_wait(send=False) == 0, srv.log()
+    assert "reloaded" not in srv.log()
+
+
+def test_watches_beyond_100_per_worker_are_refused(servers):
+    srv = servers.start(SCRIPT, "--threads", "1")
+    stub = srv.health_stub()
+    watches = [stub.Watch(HP.HealthCheckRequest(service=""), timeout=60) for _ in range(100)]
+    try:
+        assert [next(w).status for w in watches] == [SERVING] * 100
+        extra = stub.Watch(HP.HealthCheckRequest(service=""), timeout=10)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many open grpc.health.v1.Health/Watch calls on this worker (100 at most)" \
+            in e.value.details()
+        h.wait_for(lambda: "gRPC health: refusing Watch calls (RESOURCE_EXHAUSTED): this "
+                   "worker keeps at most 100 open" in srv.log(), 2, "the warning")
+        # Check is not limited, and a Watch that ends makes room for another
+        assert check(stub, "") == SERVING
+        watches.pop().cancel()
+
+        def another():
+            w = stub.Watch(HP.HealthCheckRequest(service=""), timeout=60)
+            try:
+                if next(w).status == SERVING:
+                    watches.append(w)
+                    return True
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+        h.wait_for(another, 5, "room for a new Watch")
+        # many refusals, one warning (at most one every 10 s)
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError):
+                next(stub.Watch(HP.HealthCheckRequest(service=""), timeout=10))
+        assert srv.log().count("refusing Watch calls") == 1, srv.log()
+    finally:
+        for w in watches:
+            w.cancel()
