@@ -344,3 +344,19 @@ def test_a_watched_change_during_the_drain_is_said_to_be_ignored(servers):
                "the watch's line")
     assert "changed: reloading" not in srv.log()
     assert srv.signal_and_wait(send=False) == 0, srv.log()
+
+
+def test_an_idle_connection_does_not_hold_the_drain_open(servers):
+    """A channel with no call in flight (grpc-python does not read its socket then, so it
+    never sees the GOAWAY) must not keep the server until --drain_timeout_ms."""
+    srv = servers.start(SCRIPT, "--threads", "1", "--drain_grace_ms", "0",
+                        "--drain_timeout_ms", "10000")
+    stub = srv.stub()
+    _, code, details = h.process(stub, [REQ])   # the channel is connected, then idle
+    assert code == grpc.StatusCode.OK, details
+    t0 = time.monotonic()
+    rc = srv.signal_and_wait(close_channels=False)
+    took = time.monotonic() - t0
+    assert rc == 0, srv.log()
+    assert took < 3.0, (took, srv.log())
+    assert "the connections still open" in srv.log(), srv.log()
