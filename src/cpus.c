@@ -39,37 +39,70 @@ static int read_small(const char *path, char *buf, size_t len)
     return n > 0 ? 0 : -1;
 }
 
-/* This process's cgroup v2 path ("0::/kubepods/..."), or "" for the root. */
-static void own_cgroup(char *out, size_t len)
+/* This process's cgroup path for the v2 hierarchy (`0::/kubepods/...`) into v2, and for
+ * the v1 hierarchy holding the cpu controller (`4:cpu,cpuacct:/...`) into v1; "" for the
+ * root or none. */
+static void own_cgroups(char *v2, char *v1, size_t len)
 {
     char buf[4096];
-    out[0] = '\0';
+    v2[0] = v1[0] = '\0';
     if (read_small("/proc/self/cgroup", buf, sizeof buf) != 0)
         return;
-    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n"))
-        if (strncmp(line, "0::", 3) == 0 && strcmp(line + 3, "/") != 0) {
-            snprintf(out, len, "%s", line + 3);
-            return;
+    for (char *line = strtok(buf, "\n"); line; line = strtok(NULL, "\n")) {
+        char *ctl = strchr(line, ':');
+        char *path = ctl ? strchr(ctl + 1, ':') : NULL;
+        if (!path || strcmp(path + 1, "/") == 0)
+            continue;
+        *path++ = '\0';
+        ctl++;
+        if (*ctl == '\0') {
+            snprintf(v2, len, "%s", path);
+            continue;
         }
+        /* the controller list, e.g. "cpu,cpuacct": is "cpu" one of them? */
+        for (const char *c = ctl; *c;) {
+            size_t n = strcspn(c, ",");
+            if (n == 3 && strncmp(c, "cpu", 3) == 0)
+                snprintf(v1, len, "%s", path);
+            c += n + (c[n] == ',');
+        }
+    }
+}
+
+/* The quota of cgroup v1 folder dir (".../cpu.cfs_quota_us"), as cpus_from_cpu_max. */
+static int v1_limit(const char *dir)
+{
+    char path[PATH_MAX], quota[64], period[64], v2[160];
+    snprintf(path, sizeof path, "%s/cpu.cfs_quota_us", dir);
+    if (read_small(path, quota, sizeof quota) != 0)
+        return -1;
+    snprintf(path, sizeof path, "%s/cpu.cfs_period_us", dir);
+    if (read_small(path, period, sizeof period) != 0)
+        return -1;
+    quota[strcspn(quota, "\n")] = '\0';
+    snprintf(v2, sizeof v2, "%s %s", strcmp(quota, "-1") == 0 ? "max" : quota, period);
+    return cpus_from_cpu_max(v2);
 }
 
 static int cgroup_limit(void)
 {
-    char path[PATH_MAX], text[128], cg[PATH_MAX - 64];
-    own_cgroup(cg, sizeof cg);
+    char path[PATH_MAX], text[128], v2[PATH_MAX - 64], v1[PATH_MAX - 64];
+    own_cgroups(v2, v1, sizeof v2);
     /* the process's own cgroup, then the root one (inside a container's cgroup namespace
      * the container's limit is at the root) */
-    snprintf(path, sizeof path, "/sys/fs/cgroup%s/cpu.max", cg);
-    if (read_small(path, text, sizeof text) == 0 || read_small("/sys/fs/cgroup/cpu.max", text,
-                                                               sizeof text) == 0)
+    snprintf(path, sizeof path, "/sys/fs/cgroup%s/cpu.max", v2);
+    if (read_small(path, text, sizeof text) == 0 ||
+        read_small("/sys/fs/cgroup/cpu.max", text, sizeof text) == 0)
         return cpus_from_cpu_max(text);
-    char period[64];
-    if (read_small("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", text, sizeof text) == 0 &&
-        read_small("/sys/fs/cgroup/cpu/cpu.cfs_period_us", period, sizeof period) == 0) {
-        char v2[200];
-        text[strcspn(text, "\n")] = '\0';
-        snprintf(v2, sizeof v2, "%s %s", strcmp(text, "-1") == 0 ? "max" : text, period);
-        return cpus_from_cpu_max(v2);
+    static const char *const mounts[] = {"/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct",
+                                         "/sys/fs/cgroup/cpuacct,cpu"};
+    for (size_t i = 0; i < sizeof mounts / sizeof *mounts; i++) {
+        snprintf(path, sizeof path, "%s%s", mounts[i], v1);
+        int n = v1_limit(path);
+        if (n < 0 && v1[0])
+            n = v1_limit(mounts[i]);
+        if (n >= 0)
+            return n;
     }
     return 0;
 }
