@@ -252,6 +252,20 @@ void log_bytes(enum log_level level, const struct log_fields *f, const char *msg
     emit_bytes(level, f, msg, len);
 }
 
+void log_fatal(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    if (log_get_format() == LOG_FORMAT_JSON) {
+        emit(LOG_ERROR, NULL, NULL, fmt, ap);
+    } else {
+        char msg[LOG_RECORD_MAX];
+        vsnprintf(msg, sizeof msg, fmt, ap);
+        fprintf(stderr, "luacallout: %s\n", msg);
+    }
+    va_end(ap);
+}
+
 void log_msg(enum log_level level, const char *fmt, ...)
 {
     if ((int)level < current_level)

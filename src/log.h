@@ -26,6 +26,10 @@ void log_set_format(enum log_format format);
 enum log_format log_get_format(void);
 /* Accepts text|json; 0 on success, -1 otherwise. */
 int log_parse_format(const char *name, enum log_format *out);
+
+/* Why the server cannot start (or go on): "luacallout: msg" on stderr in the text format,
+ * an error record in JSON, so that a log pipeline reads the one line that says why. */
+void log_fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* The worker slot this process serves, named by every JSON record ("worker"); -1 (the
  * default) in the supervisor. */
 void log_set_worker(int slot);

@@ -248,7 +248,7 @@ static int spawn(struct supervisor *sv, int slot)
             fcntl(keep[i], F_SETFD, flags & ~FD_CLOEXEC);
         }
         execv(sv->exe, argv);
-        fprintf(stderr, "luacallout: cannot start a worker: exec: %s\n", strerror(errno));
+        log_fatal("cannot start a worker: exec: %s", strerror(errno));
         _exit(127);
     }
     free(argv);
@@ -1033,7 +1033,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     bool need_tls = !cfg->disable_tls || (cfg->secure_health_check && !cfg->combined_health_check);
     if (need_tls) {
         if (tls_identity_load(&id, &tls_src, err, sizeof err) != 0) {
-            fprintf(stderr, "luacallout: %s\n", err);
+            log_fatal("%s", err);
             return 1;
         }
         log_tls_identity(&id, &tls_src);
@@ -1052,12 +1052,12 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
     /* The counters the load sets are then the shared ones. */
     sv.metrics_fd = sv.kids ? metrics_share(sv.n) : -1;
     if (sv.metrics_fd >= 0 && pipe2(sv.drain_pipe, O_CLOEXEC) != 0) {
-        fprintf(stderr, "luacallout: cannot make the drain pipe: %s\n", strerror(errno));
+        log_fatal("cannot make the drain pipe: %s", strerror(errno));
         rc = 1;
         goto out;
     }
     if (sv.metrics_fd < 0) {
-        fprintf(stderr, "luacallout: %s%s\n", sv.kids ? "cannot share the metrics: " : "out of memory",
+        log_fatal("%s%s", sv.kids ? "cannot share the metrics: " : "out of memory",
                 sv.kids ? strerror(errno) : "");
         rc = 1;
         goto out;
@@ -1069,7 +1069,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         admin = admin_start(cfg->health_address, cfg->secure_health_check ? &id : NULL, &probes,
                             err, sizeof err);
         if (!admin) {
-            fprintf(stderr, "luacallout: %s\n", err);
+            log_fatal("%s", err);
             rc = 1;
             goto out;
         }
@@ -1083,7 +1083,7 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
         goto out;
     }
     if (started != 0) {
-        fprintf(stderr, "luacallout: %s\n", err);
+        log_fatal("%s", err);
         rc = 1;
         goto out;
     }

@@ -7,6 +7,7 @@ processes never share a line."""
 import json
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -330,3 +331,23 @@ def test_a_nul_in_an_error_or_a_deny_loses_nothing_after_it(servers):
         recs = wait_records(srv, lambda rs: any(tail in r["msg"] for r in rs), tail)
         [rec] = [r for r in recs if tail in r["msg"]]
         assert rec["msg"].endswith("before\x00" + tail), rec
+
+
+def test_why_the_server_cannot_start_is_a_json_record_too(tmp_path):
+    """The one line that says why start-up failed (here: the port is taken) is a JSON
+    record like every other, not plain text."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        p = subprocess.run([str(h.BIN), "--log_format", "json", "--disable_tls",
+                            "--combined_health_check", "--plaintext_address",
+                            f"127.0.0.1:{port}", str(h.SRC / "examples" / "basic.lua")],
+                           capture_output=True, text=True, timeout=30)
+    finally:
+        taken.close()
+    assert p.returncode == 1, p.stderr
+    recs = records(p.stderr)
+    [why] = [r for r in recs if r["level"] == "error"]
+    assert str(port) in why["msg"], recs
