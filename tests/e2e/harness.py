@@ -455,6 +455,19 @@ def metrics_text(server):
         return r.read().decode()
 
 
+def worker_pids(server):
+    """The server's worker processes (its children named luacallout:wN), sorted."""
+    out = []
+    for pid in process_tree(server.proc.pid)[1:]:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("luacallout:w"):
+                    out.append(pid)
+        except OSError:
+            pass
+    return sorted(out)
+
+
 def wait_for(pred, timeout, what):
     """pred()'s first true value within timeout seconds; fails the test otherwise."""
     deadline = time.monotonic() + timeout

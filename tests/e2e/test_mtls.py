@@ -333,18 +333,6 @@ def test_sighup_reload_keeps_open_streams_and_serves_the_new_certificate(servers
     ch.close()
 
 
-def worker_pids(server):
-    out = []
-    for pid in h.process_tree(server.proc.pid)[1:]:
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().startswith("luacallout:w"):
-                    out.append(pid)
-        except OSError:
-            pass
-    return out
-
-
 def test_a_restarted_worker_serves_the_reloaded_certificate(servers, pki, tmp_path):
     d = tls_dir(tmp_path, pki)
     srv = mtls_server(servers, d, "--threads", "1")
@@ -353,9 +341,9 @@ def test_a_restarted_worker_serves_the_reloaded_certificate(servers, pki, tmp_pa
     replace(d / "cert.pem", pem(pki / "server2.pem"))
     srv.proc.send_signal(signal.SIGHUP)
     wait_log(srv, "TLS reloaded")
-    [old] = h.wait_for(lambda: worker_pids(srv), 5, "the worker")
+    [old] = h.wait_for(lambda: h.worker_pids(srv), 5, "the worker")
     os.kill(old, signal.SIGKILL)
-    h.wait_for(lambda: worker_pids(srv) and worker_pids(srv) != [old], 10, "a new worker")
+    h.wait_for(lambda: h.worker_pids(srv) and h.worker_pids(srv) != [old], 10, "a new worker")
     h.wait_for(lambda: h.can_connect(*srv.hostport("secure")), 10, "the TLS port")
 
     def served():

@@ -28,19 +28,6 @@ def metric(server, name):
     return float(m.group(1)) if m else None
 
 
-def workers(server):
-    """The worker processes: the supervisor's children, by their name."""
-    out = []
-    for pid in h.process_tree(server.proc.pid)[1:]:
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().startswith("luacallout:w"):
-                    out.append(pid)
-        except OSError:
-            pass
-    return sorted(out)
-
-
 # grpc-python shares one connection between channels to the same target unless told not to
 FRESH = [("grpc.use_local_subchannel_pool", 1)]
 
@@ -58,7 +45,7 @@ def ask(target):
 
 def test_one_process_per_worker_all_serving(servers):
     srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "3")
-    pids = wait_for(lambda: len(workers(srv)) == 3 and workers(srv), 5, "3 workers")
+    pids = wait_for(lambda: len(h.worker_pids(srv)) == 3 and h.worker_pids(srv), 5, "3 workers")
     assert srv.proc.pid not in pids
     assert metric(srv, "luacallout_workers_serving") == 3
     # connections spread over the workers: each one serves some of 60
@@ -75,7 +62,7 @@ def test_one_process_per_worker_all_serving(servers):
 
 def test_a_killed_worker_is_replaced_and_the_others_keep_serving(servers):
     srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
-    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    pids = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv), 5, "2 workers")
     stop = threading.Event()
     results = []
 
@@ -95,7 +82,7 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(servers):
         time.sleep(0.5)
         killed_at = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
-        new = wait_for(lambda: len(workers(srv)) == 2 and workers(srv) != pids and workers(srv),
+        new = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv) != pids and h.worker_pids(srv),
                        5, "a new worker")
         assert pids[0] not in new and pids[1] in new
         wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2, 5, "2 serving")
@@ -113,7 +100,7 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(servers):
 
 def test_a_killed_supervisor_takes_its_workers_and_ports(servers):
     srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
-    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    pids = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv), 5, "2 workers")
     servers.servers.remove(srv)   # killed on purpose: no clean exit to check
     srv.proc.kill()
     srv.proc.wait(5)
@@ -198,14 +185,14 @@ def test_a_reload_some_worker_cannot_build_serves_nowhere(servers):
 
 def test_a_stopped_worker_is_replaced(servers):
     srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
-    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    pids = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv), 5, "2 workers")
     os.kill(pids[0], signal.SIGSTOP)
     t0 = time.monotonic()
     wait_for(lambda: "worker 0 has not answered for" in srv.log(), 10, "the unresponsive line")
     took = time.monotonic() - t0
     assert 4.5 < took < 8, took
-    new = wait_for(lambda: len(workers(srv)) == 2 and pids[0] not in workers(srv) and
-                   workers(srv), 5, "a new worker")
+    new = wait_for(lambda: len(h.worker_pids(srv)) == 2 and pids[0] not in h.worker_pids(srv) and
+                   h.worker_pids(srv), 5, "a new worker")
     assert pids[1] in new
     wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2, 5, "2 serving")
     for _ in range(30):        # every fresh connection is served again
@@ -214,7 +201,7 @@ def test_a_stopped_worker_is_replaced(servers):
 
 def test_open_streams_of_a_killed_worker_count_as_errors(servers):
     srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
-    wait_for(lambda: len(workers(srv)) == 2, 5, "2 workers")
+    wait_for(lambda: len(h.worker_pids(srv)) == 2, 5, "2 workers")
     streams = []
     for _ in range(4):
         ch = grpc.insecure_channel(srv.target("plaintext"), options=FRESH)
@@ -222,7 +209,7 @@ def test_open_streams_of_a_killed_worker_count_as_errors(servers):
         s.exchange(h.headers_req("request_headers", [(":path", "/")]))
         streams.append((ch, s))
     assert metric(srv, "luacallout_streams_active") == 4
-    for p in workers(srv):
+    for p in h.worker_pids(srv):
         os.kill(p, signal.SIGKILL)
     wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2 and
              metric(srv, "luacallout_worker_restarts_total") == 2, 8, "2 new workers")
@@ -236,7 +223,7 @@ def test_open_streams_of_a_killed_worker_count_as_errors(servers):
 def test_sigterm_after_a_worker_died_or_stopped_exits_0(servers):
     for how in (signal.SIGKILL, signal.SIGSTOP):
         srv = servers.start(servers.script(TAGGED % {"tag": "a"}), "--threads", "2")
-        pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+        pids = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv), 5, "2 workers")
         os.kill(pids[0], how)
         t0 = time.monotonic()
         rc = srv.signal_and_wait(signal.SIGTERM)
@@ -250,7 +237,7 @@ def test_sigterm_after_a_worker_died_or_stopped_exits_0(servers):
 def test_a_reload_with_a_stopped_worker_fails_fast_and_the_worker_is_replaced(servers):
     script = servers.script(TAGGED % {"tag": "a"})
     srv = servers.start(script, "--threads", "2")
-    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    pids = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv), 5, "2 workers")
     os.kill(pids[1], signal.SIGSTOP)
     with open(script, "w") as f:
         f.write(TAGGED % {"tag": "b"})
@@ -261,7 +248,7 @@ def test_a_reload_with_a_stopped_worker_fails_fast_and_the_worker_is_replaced(se
     assert time.monotonic() - t0 < 7.5
     assert metric(srv, "luacallout_reload_in_progress") == 0
     assert metric(srv, "luacallout_script_generation") == 1
-    wait_for(lambda: len(workers(srv)) == 2 and pids[1] not in workers(srv), 5, "a new worker")
+    wait_for(lambda: len(h.worker_pids(srv)) == 2 and pids[1] not in h.worker_pids(srv), 5, "a new worker")
     wait_for(lambda: metric(srv, "luacallout_workers_serving") == 2, 5, "2 serving")
     assert {ask(srv.target("plaintext")) for _ in range(20)} == {"a"}   # one generation
 
@@ -269,7 +256,7 @@ def test_a_reload_with_a_stopped_worker_fails_fast_and_the_worker_is_replaced(se
 def test_sigterm_during_a_reload_stuck_on_a_stopped_worker_is_prompt(servers):
     script = servers.script(TAGGED % {"tag": "a"})
     srv = servers.start(script, "--threads", "2")
-    pids = wait_for(lambda: len(workers(srv)) == 2 and workers(srv), 5, "2 workers")
+    pids = wait_for(lambda: len(h.worker_pids(srv)) == 2 and h.worker_pids(srv), 5, "2 workers")
     os.kill(pids[0], signal.SIGSTOP)
     time.sleep(0.5)   # stopped well before the reload, not yet replaced
     srv.proc.send_signal(signal.SIGHUP)
@@ -286,7 +273,7 @@ def test_default_threads_follow_the_cpus_the_process_may_use(servers):
     cpu = sorted(os.sched_getaffinity(0))[0]
     srv = servers.start(servers.script(TAGGED % {"tag": "a"}),
                         preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
-    wait_for(lambda: len(workers(srv)) == 1, 5, "1 worker")
+    wait_for(lambda: len(h.worker_pids(srv)) == 1, 5, "1 worker")
     assert metric(srv, "luacallout_workers_serving") == 1
     assert ask(srv.target("plaintext")) == "a"
-    assert len(workers(srv)) == 1
+    assert len(h.worker_pids(srv)) == 1
