@@ -49,6 +49,15 @@
 /* Memory grpc's transport may use for all connections (buffers, messages being received). */
 #define TRANSPORT_MEMORY_BYTES ((size_t)256 << 20)
 /* A TLS or HTTP/2 handshake not done by then holds a connection for nothing. */
+/* The end of the grace: a serving thread busy in a handler has not read the streams that
+ * arrived meanwhile; grpc would cancel them unread once the server is shut down. So the
+ * serving thread itself shuts the server down, once its queue has been quiet for
+ * SHUTDOWN_SETTLE_MS (what the sockets held has been read and matched). The main thread waits for that (a handler's budget and a second), then does
+ * it itself. */
+enum { SHUTDOWN_NONE, SHUTDOWN_ASKED, SHUTDOWN_SENT };
+#define SERVING_TICK_MS 50
+#define SHUTDOWN_POLLS 64   /* events taken in at most before the GOAWAY */
+#define SHUTDOWN_SETTLE_MS 20   /* ... until none has come for this long */
 #define IDLE_CONNECTIONS_MS 200     /* drain: no call left; stop waiting for connections */
 #define MIN_PING_INTERVAL_MS 10000   /* keepalive pings a client may send */
 #define HANDSHAKE_TIMEOUT_MS 10000
@@ -84,6 +93,7 @@ struct server {
     grpc_completion_queue *shutdown_cq;
     bool started;
     _Atomic bool stopping;
+    _Atomic int shutdown_state;      /* SHUTDOWN_*: who sends the GOAWAY, and when */
     int nworkers;
     int first_worker;                /* the number the log gives workers[0] */
     struct worker *workers;
@@ -134,19 +144,61 @@ static void on_new_call(struct tag *tag, bool ok)
         post_request(r);
 }
 
+static void run_event(grpc_event ev)
+{
+    stream_worker_tick();
+    if (ev.type == GRPC_OP_COMPLETE) {
+        struct tag *t = ev.tag;
+        t->done(t, ev.success != 0);
+    }
+}
+
+/* Whoever moves shutdown_state from ASKED to SENT sends the GOAWAY, once. */
+static bool shut_down(struct server *srv)
+{
+    int asked = SHUTDOWN_ASKED;
+    if (!atomic_compare_exchange_strong(&srv->shutdown_state, &asked, SHUTDOWN_SENT))
+        return false;
+    grpc_server_shutdown_and_notify(srv->grpc, srv->shutdown_cq, srv);
+    return true;
+}
+
+/* Serving thread, the grace over: take in what the sockets hold (a poll that does not
+ * wait, until nothing more comes), then shut the server down. */
+static void shut_down_here(struct worker *w)
+{
+    for (int i = 0; i < SHUTDOWN_POLLS; i++) {
+        /* not a poll that does not wait: grpc reads a socket and matches the calls it
+         * holds on its own threads too, a little later */
+        grpc_event ev = grpc_completion_queue_next(
+            w->cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                gpr_time_from_millis(SHUTDOWN_SETTLE_MS, GPR_TIMESPAN)),
+            NULL);
+        if (ev.type != GRPC_OP_COMPLETE)
+            break;
+        run_event(ev);
+    }
+    shut_down(w->srv);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
     for (;;) {
-        /* Wakes up on its own only when the stream layer has a deadline (idle streams) */
-        grpc_event ev = grpc_completion_queue_next(w->cq, stream_worker_deadline(), NULL);
+        /* Wakes up for the stream layer's deadline (idle streams) and at least every
+         * SERVING_TICK_MS: the end of a drain's grace is seen by a thread that went to
+         * wait before it began, since nothing else can wake it */
+        gpr_timespec deadline = stream_worker_deadline();
+        gpr_timespec tick = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                         gpr_time_from_millis(SERVING_TICK_MS, GPR_TIMESPAN));
+        if (gpr_time_cmp(tick, deadline) < 0)
+            deadline = tick;
+        grpc_event ev = grpc_completion_queue_next(w->cq, deadline, NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
-        stream_worker_tick();
-        if (ev.type == GRPC_OP_COMPLETE) {
-            struct tag *t = ev.tag;
-            t->done(t, ev.success != 0);
-        }
+        run_event(ev);
+        if (atomic_load(&w->srv->shutdown_state) == SHUTDOWN_ASKED)
+            shut_down_here(w);
     }
     return NULL;
 }
@@ -180,8 +232,21 @@ static int teardown(struct server *srv, int timeout_ms)
 {
     atomic_store(&srv->stopping, true);
     if (srv->grpc) {
-        /* no new calls from now on: GOAWAY on every connection */
-        grpc_server_shutdown_and_notify(srv->grpc, srv->shutdown_cq, srv);
+        /* no new calls from now on: GOAWAY on every connection, sent by a serving thread
+         * once it has taken in what arrived during the grace (shut_down_here) */
+        bool serving = false;
+        for (int i = 0; i < srv->nworkers; i++)
+            serving |= srv->workers[i].running;
+        atomic_store(&srv->shutdown_state, SHUTDOWN_ASKED);
+        int budget = vm_get_limits()->timeout_ms;
+        gpr_timespec handoff = after_ms((budget > 0 ? budget : 1000) + 1000 + SERVING_TICK_MS);
+        while (serving && atomic_load(&srv->shutdown_state) == SHUTDOWN_ASKED &&
+               gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), handoff) < 0)
+            gpr_sleep_until(after_ms(2));
+        if (shut_down(srv) && serving)
+            log_warn("drain: the serving thread did not come back from its handler within "
+                     "its budget; sending the GOAWAY without it (streams it has not read "
+                     "yet are cancelled)");
         gpr_timespec timeout = after_ms(timeout_ms);
         bool watches_ended = false, only_idle = false;
         gpr_timespec calls_ended = gpr_inf_future(GPR_CLOCK_MONOTONIC);
@@ -202,6 +267,8 @@ static int teardown(struct server *srv, int timeout_ms)
                     only_idle = true;
                     break;
                 }
+            } else {
+                calls_ended = gpr_inf_future(GPR_CLOCK_MONOTONIC);   /* calls came back */
             }
             /* in slices, to see the last stream end while Watches hold the server open */
             gpr_timespec slice = after_ms(watches_ended ? 100 : 10);

@@ -360,3 +360,49 @@ def test_an_idle_connection_does_not_hold_the_drain_open(servers):
     assert rc == 0, srv.log()
     assert took < 3.0, (took, srv.log())
     assert "the connections still open" in srv.log(), srv.log()
+
+
+SLOW_AT_GRACE_END = r'''
+function on_request_headers(h, ctx)
+  local spin = tonumber(h:get("x-spin") or "0")
+  local t = os.clock()
+  while os.clock() - t < spin / 1000 do end
+  return { add = { {"x-ok", "1"} } }
+end
+'''
+
+
+def test_streams_of_the_grace_are_served_when_a_handler_spans_its_end(servers):
+    """A worker busy in a handler when the grace ends has not read the streams that came
+    in meanwhile on open connections: they are accepted, so they must be served, not
+    cancelled by the GOAWAY that follows."""
+    srv = servers.start(SLOW_AT_GRACE_END, "--threads", "1", "--script_timeout_ms", "0",
+                        "--drain_grace_ms", "1000", "--drain_timeout_ms", "5000")
+    chans = [grpc.insecure_channel(srv.target("plaintext"),
+                                   options=[("grpc.use_local_subchannel_pool", 1)])
+             for _ in range(4)]
+    stubs = [h.pb_grpc.ExternalProcessorStub(c) for c in chans]
+    for st in stubs:   # connected before the drain, as Envoy's are
+        assert h.process(st, [REQ])[1] == grpc.StatusCode.OK
+    results = {}
+
+    def one(i, spin, at):
+        time.sleep(max(0.0, at - time.monotonic()))
+        req = h.headers_req("request_headers", [(":path", "/"), ("x-spin", str(spin))])
+        results[i] = h.process(stubs[i], [req], timeout=10)[1]
+
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    end = t0 + 1.0
+    plan = [(800, 0.3), (0, 0.25), (0, 0.2), (0, 0.1)]   # ms of spin, s before the grace end
+    threads = [threading.Thread(target=one, args=(i, spin, end - before))
+               for i, (spin, before) in enumerate(plan)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    rc = srv.signal_and_wait(send=False, close_channels=False)
+    for c in chans:
+        c.close()
+    assert results == {i: grpc.StatusCode.OK for i in range(len(plan))}, (results, srv.log())
+    assert rc == 0, srv.log()
