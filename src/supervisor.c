@@ -796,7 +796,7 @@ static void drain(struct supervisor *sv, int sig, const sigset_t *waited)
             break;
         }
         if (again == SIGHUP)
-            log_info("drain: SIGHUP ignored: the server is draining");
+            log_limited_at(LOG_INFO, "drain: SIGHUP ignored: the server is draining");
         reap_and_restart(sv);
     }
 }
