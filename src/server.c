@@ -238,8 +238,12 @@ static int teardown(struct server *srv, int timeout_ms)
         for (int i = 0; i < srv->nworkers; i++)
             serving |= srv->workers[i].running;
         atomic_store(&srv->shutdown_state, SHUTDOWN_ASKED);
+        /* the drain timeout counts from now, the hand-over included */
+        gpr_timespec timeout = after_ms(timeout_ms);
         int budget = vm_get_limits()->timeout_ms;
         gpr_timespec handoff = after_ms((budget > 0 ? budget : 1000) + 1000 + SERVING_TICK_MS);
+        if (gpr_time_cmp(handoff, timeout) > 0)
+            handoff = timeout;
         while (serving && atomic_load(&srv->shutdown_state) == SHUTDOWN_ASKED &&
                gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), handoff) < 0)
             gpr_sleep_until(after_ms(2));
@@ -247,7 +251,6 @@ static int teardown(struct server *srv, int timeout_ms)
             log_warn("drain: the serving thread did not come back from its handler within "
                      "its budget; sending the GOAWAY without it (streams it has not read "
                      "yet are cancelled)");
-        gpr_timespec timeout = after_ms(timeout_ms);
         bool watches_ended = false, only_idle = false;
         gpr_timespec calls_ended = gpr_inf_future(GPR_CLOCK_MONOTONIC);
         grpc_event ev;
