@@ -330,27 +330,29 @@ static bool limit_pass(struct log_limiter *lim, char *note, size_t note_len,
     return true;
 }
 
-void log_limited(struct log_limiter *lim, enum log_level level, const char *fmt, ...)
+static void limited(struct log_limiter *lim, enum log_level level, const struct log_fields *f,
+                    const char *fmt, va_list ap)
 {
     char note[128];
     const char *suffix;
     if ((int)level < current_level || !limit_pass(lim, note, sizeof note, &suffix))
         return;
+    emit(level, f, suffix, fmt, ap);
+}
+
+void log_limited(struct log_limiter *lim, enum log_level level, const char *fmt, ...)
+{
     va_list ap;
     va_start(ap, fmt);
-    emit(level, NULL, suffix, fmt, ap);
+    limited(lim, level, NULL, fmt, ap);
     va_end(ap);
 }
 
 void log_limited_with(struct log_limiter *lim, enum log_level level,
                       const struct log_fields *f, const char *fmt, ...)
 {
-    char note[128];
-    const char *suffix;
-    if ((int)level < current_level || !limit_pass(lim, note, sizeof note, &suffix))
-        return;
     va_list ap;
     va_start(ap, fmt);
-    emit(level, f, suffix, fmt, ap);
+    limited(lim, level, f, fmt, ap);
     va_end(ap);
 }

@@ -75,17 +75,13 @@ struct metrics {
 
 /* +1 on a counter only this thread writes: no locked instruction on the per-message path.
  * Relaxed: a scrape may see it a moment late, never torn. */
-static inline void metrics_inc(_Atomic uint64_t *c)
-{
-    atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + 1,
-                          memory_order_relaxed);
-}
-
 static inline void metrics_add(_Atomic uint64_t *c, uint64_t n)
 {
     atomic_store_explicit(c, atomic_load_explicit(c, memory_order_relaxed) + n,
                           memory_order_relaxed);
 }
+
+static inline void metrics_inc(_Atomic uint64_t *c) { metrics_add(c, 1); }
 
 static inline void metrics_gauge_add(_Atomic int64_t *g, int64_t d)
 {
