@@ -76,6 +76,8 @@ static const struct flag flags[] = {
      "after SIGTERM, keep accepting new streams this long, not ready (default 5000)"},
     {"drain_timeout_ms", FLAG_LIMIT, AT(drain_timeout_ms), "MS",
      "then let open streams finish this long before cancelling them (default 20000)"},
+    {"content_length_follows_body", FLAG_BOOL, AT(content_length_follows_body), "",
+     "a body response that replaces a BUFFERED body sets content-length (default true; =false: off)"},
     {"unsafe_stdlib", FLAG_BOOL, AT(unsafe_stdlib), "",
      "give scripts os.exit, os.execute, io.popen, debug and binary chunks"},
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
@@ -132,6 +134,7 @@ static void set_defaults(struct config *cfg)
     cfg->max_message_kb = 4096;
     cfg->max_headers = 1024;
     cfg->max_ctx_kb = 1024;
+    cfg->content_length_follows_body = true;
     cfg->max_streams_per_connection = 1000;
     cfg->stream_idle_timeout_ms = 300000;
     cfg->max_queued_kb = 8192;

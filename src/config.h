@@ -32,6 +32,7 @@ struct config {
     int max_message_kb;             /* one received ProcessingRequest */
     int max_headers;                /* header entries in one message */
     int max_ctx_kb;                 /* attributes + metadata merged into one stream's ctx */
+    bool content_length_follows_body; /* a replaced buffered body sets content-length */
     int max_streams_per_connection; /* HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS */
     int stream_idle_timeout_ms;     /* a stream with no message for this long ends; 0 = none */
     int max_queued_kb;              /* answers a client has not read yet, per stream */

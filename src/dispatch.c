@@ -43,6 +43,15 @@ struct dispatch_stream {
     bool have_config;      /* a protocol_config arrived: the body modes below are known */
     bool full_duplex[2];   /* request, response body in FULL_DUPLEX_STREAMED mode */
     bool observing;        /* the value of ctx.observability_mode */
+    /* Routing on the body (docs/streaming.md): the body modes Envoy uses (protocol_config,
+     * then mode_override of a headers response; -1: unknown), and a headers response held
+     * until the body handler has spoken. */
+    int body_mode[2];      /* request, response BodySendMode */
+    bool send_body_early;  /* send_body_without_waiting_for_header_response */
+    int held_phase;        /* PBCONV_REQUEST_HEADERS or PBCONV_RESPONSE_HEADERS, -1: none */
+    uint8_t *held;         /* that response, packed (malloc) */
+    size_t held_len;
+    bool ctx_held;         /* the value of ctx.headers_held */
 };
 
 /* Registry key (by address) of the metatable shared by every ctx of a VM. */
@@ -78,6 +87,8 @@ static void new_ctx(lua_State *L, struct dispatch_stream *st)
     lua_setfield(L, -2, "stream_id");
     lua_pushboolean(L, 0);
     lua_setfield(L, -2, "observability_mode");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "headers_held");
     if (lua_rawgetp(L, LUA_REGISTRYINDEX, &ctx_mt_key) == LUA_TNIL) {
         lua_pop(L, 1);
         lua_createtable(L, 0, 2);
@@ -106,13 +117,30 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->have_config = false;
     st->full_duplex[0] = st->full_duplex[1] = false;
     st->observing = false;
+    st->body_mode[0] = st->body_mode[1] = -1;
+    st->send_body_early = false;
+    st->held_phase = -1;
+    st->held = NULL;
+    st->held_len = 0;
+    st->ctx_held = false;
     return st;
+}
+
+/* Forgets a held headers response: an immediate response or a failure replaces it, and at
+ * the stream's end nothing is left to answer. */
+static void drop_held(struct dispatch_stream *st)
+{
+    free(st->held);
+    st->held = NULL;
+    st->held_len = 0;
+    st->held_phase = -1;
 }
 
 void dispatch_stream_close(struct dispatch_stream *st)
 {
     if (st == NULL)
         return;
+    drop_held(st);
     luaL_unref(st->vm->L, LUA_REGISTRYINDEX, st->ctx_ref);
     free(st);
 }
@@ -130,7 +158,58 @@ struct call {
     char err[1152];  /* PBCONV_BAD: "file:line: on_x returned a bad table: ..." */
     char script[256];/* PBCONV_BAD: the handler's file and the line it is defined at */
     int line;
+    bool hold;       /* a headers answer to hold for the body (wait_for_body) */
 };
+
+#define BODY_MODE(x) ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__##x
+
+/* The headers phase whose response a body (or trailers) phase may release. */
+static int held_by(enum pbconv_phase phase)
+{
+    switch (phase) {
+    case PBCONV_REQUEST_BODY: case PBCONV_REQUEST_TRAILERS: return PBCONV_REQUEST_HEADERS;
+    case PBCONV_RESPONSE_BODY: case PBCONV_RESPONSE_TRAILERS: return PBCONV_RESPONSE_HEADERS;
+    default: return -1;
+    }
+}
+
+/* wait_for_body from a headers handler: 1 hold the answer (Envoy sends body chunks before
+ * it has the headers answer: STREAMED with send_body_without_waiting_for_header_response,
+ * FULL_DUPLEX_STREAMED, GRPC), 0 answer now (BUFFERED and BUFFERED_PARTIAL hold the
+ * headers in Envoy, so the body answer's header changes still apply; or no body comes),
+ * -1 refused with why in err: Envoy would wait for this answer before sending a body. */
+static int hold_check(const struct dispatch_stream *st, const pbconv_request *req,
+                      enum pbconv_phase phase, char *err, size_t errlen)
+{
+    int dir = phase == PBCONV_RESPONSE_HEADERS;
+    const char *field = dir ? "response_body_mode" : "request_body_mode";
+    const Envoy__Service__ExtProc__V3__HttpHeaders *h =
+        dir ? req->response_headers : req->request_headers;
+    if (h != NULL && h->end_of_stream)
+        return 0;
+    if (st->full_duplex[dir])
+        return 1;
+    int mode = st->body_mode[dir];
+    if (mode == BODY_MODE(STREAMED) && st->send_body_early)
+        return 1;
+    if (mode == BODY_MODE(BUFFERED) || mode == BODY_MODE(BUFFERED_PARTIAL))
+        return 0;
+    if (!st->have_config)
+        snprintf(err, errlen, "'wait_for_body': Envoy sent no protocol_config, so the %s is "
+                 "unknown and Envoy may wait for this answer before it sends the body (an "
+                 "Envoy that sends protocol_config is needed)", field);
+    else if (mode == BODY_MODE(STREAMED))
+        snprintf(err, errlen, "'wait_for_body' in %s STREAMED needs "
+                 "send_body_without_waiting_for_header_response: true in Envoy's ext_proc "
+                 "config (without it Envoy sends no chunk before this answer); or use "
+                 "BUFFERED or FULL_DUPLEX_STREAMED", field);
+    else
+        snprintf(err, errlen, "'wait_for_body' in %s %s: Envoy sends no body in this mode; "
+                 "configure processing_mode.%s BUFFERED, FULL_DUPLEX_STREAMED, or STREAMED "
+                 "with send_body_without_waiting_for_header_response", field,
+                 mode == BODY_MODE(NONE) ? "NONE" : "(unknown)", field);
+    return -1;
+}
 
 _Static_assert(PBCONV_PHASE_COUNT == METRICS_PHASE_UNKNOWN, "metrics.c names pbconv's phases");
 
@@ -220,16 +299,29 @@ static int run_handler(lua_State *L)
         lua_rawset(L, 1);
     }
 
+    if ((st->held != NULL) != st->ctx_held) {
+        st->ctx_held = st->held != NULL;
+        lua_pushliteral(L, "headers_held");
+        lua_pushboolean(L, st->ctx_held);
+        lua_rawset(L, 1);
+    }
+
     struct pbconv_in in = {.phase = c->phase};
     if (c->phase == PBCONV_REQUEST_BODY || c->phase == PBCONV_RESPONSE_BODY) {
         const Envoy__Service__ExtProc__V3__HttpBody *b =
             c->phase == PBCONV_REQUEST_BODY ? req->request_body : req->response_body;
-        in.full_duplex = st->full_duplex[c->phase == PBCONV_RESPONSE_BODY];
+        int dir = c->phase == PBCONV_RESPONSE_BODY;
+        in.full_duplex = st->full_duplex[dir];
         if (b != NULL) {
             in.chunk = b->body.data;
             in.chunk_len = b->body.len;
             in.end_of_stream = b->end_of_stream;
         }
+        in.headers_held = st->held != NULL && st->held_phase == held_by(c->phase);
+        in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
+                                 (st->body_mode[dir] == BODY_MODE(BUFFERED) ||
+                                  (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
+                                   in.end_of_stream));
     }
 
     /* raw lookups: a "strict" metatable on _G must not turn a missing handler into an error */
@@ -277,6 +369,12 @@ static int run_handler(lua_State *L)
     } else {
         c->status = pbconv_to_responses(L, 3, &in, a, &c->resps, &c->n, &c->res, detail,
                                         sizeof detail);
+        if (c->status == PBCONV_OK && c->res.wait_for_body && !req->observability_mode) {
+            int h = hold_check(st, req, c->phase, detail, sizeof detail);
+            if (h < 0)
+                c->status = PBCONV_BAD;
+            c->hold = h > 0;
+        }
     }
     if (c->status == PBCONV_BAD) {
         lua_Debug ar;
@@ -391,6 +489,139 @@ static int pack(struct vm *s, const pbconv_response *resps, size_t n,
     }
 }
 
+/* The held headers response, unpacked into the arena. NULL when out of memory. */
+static pbconv_response *unpack_held(struct dispatch_stream *st)
+{
+    ProtobufCAllocator alloc = arena_pb_allocator(&st->vm->arena);
+    return envoy__service__ext_proc__v3__processing_response__unpack(&alloc, st->held_len,
+                                                                      st->held);
+}
+
+/* Keeps resp, packed, as the held headers response of phase. -1 when out of memory. */
+static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, int phase)
+{
+    struct dispatch_reply tmp;
+    if (pack(st->vm, resp, 1, &tmp) != 0)
+        return -1;
+    uint8_t *p = malloc(tmp.len ? tmp.len : 1);
+    if (p == NULL)
+        return -1;
+    memcpy(p, tmp.data, tmp.len);
+    free(st->held);
+    st->held = p;
+    st->held_len = tmp.len;
+    st->held_phase = phase;
+    return 0;
+}
+
+/* Adds a body handler's header changes to the held headers response h: its set and remove
+ * lists after the headers handler's, and clear_route_cache. -1 when out of memory. */
+static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_result *res)
+{
+    Envoy__Service__ExtProc__V3__HeadersResponse *hr = h->request_headers; /* same union */
+    if (hr == NULL)
+        return -1;
+    Envoy__Service__ExtProc__V3__CommonResponse *cr = hr->response;
+    if (cr == NULL) {
+        if ((cr = arena_alloc(a, sizeof *cr)) == NULL)
+            return -1;
+        envoy__service__ext_proc__v3__common_response__init(cr);
+        hr->response = cr;
+    }
+    if (res->held_clear_route_cache)
+        cr->clear_route_cache = 1;
+    Envoy__Service__ExtProc__V3__HeaderMutation *add = res->held_mutation, *hm = cr->header_mutation;
+    if (add == NULL)
+        return 0;
+    if (hm == NULL) {
+        cr->header_mutation = add;
+        return 0;
+    }
+    size_t ns = hm->n_set_headers + add->n_set_headers, nr = hm->n_remove_headers + add->n_remove_headers;
+    Envoy__Config__Core__V3__HeaderValueOption **set = arena_alloc(a, (ns ? ns : 1) * sizeof *set);
+    char **rm = arena_alloc(a, (nr ? nr : 1) * sizeof *rm);
+    if (set == NULL || rm == NULL)
+        return -1;
+    if (hm->n_set_headers)
+        memcpy(set, hm->set_headers, hm->n_set_headers * sizeof *set);
+    if (add->n_set_headers)
+        memcpy(set + hm->n_set_headers, add->set_headers, add->n_set_headers * sizeof *set);
+    if (hm->n_remove_headers)
+        memcpy(rm, hm->remove_headers, hm->n_remove_headers * sizeof *rm);
+    if (add->n_remove_headers)
+        memcpy(rm + hm->n_remove_headers, add->remove_headers, add->n_remove_headers * sizeof *rm);
+    hm->set_headers = set;
+    hm->n_set_headers = ns;
+    hm->remove_headers = rm;
+    hm->n_remove_headers = nr;
+    return 0;
+}
+
+/* The body modes Envoy uses from here on, after a headers response with mode_override
+ * (assuming Envoy's allow_mode_override lets it through): a request headers response sets
+ * both directions, as Envoy takes the whole ProcessingMode; a response headers one the
+ * response's. FULL_DUPLEX_STREAMED stays as it was: Envoy refuses to switch into or out
+ * of it. */
+static void follow_mode_override(struct dispatch_stream *st, enum pbconv_phase phase,
+                                 const Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode *mo)
+{
+    if (phase == PBCONV_REQUEST_HEADERS)
+        st->body_mode[0] = (int)mo->request_body_mode;
+    st->body_mode[1] = (int)mo->response_body_mode;
+}
+
+/* Sends (or holds) a handler's answer: a headers answer to hold is kept (and one held
+ * before it, which a well-behaved Envoy never leaves, is sent); while one is held, a body
+ * handler's header changes join it, and the first answer that sends anything sends it
+ * first, in the same reply; an immediate response replaces it. -1 when out of memory. */
+static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_reply *reply)
+{
+    struct vm *s = st->vm;
+    bool headers = c->phase == PBCONV_REQUEST_HEADERS || c->phase == PBCONV_RESPONSE_HEADERS;
+    if (headers && c->n > 0 && c->resps[0].mode_override != NULL &&
+        c->res.answer != PBCONV_ANSWER_IMMEDIATE)
+        follow_mode_override(st, c->phase, c->resps[0].mode_override);
+    if (st->held != NULL && c->res.answer == PBCONV_ANSWER_IMMEDIATE)
+        drop_held(st);
+    pbconv_response *held = NULL;
+    if (st->held != NULL) {
+        if ((held = unpack_held(st)) == NULL)
+            return -1;
+        if (held_by(c->phase) == st->held_phase && merge_held(&s->arena, held, &c->res) != 0)
+            return -1;
+    }
+    if (c->hold) {
+        if (held != NULL) {   /* the earlier one goes now */
+            pbconv_response *prev = held;
+            if (keep_held(st, c->resps, (int)c->phase) != 0)
+                return -1;
+            return pack(s, prev, 1, reply);
+        }
+        if (keep_held(st, c->resps, (int)c->phase) != 0)
+            return -1;
+        reply->outcome = DISPATCH_NO_RESPONSE;
+        return 0;
+    }
+    if (c->n == 0) {   /* a FULL_DUPLEX_STREAMED chunk held back */
+        if (held != NULL && (c->res.held_mutation != NULL || c->res.held_clear_route_cache) &&
+            keep_held(st, held, st->held_phase) != 0)
+            return -1;
+        reply->outcome = DISPATCH_NO_RESPONSE;
+        return 0;
+    }
+    if (held == NULL)
+        return pack(s, c->resps, c->n, reply);
+    pbconv_response *all = arena_alloc(&s->arena, (c->n + 1) * sizeof *all);
+    if (all == NULL)
+        return -1;
+    all[0] = *held;
+    memcpy(all + 1, c->resps, c->n * sizeof *all);
+    if (pack(s, all, c->n + 1, reply) != 0)
+        return -1;
+    drop_held(st);
+    return 0;
+}
+
 /* The number of headers or trailers a request carries (0 for a body). */
 static size_t header_count(const pbconv_request *req)
 {
@@ -498,6 +729,9 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
      * a stream (mode_override cannot switch into or out of FULL_DUPLEX_STREAMED) */
     if (req->protocol_config != NULL && !st->have_config) {
         st->have_config = true;
+        st->body_mode[0] = (int)req->protocol_config->request_body_mode;
+        st->body_mode[1] = (int)req->protocol_config->response_body_mode;
+        st->send_body_early = req->protocol_config->send_body_without_waiting_for_header_response;
         st->full_duplex[0] = pbconv_full_duplex(req->protocol_config, PBCONV_REQUEST_BODY);
         st->full_duplex[1] = pbconv_full_duplex(req->protocol_config, PBCONV_RESPONSE_BODY);
     }
@@ -575,15 +809,15 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         log_script_text(LOG_WARN, &lf, c.handler, "denied the request", c.res.deny_message,
                         c.res.deny_len);
         fail(s, reply, GRPC_STATUS_PERMISSION_DENIED, c.res.deny_message, c.res.deny_len);
-    } else if (c.n == 0) {
-        reply->outcome = DISPATCH_NO_RESPONSE;  /* a FULL_DUPLEX_STREAMED chunk held back */
-    } else if (pack(s, c.resps, c.n, reply) != 0) {
+    } else if (respond(st, &c, reply) != 0) {
         outcome = METRICS_MEMORY;
         log_with(LOG_ERROR, &lf, "out of memory packing the response");
         fail(s, reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory", strlen("out of memory"));
     }
     if (observe)
         reply->outcome = DISPATCH_NO_RESPONSE;
+    if (reply->outcome == DISPATCH_FAIL)
+        drop_held(st);
     lua_pop(L, 1);  /* the handler's result, or the error */
 
 done:

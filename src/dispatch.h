@@ -18,7 +18,8 @@ void dispatch_stream_close(struct dispatch_stream *st);
 
 enum dispatch_outcome {
     DISPATCH_RESPOND,      /* send the reply's messages, in order */
-    DISPATCH_NO_RESPONSE,  /* nothing to send (observability mode, a held body chunk) */
+    DISPATCH_NO_RESPONSE,  /* nothing to send (observability mode, a held body chunk or
+                            * headers response) */
     DISPATCH_FAIL,         /* end the stream with reply.status / reply.message */
 };
 

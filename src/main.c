@@ -128,6 +128,7 @@ int main(int argc, char **argv)
         .unsafe_stdlib = cfg.unsafe_stdlib,
         .max_headers = (size_t)cfg.max_headers,
         .max_ctx_bytes = (size_t)cfg.max_ctx_kb << 10,
+        .content_length_follows_body = cfg.content_length_follows_body,
     };
     vm_set_limits(&limits);
     if (cfg.check)

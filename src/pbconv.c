@@ -1046,7 +1046,7 @@ static int message_timeout(struct conv *c, int idx, Google__Protobuf__Duration *
 
 enum { K_ADD, K_REMOVE, K_APPEND_ACTION, K_CLEAR_ROUTE_CACHE, K_BODY, K_CLEAR_BODY, K_STATUS,
        K_CHUNKS, K_END_OF_STREAM, K_IMMEDIATE, K_DENY, K_DYNAMIC_METADATA, K_MODE_OVERRIDE,
-       K_OVERRIDE_MESSAGE_TIMEOUT, K_COUNT };
+       K_OVERRIDE_MESSAGE_TIMEOUT, K_WAIT_FOR_BODY, K_COUNT };
 static const struct {
     const char *name;
     int type;       /* LUA_TNONE: checked by hand */
@@ -1068,6 +1068,7 @@ static const struct {
     [K_DYNAMIC_METADATA] = {"dynamic_metadata", LUA_TTABLE, KIND_ANY, 0},
     [K_MODE_OVERRIDE] = {"mode_override", LUA_TTABLE, KIND_ANY, 0},
     [K_OVERRIDE_MESSAGE_TIMEOUT] = {"override_message_timeout", LUA_TNUMBER, KIND_ANY, 0},
+    [K_WAIT_FOR_BODY] = {"wait_for_body", LUA_TBOOLEAN, KIND_HEADERS, MUTATION},
 };
 
 /* One streamed body response: {request_body|response_body: {response: {body_mutation:
@@ -1164,6 +1165,54 @@ static int stream_answer(struct conv *c, int slot, const bool *on, const bool *p
     return 0;
 }
 
+static bool names_content_length(const char *name)
+{
+    return name_eq(name, strlen(name), "content-length", 14);
+}
+
+/* A buffered body replaced by the string at body (0: cleared) keeps Envoy's content-length
+ * unless told otherwise, and since Envoy 1.29 a body that does not match it is refused
+ * (envoyproxy/envoy#28515): set it to the new length in *hm, unless the script's own add
+ * or remove names content-length (its choice wins). */
+static int length_follows(struct conv *c, int body, HeaderMutation **hm)
+{
+    HeaderMutation *m = *hm;
+    for (size_t i = 0; m != NULL && i < m->n_set_headers; i++)
+        if (names_content_length(m->set_headers[i]->header->key))
+            return 0;
+    for (size_t i = 0; m != NULL && i < m->n_remove_headers; i++)
+        if (names_content_length(m->remove_headers[i]))
+            return 0;
+    size_t len = 0;
+    if (body != 0)
+        lua_tolstring(c->L, body, &len);
+    char digits[24];
+    int nd = snprintf(digits, sizeof digits, "%zu", len);
+    size_t nset = m != NULL ? m->n_set_headers : 0;
+    HeaderValueOption **set = arena_alloc(c->a, (nset + 1) * sizeof *set);
+    HeaderValueOption *o = arena_alloc(c->a, sizeof *o);
+    HeaderValue *hv = arena_alloc(c->a, sizeof *hv);
+    uint8_t *v = arena_alloc(c->a, (size_t)nd);
+    if (m == NULL && (m = arena_alloc(c->a, sizeof *m)) != NULL)
+        envoy__service__ext_proc__v3__header_mutation__init(m);
+    if (set == NULL || o == NULL || hv == NULL || v == NULL || m == NULL)
+        return nomem(c);
+    memcpy(v, digits, (size_t)nd);
+    envoy__config__core__v3__header_value__init(hv);
+    hv->key = (char *)"content-length";
+    hv->raw_value.data = v;
+    hv->raw_value.len = (size_t)nd;
+    envoy__config__core__v3__header_value_option__init(o);
+    o->header = hv;
+    if (nset > 0)
+        memcpy(set, m->set_headers, nset * sizeof *set);
+    set[nset] = o;
+    m->set_headers = set;
+    m->n_set_headers = nset + 1;
+    *hm = m;
+    return 0;
+}
+
 /* The answer of a headers, body (not full duplex) or trailers phase: one response. */
 static int phase_answer(struct conv *c, int slot, const bool *on, pbconv_response *resp)
 {
@@ -1189,6 +1238,9 @@ static int phase_answer(struct conv *c, int slot, const bool *on, pbconv_respons
     if (header_mutation(c, on[K_ADD] ? slot + K_ADD : 0, "add",
                         on[K_APPEND_ACTION] ? slot + K_APPEND_ACTION : 0, "append_action",
                         on[K_REMOVE] ? slot + K_REMOVE : 0, &hm) != 0)
+        return -1;
+    if (kind == KIND_BODY && c->in->length_follows_body && (on[K_BODY] || on[K_CLEAR_BODY]) &&
+        length_follows(c, on[K_BODY] ? slot + K_BODY : 0, &hm) != 0)
         return -1;
 
     CommonResponse *cr = NULL;
@@ -1225,6 +1277,28 @@ static int phase_answer(struct conv *c, int slot, const bool *on, pbconv_respons
     return 0;
 }
 
+/* Whether key k, which the answer's kind does not take, is taken anyway because the
+ * headers response is held: a full duplex body handler's header changes then go there. */
+static bool held_header_key(const struct conv *c, int k)
+{
+    return c->in->headers_held && (k == K_ADD || k == K_REMOVE || k == K_APPEND_ACTION);
+}
+
+/* With the headers response held, a body handler's add/remove/append_action and
+ * clear_route_cache belong to it (Envoy applies header mutations of a headers response;
+ * a streamed body response's are ignored): they go to res and are turned off in `on`,
+ * so the body answer is built without them. */
+static int take_held_changes(struct conv *c, int slot, bool *on, struct pbconv_result *res)
+{
+    if (header_mutation(c, on[K_ADD] ? slot + K_ADD : 0, "add",
+                        on[K_APPEND_ACTION] ? slot + K_APPEND_ACTION : 0, "append_action",
+                        on[K_REMOVE] ? slot + K_REMOVE : 0, &res->held_mutation) != 0)
+        return -1;
+    res->held_clear_route_cache = on[K_CLEAR_ROUTE_CACHE];
+    on[K_ADD] = on[K_REMOVE] = on[K_APPEND_ACTION] = on[K_CLEAR_ROUTE_CACHE] = false;
+    return 0;
+}
+
 /* The return table at t, its values moved to slots slot..slot+K_COUNT-1. */
 static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_t *n,
                    struct pbconv_result *res, bool *deny)
@@ -1244,7 +1318,7 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
         on[k] = present[k] = false;
         if (ty == LUA_TNIL)
             continue;
-        if (!(top[k].kinds & kind)) {
+        if (!(top[k].kinds & kind) && !held_header_key(c, k)) {
             if (kind == KIND_STREAM)
                 return bad(c, "'%s' is not allowed in %s in FULL_DUPLEX_STREAMED mode "
                               "(see docs/streaming.md)", top[k].name, phases[c->phase].name);
@@ -1278,10 +1352,14 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
     /* continue unless some key asks for something (a false boolean asks for nothing) */
     res->answer = on[K_IMMEDIATE] ? PBCONV_ANSWER_IMMEDIATE : PBCONV_ANSWER_CONTINUE;
     for (int k = 0; k < K_COUNT && res->answer == PBCONV_ANSWER_CONTINUE; k++)
-        if (on[k])
+        if (on[k] && k != K_WAIT_FOR_BODY)
             res->answer = PBCONV_ANSWER_MUTATE;
+    res->wait_for_body = on[K_WAIT_FOR_BODY];
 
     pbconv_response *resps = NULL;
+    if (!on[K_IMMEDIATE] && c->in->headers_held && (kind == KIND_BODY || kind == KIND_STREAM) &&
+        take_held_changes(c, slot, on, res) != 0)
+        return -1;
     if (on[K_IMMEDIATE]) {
         for (int k = 0; k < K_COUNT; k++)
             if ((top[k].flags & MUTATION) && present[k] && (on[k] || k == K_END_OF_STREAM))

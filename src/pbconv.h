@@ -86,6 +86,13 @@ struct pbconv_result {
     const char *deny_message;
     size_t deny_len;
     enum pbconv_answer answer;   /* PBCONV_OK */
+    /* A headers phase returned wait_for_body = true (the caller decides whether it can
+     * hold the answer; docs/streaming.md, Routing on the body). */
+    bool wait_for_body;
+    /* in->headers_held: the body handler's add/remove/append_action and clear_route_cache,
+     * taken out of its body answer for the held headers response (NULL / false: none). */
+    Envoy__Service__ExtProc__V3__HeaderMutation *held_mutation;
+    bool held_clear_route_cache;
 };
 
 /* What a response answers. For a body chunk in FULL_DUPLEX_STREAMED mode, full_duplex is
@@ -97,6 +104,11 @@ struct pbconv_in {
     const uint8_t *chunk;
     size_t chunk_len;
     bool end_of_stream;
+    /* A body phase whose headers response is still held: header changes go to res. */
+    bool headers_held;
+    /* A body answer that replaces or clears the body also sets content-length (BUFFERED,
+     * BUFFERED_PARTIAL at end of stream), unless its add/remove name content-length. */
+    bool length_follows_body;
 };
 
 /* Validates the handler's return value at idx (nil or a table) for in->phase and builds

@@ -48,8 +48,9 @@ const struct vm_limits vm_limits_default = {
     .unsafe_stdlib = 0,
     .max_headers = 1024,
     .max_ctx_bytes = (size_t)1 << 20,
+    .content_length_follows_body = 1,
 };
-static struct vm_limits limits = {200, (size_t)64 << 20, 0, 1024, (size_t)1 << 20};
+static struct vm_limits limits = {200, (size_t)64 << 20, 0, 1024, (size_t)1 << 20, 1};
 
 void vm_set_limits(const struct vm_limits *l) { limits = *l; }
 const struct vm_limits *vm_get_limits(void) { return &limits; }

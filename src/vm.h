@@ -26,6 +26,7 @@ struct vm_limits {
     int unsafe_stdlib;       /* 1: the whole standard library, debug and binary chunks too */
     size_t max_headers;      /* header entries in one message (a longer list: INVALID_ARGUMENT) */
     size_t max_ctx_bytes;    /* attributes + metadata merged into one stream's ctx */
+    int content_length_follows_body;  /* 1: a replaced buffered body sets content-length */
 };
 extern const struct vm_limits vm_limits_default;
 void vm_set_limits(const struct vm_limits *limits);
