@@ -194,6 +194,11 @@ static int hold_check(const struct dispatch_stream *st, const pbconv_request *re
         return 1;
     if (mode == BODY_MODE(BUFFERED) || mode == BODY_MODE(BUFFERED_PARTIAL))
         return 0;
+    int at = snprintf(err, errlen, "%s returned a bad table: ", pbconv_handler_name(phase));
+    if (at < 0 || (size_t)at >= errlen)
+        return -1;
+    err += at;
+    errlen -= (size_t)at;
     if (!st->have_config)
         snprintf(err, errlen, "'wait_for_body': Envoy sent no protocol_config, so the %s is "
                  "unknown and Envoy may wait for this answer before it sends the body (an "

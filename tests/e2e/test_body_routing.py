@@ -1,0 +1,202 @@
+"""Routing on the body (docs/streaming.md, "Routing on the body") through the real server,
+in Envoy's message order for each body mode: a headers handler returns wait_for_body = true,
+the body handler picks the route (x-model-route, clear_route_cache); and content-length that
+follows a replaced buffered body (--content_length_follows_body)."""
+
+import grpc
+import pytest
+
+import harness as h
+from harness import pb
+
+OK = grpc.StatusCode.OK
+INTERNAL = grpc.StatusCode.INTERNAL
+PM = h.processing_mode_pb2.ProcessingMode
+
+ROUTING_LUA = r'''
+function on_request_headers(headers, ctx)
+  return { wait_for_body = true, add = { { "x-seen", "1" } } }
+end
+
+function on_request_body(body, ctx)
+  if body.body == "hold" then return { chunks = {}, add = { { "x-early", "1" } } } end
+  if body.body == "boom" then error("no model in the body") end
+  local model = body.body:match('"model":"([^"]*)"')
+  if model == nil then return nil end
+  local out = { add = { { "x-model-route", model } }, clear_route_cache = true,
+                dynamic_metadata = { route = { held = ctx.headers_held } } }
+  if ctx.protocol_config.request_body_mode ~= "FULL_DUPLEX_STREAMED" then
+    out.body = '{"model":"' .. model .. '-v2"}'
+  end
+  return out
+end
+
+function on_request_trailers(trailers, ctx)
+  return { add = { { "x-trailer", "1" } } }
+end
+'''
+
+LENGTH_LUA = r'''
+function on_request_body(body, ctx)
+  if body.body == "clear" then return { clear_body = true } end
+  if body.body == "own" then return { body = "abc", add = { { "Content-Length", "99" } } } end
+  if body.body == "rm" then return { body = "abc", remove = { "CONTENT-LENGTH" } } end
+  return { body = "hello" }
+end
+'''
+
+
+@pytest.fixture(scope="module")
+def routing(module_servers):
+    return module_servers.start(module_servers.script(ROUTING_LUA, "routing.lua")).stub()
+
+
+@pytest.fixture(scope="module")
+def lengths(module_servers):
+    return module_servers.start(module_servers.script(LENGTH_LUA, "lengths.lua")).stub()
+
+
+def config(mode, early=False):
+    return pb.ProtocolConfiguration(request_body_mode=PM.BodySendMode.Value(mode),
+                                    response_body_mode=PM.NONE,
+                                    send_body_without_waiting_for_header_response=early)
+
+
+def headers(mode=None, early=False, **kw):
+    extra = {"protocol_config": config(mode, early)} if mode else {}
+    return h.headers_req("request_headers", [(":path", "/v1/chat/completions")], **extra, **kw)
+
+
+def body(data, eos):
+    return h.body_req("request_body", data.encode(), end_of_stream=eos)
+
+
+def sets(common):
+    """[(name, value)] of a CommonResponse's set_headers, in order."""
+    return [(o.header.key, o.header.raw_value.decode()) for o in common.header_mutation.set_headers]
+
+
+def test_buffered_headers_answered_at_once_body_answer_routes(routing):
+    stream = h.BidiStream(routing)
+    first = stream.exchange(headers("BUFFERED"))
+    assert first.WhichOneof("response") == "request_headers"
+    assert sets(first.request_headers.response) == [("x-seen", "1")]
+    second = stream.exchange(body('{"model":"m1"}', True))
+    common = second.request_body.response
+    new = '{"model":"m1-v2"}'
+    assert sets(common) == [("x-model-route", "m1"), ("content-length", str(len(new)))]
+    assert common.clear_route_cache
+    assert common.body_mutation.body == new.encode()
+    assert second.dynamic_metadata.fields["route"].struct_value.fields["held"].bool_value is False
+    rest, code, details = stream.finish()
+    assert (rest, code) == ([], OK), details
+
+
+def test_streamed_without_waiting_headers_response_comes_before_chunk_1(routing):
+    """Envoy with send_body_without_waiting_for_header_response sends headers and the first
+    chunk back to back; the server answers the headers after the chunk, first."""
+    stream = h.BidiStream(routing)
+    stream.send(headers("STREAMED", early=True))
+    stream.send(body('{"model":"m2"}', False))
+    first = stream.recv()
+    assert first.WhichOneof("response") == "request_headers"
+    hr = first.request_headers.response
+    assert sets(hr) == [("x-seen", "1"), ("x-model-route", "m2")]
+    assert hr.clear_route_cache
+    second = stream.recv()
+    assert second.WhichOneof("response") == "request_body"
+    br = second.request_body.response
+    assert not br.HasField("header_mutation") and not br.clear_route_cache
+    assert br.body_mutation.body == b'{"model":"m2-v2"}'
+    # the dynamic_metadata of the body handler's answer rides on its own (body) response
+    assert second.dynamic_metadata.fields["route"].struct_value.fields["held"].bool_value is True
+    third = stream.exchange(body("tail", True))
+    assert third.WhichOneof("response") == "request_body"
+    assert not third.request_body.response.HasField("header_mutation")
+    rest, code, details = stream.finish()
+    assert (rest, code) == ([], OK), details
+
+
+def test_full_duplex_held_over_chunks_released_at_end_of_stream(routing):
+    responses, code, details = h.process(routing, [
+        headers("FULL_DUPLEX_STREAMED"), body("hold", False), body("hold", False),
+        body('{"model":"m3"}', True)])
+    assert code == OK, details
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    hr = responses[0].request_headers.response
+    assert sets(hr) == [("x-seen", "1"), ("x-early", "1"), ("x-early", "1"), ("x-model-route", "m3")]
+    assert hr.clear_route_cache
+    sr = responses[1].request_body.response.body_mutation.streamed_response
+    assert (sr.body, sr.end_of_stream) == (b'{"model":"m3"}', True)
+
+
+def test_full_duplex_trailers_release_the_held_headers(routing):
+    responses, code, details = h.process(routing, [
+        headers("FULL_DUPLEX_STREAMED"), body("hold", False),
+        h.trailers_req("request_trailers", [("grpc-status", "0")])])
+    assert code == OK, details
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_trailers"]
+    assert sets(responses[0].request_headers.response) == [("x-seen", "1"), ("x-early", "1")]
+    assert [o.header.key for o in responses[1].request_trailers.header_mutation.set_headers] == ["x-trailer"]
+
+
+def test_headers_with_end_of_stream_answered_at_once(routing):
+    responses, code, details = h.process(routing, [headers("FULL_DUPLEX_STREAMED", end_of_stream=True)])
+    assert code == OK, details
+    assert len(responses) == 1
+    assert sets(responses[0].request_headers.response) == [("x-seen", "1")]
+
+
+def test_body_handler_error_while_held_fails_the_stream(routing):
+    responses, code, details = h.process(routing, [
+        headers("FULL_DUPLEX_STREAMED"), body("hold", False), body("boom", True)])
+    assert responses == []
+    assert code == INTERNAL
+    assert "no model in the body" in details
+
+
+@pytest.mark.parametrize("mode, early, why", [
+    ("NONE", False, "'wait_for_body' in request_body_mode NONE: Envoy sends no body in this mode; "
+                    "configure processing_mode.request_body_mode BUFFERED, FULL_DUPLEX_STREAMED, or "
+                    "STREAMED with send_body_without_waiting_for_header_response"),
+    ("STREAMED", False, "'wait_for_body' in request_body_mode STREAMED needs "
+                        "send_body_without_waiting_for_header_response: true in Envoy's ext_proc config"),
+    (None, False, "'wait_for_body': Envoy sent no protocol_config, so the request_body_mode is unknown"),
+])
+def test_refused_where_envoy_waits_for_the_headers_answer(routing, mode, early, why):
+    responses, code, details = h.process(routing, [headers(mode, early)])
+    assert responses == []
+    assert code == INTERNAL
+    assert "on_request_headers (defined here) returned a bad table: " + why in details, details
+
+
+def length_of(stub, data, mode="BUFFERED", eos=True):
+    responses, code, details = h.process(stub, [headers(mode), body(data, eos)])
+    assert code == OK, details
+    return responses[-1].request_body.response
+
+
+def test_content_length_follows_a_replaced_or_cleared_body(lengths):
+    assert sets(length_of(lengths, "x")) == [("content-length", "5")]
+    cleared = length_of(lengths, "clear")
+    assert sets(cleared) == [("content-length", "0")]
+    assert cleared.body_mutation.clear_body
+    assert sets(length_of(lengths, "x", "BUFFERED_PARTIAL")) == [("content-length", "5")]
+
+
+def test_content_length_left_alone(lengths):
+    assert sets(length_of(lengths, "own")) == [("Content-Length", "99")]
+    rm = length_of(lengths, "rm")
+    assert list(rm.header_mutation.set_headers) == []
+    assert list(rm.header_mutation.remove_headers) == ["CONTENT-LENGTH"]
+    # Envoy fixes lengths itself in STREAMED and an unfinished BUFFERED_PARTIAL body
+    assert not length_of(lengths, "x", "STREAMED").HasField("header_mutation")
+    assert not length_of(lengths, "x", "BUFFERED_PARTIAL", eos=False).HasField("header_mutation")
+
+
+def test_content_length_switch_off(servers):
+    stub = servers.start(servers.script(LENGTH_LUA, "lengths.lua"),
+                         "--content_length_follows_body=false").stub()
+    common = length_of(stub, "x")
+    assert not common.HasField("header_mutation")
+    assert common.body_mutation.body == b"hello"
