@@ -37,6 +37,7 @@ typedef Envoy__Service__ExtProc__V3__ImmediateResponse ImmediateResponse;
 typedef Envoy__Service__ExtProc__V3__GrpcStatus GrpcStatus;
 typedef Envoy__Type__V3__HttpStatus HttpStatus;
 typedef Envoy__Service__ExtProc__V3__StreamedBodyResponse StreamedBodyResponse;
+typedef Envoy__Service__ExtProc__V3__StreamedImmediateResponse StreamedImmediateResponse;
 typedef Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode ProcessingMode;
 
 #define RESP(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_##x
@@ -311,7 +312,7 @@ void pbconv_push_headers(lua_State *L, const HeaderMap *map, int end_of_stream)
 
 void pbconv_push_body(lua_State *L, const HttpBody *body)
 {
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 4);
     if (body != NULL && body->body.len > 0)
         lua_pushlstring(L, (const char *)body->body.data, body->body.len);
     else
@@ -319,6 +320,12 @@ void pbconv_push_body(lua_State *L, const HttpBody *body)
     lua_setfield(L, -2, "body");
     lua_pushboolean(L, body != NULL && body->end_of_stream);
     lua_setfield(L, -2, "end_of_stream");
+    /* GRPC body mode's flags: always there (false in other modes), so a script reads them
+     * without a nil check */
+    lua_pushboolean(L, body != NULL && body->end_of_stream_without_message);
+    lua_setfield(L, -2, "end_of_stream_without_message");
+    lua_pushboolean(L, body != NULL && body->grpc_message_compressed);
+    lua_setfield(L, -2, "grpc_message_compressed");
 }
 
 void pbconv_push_input(lua_State *L, const pbconv_request *req, enum pbconv_phase phase)
@@ -448,13 +455,19 @@ void pbconv_update_ctx(lua_State *L, int ctx, const pbconv_request *req)
 bool pbconv_full_duplex(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
                         enum pbconv_phase phase)
 {
-    if (pc == NULL)
+    if (pc == NULL || (phase != PBCONV_REQUEST_BODY && phase != PBCONV_RESPONSE_BODY))
         return false;
-    if (phase == PBCONV_REQUEST_BODY)
-        return pc->request_body_mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED);
-    if (phase == PBCONV_RESPONSE_BODY)
-        return pc->response_body_mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED);
-    return false;
+    int mode = phase == PBCONV_REQUEST_BODY ? (int)pc->request_body_mode : (int)pc->response_body_mode;
+    return mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED) || mode == PROCESSING_MODE(GRPC);
+}
+
+bool pbconv_grpc_mode(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
+                      enum pbconv_phase phase)
+{
+    if (pc == NULL || (phase != PBCONV_REQUEST_BODY && phase != PBCONV_RESPONSE_BODY))
+        return false;
+    int mode = phase == PBCONV_REQUEST_BODY ? (int)pc->request_body_mode : (int)pc->response_body_mode;
+    return mode == PROCESSING_MODE(GRPC);
 }
 
 /* ---- outputs: the response ------------------------------------------------------------ */
@@ -897,15 +910,22 @@ static int read_integer(struct conv *c, int idx, const char *what, lua_Integer m
     return 0;
 }
 
-enum { I_STATUS, I_HEADERS, I_APPEND_ACTION, I_BODY, I_DETAILS, I_GRPC_STATUS, I_COUNT };
+enum { I_STATUS, I_HEADERS, I_APPEND_ACTION, I_BODY, I_DETAILS, I_GRPC_STATUS, I_STREAM,
+       I_CHUNKS, I_TRAILERS, I_COUNT };
 static const char *const imm_keys[I_COUNT] = {"status", "headers", "append_action", "body",
-                                              "details", "grpc_status"};
+                                              "details", "grpc_status", "stream", "chunks",
+                                              "trailers"};
 static const int imm_types[I_COUNT] = {LUA_TNUMBER, LUA_TTABLE, LUA_TSTRING, LUA_TSTRING,
-                                       LUA_TSTRING, LUA_TNUMBER};
+                                       LUA_TSTRING, LUA_TNUMBER, LUA_TBOOLEAN, LUA_TTABLE,
+                                       LUA_TTABLE};
 
-/* `immediate = {...}` at t -> resp.immediate_response.
+static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, size_t *n);
+
+/* `immediate = {...}` at t -> resp.immediate_response, or (stream = true, chunks or
+ * trailers) a streamed_immediate_response sequence in *out / *n.
  * stack before: ...   after: ... + I_COUNT slots (the caller restores the top). */
-static int immediate(struct conv *c, int t, pbconv_response *resp)
+static int immediate(struct conv *c, int t, pbconv_response *resp, pbconv_response **out,
+                     size_t *n)
 {
     lua_State *L = c->L;
     int slot = lua_gettop(L) + 1;
@@ -918,6 +938,9 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
             return bad(c, "'immediate.%s' must be a %s, got %s", imm_keys[i],
                        lua_typename(L, imm_types[i]), lua_typename(L, ty));
     }
+    if (lua_toboolean(L, slot + I_STREAM) || !lua_isnil(L, slot + I_CHUNKS) ||
+        !lua_isnil(L, slot + I_TRAILERS))
+        return streamed_immediate(c, slot, out, n);
     ImmediateResponse *ir = arena_alloc(c->a, sizeof *ir);
     HttpStatus *hs = arena_alloc(c->a, sizeof *hs);
     if (ir == NULL || hs == NULL)
@@ -965,6 +988,157 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
     }
     resp->response_case = RESP(IMMEDIATE_RESPONSE);
     resp->immediate_response = ir;
+    return 0;
+}
+
+/* A ProcessingResponse carrying one piece of a streamed local response. */
+static StreamedImmediateResponse *new_piece(struct conv *c, pbconv_response *resp)
+{
+    StreamedImmediateResponse *sir = arena_alloc(c->a, sizeof *sir);
+    if (sir == NULL)
+        return NULL;
+    envoy__service__ext_proc__v3__streamed_immediate_response__init(sir);
+    envoy__service__ext_proc__v3__processing_response__init(resp);
+    resp->response_case = RESP(STREAMED_IMMEDIATE_RESPONSE);
+    resp->streamed_immediate_response = sir;
+    return sir;
+}
+
+/* The header set at idx (immediate.headers / immediate.trailers forms) as a HeaderMap;
+ * `status` >= 0 puts ":status" first (Envoy requires it in headers_response). */
+static int header_map(struct conv *c, int idx, const char *what, lua_Integer status,
+                      HeaderMap **out)
+{
+    HeaderValueOption **set = NULL;
+    size_t nset = 0;
+    if (!lua_isnil(c->L, idx) && read_header_set(c, idx, what, -1, &set, &nset) != 0)
+        return -1;
+    size_t extra = status >= 0 ? 1 : 0;
+    HeaderMap *map = arena_alloc(c->a, sizeof *map);
+    HeaderValue **hvs = arena_alloc(c->a, (nset + extra) * sizeof *hvs);
+    if (map == NULL || hvs == NULL)
+        return nomem(c);
+    envoy__config__core__v3__header_map__init(map);
+    if (status >= 0) {
+        HeaderValue *st = arena_alloc(c->a, sizeof *st);
+        char *digits = arena_alloc(c->a, 4);
+        if (st == NULL || digits == NULL)
+            return nomem(c);
+        envoy__config__core__v3__header_value__init(st);
+        snprintf(digits, 4, "%03d", (int)status);
+        st->key = ":status";
+        st->raw_value.data = (uint8_t *)digits;
+        st->raw_value.len = 3;
+        hvs[0] = st;
+    }
+    for (size_t i = 0; i < nset; i++) {
+        const char *k = set[i]->header->key;
+        if (status >= 0 && strcmp(k, ":status") == 0)
+            return bad(c, "'%s' names ':status'; set it with immediate.status", what);
+        hvs[extra + i] = set[i]->header;
+    }
+    map->n_headers = nset + extra;
+    map->headers = hvs;
+    *out = map;
+    return 0;
+}
+
+/* A streamed immediate response (docs/lua-api.md): headers_response (with ":status"),
+ * one body_response per chunk (`body` is one chunk), then trailers_response; end_of_stream
+ * on the last headers or body piece unless trailers follow. Only in on_request_headers,
+ * in NONE or FULL_DUPLEX_STREAMED request body mode (Envoy's comment on the field). */
+static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, size_t *n)
+{
+    lua_State *L = c->L;
+    if (c->phase != PBCONV_REQUEST_HEADERS)
+        return bad(c, "a streamed 'immediate' (stream, chunks or trailers) is allowed only in "
+                      "on_request_headers (Envoy starts a streamed local response only in "
+                      "answer to request headers)");
+    const struct pbconv_in *in = c->in;
+    if (in->body_mode_known &&
+        in->request_body_mode != PROCESSING_MODE(NONE) &&
+        in->request_body_mode != PROCESSING_MODE(FULL_DUPLEX_STREAMED)) {
+        const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+            &envoy__extensions__filters__http__ext_proc__v3__processing_mode__body_send_mode__descriptor,
+            in->request_body_mode);
+        return bad(c, "a streamed 'immediate' needs request_body_mode NONE or "
+                      "FULL_DUPLEX_STREAMED (Envoy supports no other), and this stream's is %s",
+                   v != NULL ? v->name : "unknown");
+    }
+    static const int not_streamed[] = {I_APPEND_ACTION, I_DETAILS, I_GRPC_STATUS};
+    for (size_t i = 0; i < sizeof not_streamed / sizeof not_streamed[0]; i++)
+        if (!lua_isnil(L, slot + not_streamed[i]))
+            return bad(c, "'immediate.%s' cannot be combined with a streamed 'immediate' "
+                          "(stream, chunks or trailers)", imm_keys[not_streamed[i]]);
+    if (!lua_isnil(L, slot + I_BODY) && !lua_isnil(L, slot + I_CHUNKS))
+        return bad(c, "'immediate.body' and 'immediate.chunks' cannot be combined");
+    lua_Integer code = 200;
+    if (!lua_isnil(L, slot + I_STATUS) &&
+        read_integer(c, slot + I_STATUS, "immediate.status", 200, 599,
+                     "an HTTP status 200-599", &code) != 0)
+        return -1;
+    size_t nchunks = lua_isnil(L, slot + I_BODY) ? 0 : 1;
+    int chunks = slot + I_CHUNKS;
+    if (!lua_isnil(L, chunks)) {
+        struct checks_shape sh;
+        checks_table_shape(L, chunks, &sh);
+        if (!sh.seq)
+            return bad(c, "'immediate.chunks' must be a list of strings");
+        nchunks = sh.n;
+        for (size_t i = 1; i <= nchunks; i++) {
+            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
+            lua_pop(L, 1);
+            if (ty != LUA_TSTRING)
+                return bad(c, "'immediate.chunks' entry %zu is a %s, expected a string", i,
+                           lua_typename(L, ty));
+        }
+    }
+    bool trailers = !lua_isnil(L, slot + I_TRAILERS);
+    size_t total = 1 + nchunks + (trailers ? 1 : 0);
+    pbconv_response *resps = arena_alloc(c->a, total * sizeof *resps);
+    if (resps == NULL)
+        return nomem(c);
+
+    StreamedImmediateResponse *sir = new_piece(c, &resps[0]);
+    HttpHeaders *hh = arena_alloc(c->a, sizeof *hh);
+    if (sir == NULL || hh == NULL)
+        return nomem(c);
+    envoy__service__ext_proc__v3__http_headers__init(hh);
+    if (header_map(c, slot + I_HEADERS, "immediate.headers", code, &hh->headers) != 0)
+        return -1;
+    hh->end_of_stream = nchunks == 0 && !trailers;
+    sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_HEADERS_RESPONSE;
+    sir->headers_response = hh;
+
+    for (size_t i = 0; i < nchunks; i++) {
+        StreamedBodyResponse *sb = arena_alloc(c->a, sizeof *sb);
+        if ((sir = new_piece(c, &resps[1 + i])) == NULL || sb == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__streamed_body_response__init(sb);
+        size_t len;
+        const char *data;
+        if (lua_isnil(L, chunks)) {
+            data = lua_tolstring(L, slot + I_BODY, &len);
+        } else {
+            lua_rawgeti(L, chunks, (lua_Integer)i + 1);
+            data = lua_tolstring(L, -1, &len);   /* anchored by chunks */
+            lua_pop(L, 1);
+        }
+        sb->body.data = (uint8_t *)data;
+        sb->body.len = len;
+        sb->end_of_stream = i + 1 == nchunks && !trailers;
+        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_BODY_RESPONSE;
+        sir->body_response = sb;
+    }
+    if (trailers) {
+        if ((sir = new_piece(c, &resps[total - 1])) == NULL)
+            return nomem(c);
+        if (header_map(c, slot + I_TRAILERS, "immediate.trailers", -1, &sir->trailers_response) != 0)
+            return -1;
+        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_TRAILERS_RESPONSE;
+    }
+    *out = resps;
+    *n = total;
     return 0;
 }
 
@@ -1046,7 +1220,7 @@ static int message_timeout(struct conv *c, int idx, Google__Protobuf__Duration *
 
 enum { K_ADD, K_REMOVE, K_APPEND_ACTION, K_CLEAR_ROUTE_CACHE, K_BODY, K_CLEAR_BODY, K_STATUS,
        K_CHUNKS, K_END_OF_STREAM, K_IMMEDIATE, K_DENY, K_DYNAMIC_METADATA, K_MODE_OVERRIDE,
-       K_OVERRIDE_MESSAGE_TIMEOUT, K_COUNT };
+       K_OVERRIDE_MESSAGE_TIMEOUT, K_REQUEST_DRAIN, K_COUNT };
 static const struct {
     const char *name;
     int type;       /* LUA_TNONE: checked by hand */
@@ -1068,12 +1242,19 @@ static const struct {
     [K_DYNAMIC_METADATA] = {"dynamic_metadata", LUA_TTABLE, KIND_ANY, 0},
     [K_MODE_OVERRIDE] = {"mode_override", LUA_TTABLE, KIND_ANY, 0},
     [K_OVERRIDE_MESSAGE_TIMEOUT] = {"override_message_timeout", LUA_TNUMBER, KIND_ANY, 0},
+    [K_REQUEST_DRAIN] = {"request_drain", LUA_TBOOLEAN, KIND_STREAM, MUTATION},
+};
+
+/* What one streamed chunk carries: its bytes and GRPC body mode's two flags. */
+struct chunk {
+    const uint8_t *data;
+    size_t len;
+    bool compressed, no_message;
 };
 
 /* One streamed body response: {request_body|response_body: {response: {body_mutation:
- * {streamed_response: {body, end_of_stream}}}}}. */
-static int streamed(struct conv *c, pbconv_response *resp, const uint8_t *data, size_t len,
-                    bool eos)
+ * {streamed_response: {body, end_of_stream, ...flags}}}}}. */
+static int streamed(struct conv *c, pbconv_response *resp, const struct chunk *ch, bool eos)
 {
     CommonResponse *cr = arena_alloc(c->a, sizeof *cr);
     BodyMutation *bm = arena_alloc(c->a, sizeof *bm);
@@ -1083,14 +1264,59 @@ static int streamed(struct conv *c, pbconv_response *resp, const uint8_t *data, 
     envoy__service__ext_proc__v3__common_response__init(cr);
     envoy__service__ext_proc__v3__body_mutation__init(bm);
     envoy__service__ext_proc__v3__streamed_body_response__init(sr);
-    sr->body.data = (uint8_t *)data;
-    sr->body.len = len;
+    sr->body.data = (uint8_t *)ch->data;
+    sr->body.len = ch->len;
     sr->end_of_stream = eos;
+    sr->grpc_message_compressed = ch->compressed;
+    sr->end_of_stream_without_message = ch->no_message;
     bm->mutation_case = ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_STREAMED_RESPONSE;
     bm->streamed_response = sr;
     cr->body_mutation = bm;
     envoy__service__ext_proc__v3__processing_response__init(resp);
     return set_phase(resp, c->phase, cr, NULL, c->a) == 0 ? 0 : nomem(c);
+}
+
+/* `chunks` entry i at the top of the stack: a string, or (GRPC body mode's flags) a table
+ * { body = "...", grpc_message_compressed = bool, end_of_stream_without_message = bool }.
+ * The bytes stay anchored by the chunks table. stack: unchanged. */
+static int chunk_entry(struct conv *c, size_t i, struct chunk *ch)
+{
+    lua_State *L = c->L;
+    int e = lua_gettop(L);
+    memset(ch, 0, sizeof *ch);
+    if (lua_type(L, e) == LUA_TSTRING) {
+        ch->data = (const uint8_t *)lua_tolstring(L, e, &ch->len);
+        return 0;
+    }
+    if (lua_type(L, e) != LUA_TTABLE)
+        return bad(c, "'chunks' entry %zu is a %s, expected a string or a table { body = ... }",
+                   i, luaL_typename(L, e));
+    static const char *const names[] = {"body", "grpc_message_compressed",
+                                        "end_of_stream_without_message"};
+    static const int types[] = {LUA_TSTRING, LUA_TBOOLEAN, LUA_TBOOLEAN};
+    char prefix[40];
+    snprintf(prefix, sizeof prefix, "chunks[%zu].", i);
+    lua_settop(L, e + 3);
+    if (scan_keys(c, e, names, 3, e + 1, prefix) != 0)
+        return -1;
+    for (int k = 0; k < 3; k++) {
+        int ty = lua_type(L, e + 1 + k);
+        if (ty != LUA_TNIL && ty != types[k])
+            return bad(c, "'chunks[%zu].%s' must be a %s, got %s", i, names[k],
+                       lua_typename(L, types[k]), lua_typename(L, ty));
+    }
+    if (!lua_isnil(L, e + 1))
+        ch->data = (const uint8_t *)lua_tolstring(L, e + 1, &ch->len);
+    ch->compressed = lua_toboolean(L, e + 2);
+    ch->no_message = lua_toboolean(L, e + 3);
+    lua_settop(L, e);
+    if ((ch->compressed || ch->no_message) && !c->in->grpc)
+        return bad(c, "'chunks[%zu].%s' is for GRPC body mode only (this body is in "
+                      "FULL_DUPLEX_STREAMED mode)", i, ch->compressed ? names[1] : names[2]);
+    if (ch->no_message && ch->len > 0)
+        return bad(c, "'chunks[%zu].end_of_stream_without_message' needs an empty body (it "
+                      "ends the stream with no message at all)", i);
+    return 0;
 }
 
 /* The answer to a FULL_DUPLEX_STREAMED body chunk (docs/streaming.md): `body` (one chunk),
@@ -1117,16 +1343,8 @@ static int stream_answer(struct conv *c, int slot, const bool *on, const bool *p
         struct checks_shape sh;
         checks_table_shape(L, chunks, &sh);
         if (!sh.seq)
-            return bad(c, "'chunks' must be a list of strings");
-        size_t count = sh.n;
-        for (size_t i = 1; i <= count; i++) {
-            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
-            lua_pop(L, 1);
-            if (ty != LUA_TSTRING)
-                return bad(c, "'chunks' entry %zu is a %s, expected a string", i,
-                           lua_typename(L, ty));
-        }
-        n = count;
+            return bad(c, "'chunks' must be a list of strings or { body = ... } tables");
+        n = sh.n;
     }
     size_t total = n == 0 && eos ? 1 : n;
     *n_out = total;
@@ -1137,23 +1355,31 @@ static int stream_answer(struct conv *c, int slot, const bool *on, const bool *p
         return nomem(c);
     *out = resps;
     for (size_t i = 0; i < total; i++) {
-        const uint8_t *data = NULL;
-        size_t len = 0;
+        struct chunk ch = {0};
         if (n == 0) {
-            /* the closing empty chunk */
+            /* the closing empty chunk: in GRPC mode no message, not an empty one */
+            ch.no_message = in->grpc;
         } else if (present[K_CHUNKS]) {
             lua_rawgeti(L, chunks, (lua_Integer)i + 1);
-            data = (const uint8_t *)lua_tolstring(L, -1, &len);  /* anchored by chunks */
+            int rc = chunk_entry(c, i + 1, &ch);
             lua_pop(L, 1);
+            if (rc != 0)
+                return -1;
+            if (ch.no_message && (i + 1 != total || !eos))
+                return bad(c, "'chunks[%zu].end_of_stream_without_message' is allowed only on "
+                              "the last chunk of an answer that ends the body", i + 1);
         } else if (on[K_BODY]) {
-            data = (const uint8_t *)lua_tolstring(L, slot + K_BODY, &len);
+            ch.data = (const uint8_t *)lua_tolstring(L, slot + K_BODY, &ch.len);
         } else {
-            data = in->chunk;
-            len = in->chunk_len;
+            /* unchanged: the incoming chunk, with its flags */
+            ch.data = in->chunk;
+            ch.len = in->chunk_len;
+            ch.compressed = in->grpc && in->chunk_compressed;
+            ch.no_message = in->grpc && in->chunk_eos_without_message && eos;
         }
-        if (data == NULL)
-            data = (const uint8_t *)"";  /* never a NULL pointer, even with length 0 */
-        if (streamed(c, &resps[i], data, len, i + 1 == total ? eos : false) != 0)
+        if (ch.data == NULL)
+            ch.data = (const uint8_t *)"";  /* never a NULL pointer, even with length 0 */
+        if (streamed(c, &resps[i], &ch, i + 1 == total ? eos : false) != 0)
             return -1;
     }
     if (on[K_CLEAR_ROUTE_CACHE]) {
@@ -1225,6 +1451,19 @@ static int phase_answer(struct conv *c, int slot, const bool *on, pbconv_respons
     return 0;
 }
 
+/* `request_drain = true`: on the last message of the answer, after which Envoy stops
+ * sending body and half-closes; the caller echoes the rest (res->request_drain). */
+static int request_drain(struct conv *c, pbconv_response *resps, size_t n,
+                         struct pbconv_result *res)
+{
+    if (n == 0)
+        return bad(c, "'request_drain' needs a message to travel with, and this answer "
+                      "sends none (chunks = {} without end_of_stream)");
+    resps[n - 1].request_drain = 1;
+    res->request_drain = true;
+    return 0;
+}
+
 /* The return table at t, its values moved to slots slot..slot+K_COUNT-1. */
 static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_t *n,
                    struct pbconv_result *res, bool *deny)
@@ -1246,8 +1485,13 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
             continue;
         if (!(top[k].kinds & kind)) {
             if (kind == KIND_STREAM)
-                return bad(c, "'%s' is not allowed in %s in FULL_DUPLEX_STREAMED mode "
-                              "(see docs/streaming.md)", top[k].name, phases[c->phase].name);
+                return bad(c, "'%s' is not allowed in %s in %s mode (see docs/streaming.md)",
+                           top[k].name, phases[c->phase].name,
+                           c->in->grpc ? "GRPC" : "FULL_DUPLEX_STREAMED");
+            if (k == K_REQUEST_DRAIN)
+                return bad(c, "'request_drain' is allowed only in body phases in "
+                              "FULL_DUPLEX_STREAMED or GRPC mode (where Envoy defines it), "
+                              "not in %s", phases[c->phase].name);
             if (top[k].kinds == KIND_STREAM)
                 return bad(c, "'%s' is allowed only in body phases in FULL_DUPLEX_STREAMED "
                               "mode, not in %s", top[k].name, phases[c->phase].name);
@@ -1290,9 +1534,9 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
         if (resps == NULL)
             return nomem(c);
         envoy__service__ext_proc__v3__processing_response__init(resps);
-        if (immediate(c, slot + K_IMMEDIATE, resps) != 0)
-            return -1;
         *n = 1;
+        if (immediate(c, slot + K_IMMEDIATE, resps, &resps, n) != 0)
+            return -1;
     } else if (kind == KIND_STREAM) {
         if (stream_answer(c, slot, on, present, &resps, n) != 0)
             return -1;
@@ -1324,6 +1568,8 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
         return -1;
     if (present[K_OVERRIDE_MESSAGE_TIMEOUT] &&
         message_timeout(c, slot + K_OVERRIDE_MESSAGE_TIMEOUT, &resps[0].override_message_timeout) != 0)
+        return -1;
+    if (on[K_REQUEST_DRAIN] && request_drain(c, resps, *n, res) != 0)
         return -1;
     return 0;
 }

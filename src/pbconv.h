@@ -61,10 +61,14 @@ void pbconv_push_body(lua_State *L, const Envoy__Service__ExtProc__V3__HttpBody 
  * them (the common case). May raise. stack before/after: unchanged. */
 void pbconv_update_ctx(lua_State *L, int ctx, const pbconv_request *req);
 
-/* Whether body chunks of `phase` travel in FULL_DUPLEX_STREAMED mode according to the
- * protocol_config of a request (false for other phases or without a protocol_config). */
+/* Whether body chunks of `phase` travel in FULL_DUPLEX_STREAMED or GRPC mode (GRPC is
+ * FULL_DUPLEX_STREAMED with one gRPC message per chunk) according to the protocol_config
+ * of a request (false for other phases or without a protocol_config). */
 bool pbconv_full_duplex(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
                         enum pbconv_phase phase);
+/* Whether body chunks of `phase` travel in GRPC mode (a subset of pbconv_full_duplex). */
+bool pbconv_grpc_mode(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
+                      enum pbconv_phase phase);
 
 /* Makes *resp the "continue unchanged" answer for the phase: its oneof set to an empty
  * message of the phase's type (Envoy rejects a ProcessingResponse with nothing set).
@@ -86,6 +90,9 @@ struct pbconv_result {
     const char *deny_message;
     size_t deny_len;
     enum pbconv_answer answer;   /* PBCONV_OK */
+    /* PBCONV_OK: the answer sets request_drain (Envoy half-closes; later body chunks of
+     * the stream are to be echoed unchanged) */
+    bool request_drain;
 };
 
 /* What a response answers. For a body chunk in FULL_DUPLEX_STREAMED mode, full_duplex is
@@ -97,6 +104,15 @@ struct pbconv_in {
     const uint8_t *chunk;
     size_t chunk_len;
     bool end_of_stream;
+    /* GRPC body mode (full_duplex is set too): the chunk is one gRPC message, with the
+     * chunk's two flags */
+    bool grpc;
+    bool chunk_compressed;
+    bool chunk_eos_without_message;
+    /* the stream's request body mode, when a protocol_config told it (streamed
+     * immediate responses need NONE or FULL_DUPLEX_STREAMED) */
+    bool body_mode_known;
+    int request_body_mode;
 };
 
 /* Validates the handler's return value at idx (nil or a table) for in->phase and builds

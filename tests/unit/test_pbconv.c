@@ -1311,8 +1311,8 @@ static void test_full_duplex(void)
     BADCHUNK("add", false, "'add' is not allowed in request_body in FULL_DUPLEX_STREAMED mode "
                            "(see docs/streaming.md)");
     BADCHUNK("both", false, "'body' and 'chunks' cannot be combined");
-    BADCHUNK("badchunk", false, "'chunks' entry 2 is a number, expected a string");
-    BADCHUNK("mapchunk", false, "'chunks' must be a list of strings");
+    BADCHUNK("badchunk", false, "'chunks' entry 2 is a number, expected a string or a table { body = ... }");
+    BADCHUNK("mapchunk", false, "'chunks' must be a list of strings or { body = ... } tables");
     BADCHUNK("eostype", false, "'end_of_stream' must be a boolean, got number");
     dispatch_stream_close(st);
 
@@ -1361,7 +1361,7 @@ static void test_full_duplex(void)
 #define ACTIONS "(expected APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD or " \
                 "OVERWRITE_IF_EXISTS)"
 #define HMODES "(expected DEFAULT, SEND or SKIP)"
-#define BMODES "(expected NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL or FULL_DUPLEX_STREAMED)"
+#define BMODES "(expected NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX_STREAMED or GRPC)"
 
 static void test_new_bad_returns(void)
 {
