@@ -45,7 +45,7 @@ struct dispatch_stream {
     bool grpc[2];          /* request, response body in GRPC mode */
     int request_body_mode; /* from protocol_config (when have_config) */
     bool drained;          /* request_drain was sent: later streamed chunks are echoed */
-    bool local_reply;      /* process() began a streamed immediate response, not ended */
+    bool local_reply;      /* a streamed immediate response began and has not ended */
     bool observing;        /* the value of ctx.observability_mode */
 };
 
@@ -327,6 +327,7 @@ static int run_handler(lua_State *L)
     }
     in.body_mode_known = st->have_config;
     in.request_body_mode = st->request_body_mode;
+    in.local_reply_open = st->local_reply;
     /* after request_drain, Envoy half-closes; the chunks already on their way are echoed
      * unchanged, without the handler (Envoy's comment on the field) */
     bool echo = in.full_duplex && st->drained;
@@ -373,6 +374,7 @@ static int run_handler(lua_State *L)
             c->n = 1;
             c->res.answer = raw_answer(c->resps);
             c->res.request_drain = c->resps->request_drain;
+            c->res.local_reply_open = st->local_reply;   /* as check_raw_streamed left it */
         }
     } else {
         c->status = pbconv_to_responses(L, 3, &in, a, &c->resps, &c->n, &c->res, detail,
@@ -614,8 +616,11 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     s->current_phase = pbconv_phase_name(phase);   /* for callout.log */
     int status = vm_call(s, 1, 1, st->id, s->where[s->has_process ? PBCONV_PHASE_COUNT : phase]);
     s->current_phase = NULL;
-    if (status == LUA_OK && c.status == PBCONV_OK && c.res.request_drain)
-        st->drained = true;
+    if (status == LUA_OK && c.status == PBCONV_OK) {
+        if (c.res.request_drain)
+            st->drained = true;
+        st->local_reply = c.res.local_reply_open;
+    }
     bool observe = req->observability_mode;
     ran = true;
     /* what a handler's answer does; the failures below say otherwise */

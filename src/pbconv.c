@@ -541,6 +541,7 @@ struct conv {
     const struct pbconv_in *in;
     struct checks_err e;   /* "on_x returned a bad table: " and the message */
     bool nomem;
+    struct pbconv_result *res;
     Google__Protobuf__BoolValue *append_true;  /* shared by every APPEND_IF_EXISTS_OR_ADD entry */
 };
 
@@ -911,13 +912,13 @@ static int read_integer(struct conv *c, int idx, const char *what, lua_Integer m
 }
 
 enum { I_STATUS, I_HEADERS, I_APPEND_ACTION, I_BODY, I_DETAILS, I_GRPC_STATUS, I_STREAM,
-       I_CHUNKS, I_TRAILERS, I_COUNT };
+       I_CHUNKS, I_TRAILERS, I_END_OF_STREAM, I_COUNT };
 static const char *const imm_keys[I_COUNT] = {"status", "headers", "append_action", "body",
                                               "details", "grpc_status", "stream", "chunks",
-                                              "trailers"};
+                                              "trailers", "end_of_stream"};
 static const int imm_types[I_COUNT] = {LUA_TNUMBER, LUA_TTABLE, LUA_TSTRING, LUA_TSTRING,
                                        LUA_TSTRING, LUA_TNUMBER, LUA_TBOOLEAN, LUA_TTABLE,
-                                       LUA_TTABLE};
+                                       LUA_TTABLE, LUA_TBOOLEAN};
 
 static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, size_t *n);
 
@@ -939,7 +940,8 @@ static int immediate(struct conv *c, int t, pbconv_response *resp, pbconv_respon
                        lua_typename(L, imm_types[i]), lua_typename(L, ty));
     }
     if (lua_toboolean(L, slot + I_STREAM) || !lua_isnil(L, slot + I_CHUNKS) ||
-        !lua_isnil(L, slot + I_TRAILERS))
+        !lua_isnil(L, slot + I_TRAILERS) || !lua_isnil(L, slot + I_END_OF_STREAM) ||
+        c->in->local_reply_open)
         return streamed_immediate(c, slot, out, n);
     ImmediateResponse *ir = arena_alloc(c->a, sizeof *ir);
     HttpStatus *hs = arena_alloc(c->a, sizeof *hs);
@@ -1043,13 +1045,136 @@ static int header_map(struct conv *c, int idx, const char *what, lua_Integer sta
     return 0;
 }
 
+/* The body and trailers pieces of a streamed local response from the immediate slots at
+ * slot (slot 0: none, a handler's nil): `body` (one chunk) or `chunks`, then `trailers`;
+ * end_of_stream (`eos`) on the last body piece unless trailers follow (they end it). With
+ * nothing to send and eos, one empty body piece ends it. Fills resps from index `first`;
+ * *count is how many pieces (resps may be NULL to count only). */
+static int local_pieces(struct conv *c, int slot, bool eos, pbconv_response *resps,
+                        size_t first, size_t *count)
+{
+    lua_State *L = c->L;
+    int chunks = slot ? slot + I_CHUNKS : 0;
+    bool has_body = slot && !lua_isnil(L, slot + I_BODY);
+    bool trailers = slot && !lua_isnil(L, slot + I_TRAILERS);
+    size_t nchunks = has_body ? 1 : 0;
+    if (chunks && !lua_isnil(L, chunks)) {
+        struct checks_shape sh;
+        checks_table_shape(L, chunks, &sh);
+        if (!sh.seq)
+            return bad(c, "'immediate.chunks' must be a list of strings");
+        nchunks = sh.n;
+        for (size_t i = 1; i <= nchunks; i++) {
+            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
+            lua_pop(L, 1);
+            if (ty != LUA_TSTRING)
+                return bad(c, "'immediate.chunks' entry %zu is a %s, expected a string", i,
+                           lua_typename(L, ty));
+        }
+    } else {
+        chunks = 0;
+    }
+    bool closing = nchunks == 0 && !trailers && eos;   /* one empty piece ends it */
+    *count = nchunks + (trailers ? 1 : 0) + (closing ? 1 : 0);
+    if (resps == NULL)
+        return 0;
+    for (size_t i = 0; i < nchunks + (closing ? 1 : 0); i++) {
+        StreamedImmediateResponse *sir = new_piece(c, &resps[first + i]);
+        StreamedBodyResponse *sb = arena_alloc(c->a, sizeof *sb);
+        if (sir == NULL || sb == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__streamed_body_response__init(sb);
+        size_t len = 0;
+        const char *data = "";
+        if (closing) {
+            /* nothing to say: the empty ending piece */
+        } else if (chunks == 0) {
+            data = lua_tolstring(L, slot + I_BODY, &len);
+        } else {
+            lua_rawgeti(L, chunks, (lua_Integer)i + 1);
+            data = lua_tolstring(L, -1, &len);   /* anchored by chunks */
+            lua_pop(L, 1);
+        }
+        sb->body.data = (uint8_t *)data;
+        sb->body.len = len;
+        sb->end_of_stream = closing || (i + 1 == nchunks && !trailers && eos);
+        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_BODY_RESPONSE;
+        sir->body_response = sb;
+    }
+    if (trailers) {
+        StreamedImmediateResponse *sir = new_piece(c, &resps[first + *count - 1]);
+        if (sir == NULL)
+            return nomem(c);
+        if (header_map(c, slot + I_TRAILERS, "immediate.trailers", -1, &sir->trailers_response) != 0)
+            return -1;
+        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_TRAILERS_RESPONSE;
+    }
+    return 0;
+}
+
+/* Whether the request has ended with this message (its last body chunk, or trailers):
+ * Envoy sends nothing more to answer, so an open local response must end now. */
+static bool request_ends(const struct conv *c)
+{
+    return c->phase == PBCONV_REQUEST_TRAILERS ||
+           (c->phase == PBCONV_REQUEST_BODY && c->in->end_of_stream);
+}
+
+/* The next pieces of an open local response, in answer to a request body chunk or
+ * trailers (slot 0: the handler returned nil, which sends nothing until the request ends,
+ * then ends the response). */
+static int local_continue(struct conv *c, int slot, pbconv_response **out, size_t *n,
+                          struct pbconv_result *res)
+{
+    lua_State *L = c->L;
+    if (c->phase != PBCONV_REQUEST_BODY && c->phase != PBCONV_REQUEST_TRAILERS)
+        return bad(c, "a streamed local response is open; %s cannot answer it",
+                   phases[c->phase].handler);
+    if (slot) {
+        static const int once[] = {I_STATUS, I_HEADERS, I_APPEND_ACTION, I_DETAILS, I_GRPC_STATUS};
+        for (size_t i = 0; i < sizeof once / sizeof once[0]; i++)
+            if (!lua_isnil(L, slot + once[i]))
+                return bad(c, "'immediate.%s': the streamed local response's headers went out "
+                              "already (continue it with body, chunks, trailers, end_of_stream)",
+                           imm_keys[once[i]]);
+        if (!lua_isnil(L, slot + I_BODY) && !lua_isnil(L, slot + I_CHUNKS))
+            return bad(c, "'immediate.body' and 'immediate.chunks' cannot be combined");
+    }
+    bool eos = request_ends(c);
+    if (slot && !lua_isnil(L, slot + I_END_OF_STREAM)) {
+        bool want = lua_toboolean(L, slot + I_END_OF_STREAM);
+        if (!want && eos)
+            return bad(c, "'immediate.end_of_stream' is false, but the request ends here and "
+                          "Envoy sends nothing more to answer: the local response must end");
+        eos = want;
+    }
+    if (slot && !lua_isnil(L, slot + I_TRAILERS))
+        eos = true;
+    size_t count;
+    if (local_pieces(c, slot, eos, NULL, 0, &count) != 0)
+        return -1;
+    pbconv_response *resps = count ? arena_alloc(c->a, count * sizeof *resps) : NULL;
+    if (count && resps == NULL)
+        return nomem(c);
+    if (local_pieces(c, slot, eos, resps, 0, &count) != 0)
+        return -1;
+    *out = resps;
+    *n = count;
+    res->answer = PBCONV_ANSWER_IMMEDIATE;
+    res->local_reply_open = !eos;
+    return 0;
+}
+
 /* A streamed immediate response (docs/lua-api.md): headers_response (with ":status"),
- * one body_response per chunk (`body` is one chunk), then trailers_response; end_of_stream
- * on the last headers or body piece unless trailers follow. Only in on_request_headers,
- * in NONE or FULL_DUPLEX_STREAMED request body mode (Envoy's comment on the field). */
+ * then local_pieces; end_of_stream on the last piece unless immediate.end_of_stream =
+ * false keeps it open for the body handlers (FULL_DUPLEX_STREAMED only). Starts only in
+ * on_request_headers, in NONE or FULL_DUPLEX_STREAMED request body mode (Envoy's comment
+ * on the field). */
 static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, size_t *n)
 {
     lua_State *L = c->L;
+    if (c->in->local_reply_open)
+        return local_continue(c, slot, out, n, c->res);
     if (c->phase != PBCONV_REQUEST_HEADERS)
         return bad(c, "a streamed 'immediate' (stream, chunks or trailers) is allowed only in "
                       "on_request_headers (Envoy starts a streamed local response only in "
@@ -1072,33 +1197,31 @@ static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, s
                           "(stream, chunks or trailers)", imm_keys[not_streamed[i]]);
     if (!lua_isnil(L, slot + I_BODY) && !lua_isnil(L, slot + I_CHUNKS))
         return bad(c, "'immediate.body' and 'immediate.chunks' cannot be combined");
+    bool trailers = !lua_isnil(L, slot + I_TRAILERS);
+    bool eos = true;
+    if (!lua_isnil(L, slot + I_END_OF_STREAM) && !lua_toboolean(L, slot + I_END_OF_STREAM)) {
+        if (trailers)
+            return bad(c, "'immediate.end_of_stream' is false, but 'immediate.trailers' end "
+                          "the local response");
+        if (!in->body_mode_known || in->request_body_mode != PROCESSING_MODE(FULL_DUPLEX_STREAMED))
+            return bad(c, "'immediate.end_of_stream' = false keeps the local response open for "
+                          "on_request_body, which needs request_body_mode FULL_DUPLEX_STREAMED "
+                          "(Envoy sends no body to answer otherwise)");
+        eos = false;
+    }
     lua_Integer code = 200;
     if (!lua_isnil(L, slot + I_STATUS) &&
         read_integer(c, slot + I_STATUS, "immediate.status", 200, 599,
                      "an HTTP status 200-599", &code) != 0)
         return -1;
-    size_t nchunks = lua_isnil(L, slot + I_BODY) ? 0 : 1;
-    int chunks = slot + I_CHUNKS;
-    if (!lua_isnil(L, chunks)) {
-        struct checks_shape sh;
-        checks_table_shape(L, chunks, &sh);
-        if (!sh.seq)
-            return bad(c, "'immediate.chunks' must be a list of strings");
-        nchunks = sh.n;
-        for (size_t i = 1; i <= nchunks; i++) {
-            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
-            lua_pop(L, 1);
-            if (ty != LUA_TSTRING)
-                return bad(c, "'immediate.chunks' entry %zu is a %s, expected a string", i,
-                           lua_typename(L, ty));
-        }
-    }
-    bool trailers = !lua_isnil(L, slot + I_TRAILERS);
-    size_t total = 1 + nchunks + (trailers ? 1 : 0);
+    size_t pieces;
+    /* counting, without the closing empty piece: headers_response can end it itself */
+    if (local_pieces(c, slot, false, NULL, 0, &pieces) != 0)
+        return -1;
+    size_t total = 1 + pieces;
     pbconv_response *resps = arena_alloc(c->a, total * sizeof *resps);
     if (resps == NULL)
         return nomem(c);
-
     StreamedImmediateResponse *sir = new_piece(c, &resps[0]);
     HttpHeaders *hh = arena_alloc(c->a, sizeof *hh);
     if (sir == NULL || hh == NULL)
@@ -1106,39 +1229,14 @@ static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, s
     envoy__service__ext_proc__v3__http_headers__init(hh);
     if (header_map(c, slot + I_HEADERS, "immediate.headers", code, &hh->headers) != 0)
         return -1;
-    hh->end_of_stream = nchunks == 0 && !trailers;
+    hh->end_of_stream = pieces == 0 && eos;
     sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_HEADERS_RESPONSE;
     sir->headers_response = hh;
-
-    for (size_t i = 0; i < nchunks; i++) {
-        StreamedBodyResponse *sb = arena_alloc(c->a, sizeof *sb);
-        if ((sir = new_piece(c, &resps[1 + i])) == NULL || sb == NULL)
-            return nomem(c);
-        envoy__service__ext_proc__v3__streamed_body_response__init(sb);
-        size_t len;
-        const char *data;
-        if (lua_isnil(L, chunks)) {
-            data = lua_tolstring(L, slot + I_BODY, &len);
-        } else {
-            lua_rawgeti(L, chunks, (lua_Integer)i + 1);
-            data = lua_tolstring(L, -1, &len);   /* anchored by chunks */
-            lua_pop(L, 1);
-        }
-        sb->body.data = (uint8_t *)data;
-        sb->body.len = len;
-        sb->end_of_stream = i + 1 == nchunks && !trailers;
-        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_BODY_RESPONSE;
-        sir->body_response = sb;
-    }
-    if (trailers) {
-        if ((sir = new_piece(c, &resps[total - 1])) == NULL)
-            return nomem(c);
-        if (header_map(c, slot + I_TRAILERS, "immediate.trailers", -1, &sir->trailers_response) != 0)
-            return -1;
-        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_TRAILERS_RESPONSE;
-    }
+    if (pieces > 0 && local_pieces(c, slot, eos, resps, 1, &pieces) != 0)
+        return -1;
     *out = resps;
     *n = total;
+    c->res->local_reply_open = !eos;
     return 0;
 }
 
@@ -1526,7 +1624,15 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
             res->answer = PBCONV_ANSWER_MUTATE;
 
     pbconv_response *resps = NULL;
-    if (on[K_IMMEDIATE]) {
+    if (c->in->local_reply_open && !on[K_IMMEDIATE]) {
+        for (int k = 0; k < K_COUNT; k++)
+            if ((top[k].flags & MUTATION) && present[k])
+                return bad(c, "'%s': a streamed local response is open on this stream; "
+                              "continue it with immediate = { body, chunks, trailers, "
+                              "end_of_stream } or return nil", top[k].name);
+        if (local_continue(c, 0, &resps, n, res) != 0)
+            return -1;
+    } else if (on[K_IMMEDIATE]) {
         for (int k = 0; k < K_COUNT; k++)
             if ((top[k].flags & MUTATION) && present[k] && (on[k] || k == K_END_OF_STREAM))
                 return bad(c, "'immediate' cannot be combined with '%s'", top[k].name);
@@ -1594,7 +1700,7 @@ enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbcon
     /* the top-level slots, the immediate slots, and a few working values on top */
     luaL_checkstack(L, K_COUNT + I_COUNT + 8, "converting a handler result");
     int top = lua_gettop(L);
-    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in};
+    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in, .res = res};
     checks_err_init(&c.e, err, errlen, NULL);
     c.e.lead_name = phases[in->phase].handler;
     c.e.lead_text = " returned a bad table: ";
@@ -1603,7 +1709,9 @@ enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbcon
     if (type == LUA_TNIL) {
         /* nil is {}: every key absent (built without a table: the common case) */
         bool none[K_COUNT] = {false};
-        if (in->full_duplex) {
+        if (in->local_reply_open) {
+            rc = local_continue(&c, 0, out, n, res);
+        } else if (in->full_duplex) {
             rc = stream_answer(&c, 0, none, none, out, n);
         } else {
             *out = arena_alloc(a, sizeof **out);

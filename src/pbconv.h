@@ -93,6 +93,8 @@ struct pbconv_result {
     /* PBCONV_OK: the answer sets request_drain (Envoy half-closes; later body chunks of
      * the stream are to be echoed unchanged) */
     bool request_drain;
+    /* PBCONV_OK: a streamed immediate response is open after this answer */
+    bool local_reply_open;
 };
 
 /* What a response answers. For a body chunk in FULL_DUPLEX_STREAMED mode, full_duplex is
@@ -113,6 +115,9 @@ struct pbconv_in {
      * immediate responses need NONE or FULL_DUPLEX_STREAMED) */
     bool body_mode_known;
     int request_body_mode;
+    /* a streamed immediate response began on this stream and has not ended: request body
+     * chunks and trailers answer it (docs/lua-api.md) */
+    bool local_reply_open;
 };
 
 /* Validates the handler's return value at idx (nil or a table) for in->phase and builds

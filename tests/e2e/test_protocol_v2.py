@@ -310,13 +310,85 @@ def test_streamed_immediate_counts_as_immediate(module_servers):
     assert hit and float(hit[0].split()[-1]) == 1, lines
 
 
+OPEN_LUA = r'''
+function on_request_headers(hs, ctx)
+  -- a local response whose body follows the request's body, chunk by chunk
+  return { immediate = { status = 200, headers = { ["content-type"] = "text/plain" },
+                         chunks = { "hello " }, end_of_stream = false } }
+end
+
+function on_request_body(b, ctx)
+  local cmd = b.body:match("^(%a+)")
+  if cmd == "quiet" then return nil end                   -- nothing now
+  if cmd == "body" then return { body = "x" } end
+  if cmd == "stop" then return { immediate = { body = "bye", end_of_stream = true } } end
+  if cmd == "status" then return { immediate = { status = 500 } } end
+  if cmd == "open" then return { immediate = { chunks = { "o" }, end_of_stream = false } } end
+  return { immediate = { chunks = { b.body:upper() } } }  -- ends when the request ends
+end
+
+function on_request_trailers(t, ctx)
+  return { immediate = { trailers = { { "x-end", "1" } } } }
+end
+'''
+
+
+@pytest.fixture(scope="module")
+def open_stub(module_servers):
+    return module_servers.start(module_servers.script(OPEN_LUA, "openimm.lua")).stub()
+
+
+def test_open_local_response_follows_the_request_body(open_stub):
+    fd = config("FULL_DUPLEX_STREAMED")
+    responses = ok(open_stub, [h.headers_req("request_headers", protocol_config=fd),
+                               h.body_req("request_body", "abc"),
+                               h.body_req("request_body", "quiet"),
+                               h.body_req("request_body", "def", end_of_stream=True)])
+    assert responses == [local_headers(200, [("content-type", "text/plain")]),
+                         local_body("hello ", False), local_body("ABC", False),
+                         local_body("DEF", True)]
+    # nil at the request's end ends the local response with an empty piece; trailers end it
+    responses = ok(open_stub, [h.headers_req("request_headers", protocol_config=fd),
+                               h.body_req("request_body", "quiet", end_of_stream=True)])
+    assert responses[2:] == [local_body("", True)]
+    responses = ok(open_stub, [h.headers_req("request_headers", protocol_config=fd),
+                               h.body_req("request_body", "abc"),
+                               h.trailers_req("request_trailers")])
+    assert responses[2:] == [local_body("ABC", False), local_trailers([("x-end", "1")])]
+    responses = ok(open_stub, [h.headers_req("request_headers", protocol_config=fd),
+                               h.body_req("request_body", "stop")])
+    assert responses[2:] == [local_body("bye", True)]
+
+
+@pytest.mark.parametrize("cmd,eos,detail", [
+    ("body", False, "'body': a streamed local response is open on this stream; continue it with "
+                   "immediate = { body, chunks, trailers, end_of_stream } or return nil"),
+    ("status", False, "'immediate.status': the streamed local response's headers went out "
+                      "already (continue it with body, chunks, trailers, end_of_stream)"),
+    ("open", True, "'immediate.end_of_stream' is false, but the request ends here and Envoy "
+                   "sends nothing more to answer: the local response must end"),
+])
+def test_open_local_response_refusals(open_stub, cmd, eos, detail):
+    details = refused(open_stub, [h.headers_req("request_headers", protocol_config=config("FULL_DUPLEX_STREAMED")),
+                                  h.body_req("request_body", cmd, end_of_stream=eos)])
+    assert details.endswith("returned a bad table: " + detail), details
+
+
+def test_open_local_response_needs_full_duplex(open_stub):
+    details = refused(open_stub, [h.headers_req("request_headers", protocol_config=config("NONE"))])
+    assert details.endswith("'immediate.end_of_stream' = false keeps the local response open for "
+                            "on_request_body, which needs request_body_mode FULL_DUPLEX_STREAMED "
+                            "(Envoy sends no body to answer otherwise)"), details
+
+
 # ---- process(): raw streamed immediate responses and request_drain ------------------------
 
 RAW_LUA = r'''
 function process(req, ctx)
   if req.request_headers then
     local st = req.request_headers.headers.headers[1]
-    if st and st.key == "nostatus" then
+    if not st then return nil end
+    if st.key == "nostatus" then
       return { streamed_immediate_response = { headers_response = { headers = { headers = {
         { key = "x", raw_value = "1" } } } } } }
     end
@@ -342,7 +414,8 @@ def raw_stub(module_servers):
 
 
 def test_process_streams_a_local_response(raw_stub):
-    responses = ok(raw_stub, [h.headers_req("request_headers", protocol_config=config("FULL_DUPLEX_STREAMED")),
+    responses = ok(raw_stub, [h.headers_req("request_headers", [("local", "1")],
+                                            protocol_config=config("FULL_DUPLEX_STREAMED")),
                               h.body_req("request_body", "aa"),
                               h.body_req("request_body", "bb", end_of_stream=True)])
     assert responses == [local_headers(200), local_body("AA", False), local_body("BB", True)]
@@ -360,10 +433,10 @@ def test_process_request_drain_and_grpc_flag(raw_stub):
 @pytest.mark.parametrize("reqs,detail", [
     ([h.headers_req("request_headers", [("nostatus", "1")])],
      "response.streamed_immediate_response.headers_response.headers must carry ':status'"),
-    ([h.headers_req("request_headers", protocol_config=config("BUFFERED"))],
+    ([h.headers_req("request_headers", [("local", "1")], protocol_config=config("BUFFERED"))],
      "response.streamed_immediate_response needs request_body_mode NONE or FULL_DUPLEX_STREAMED "
      "(Envoy supports no other)"),
-    ([h.headers_req("request_headers", protocol_config=config("FULL_DUPLEX_STREAMED")),
+    ([h.headers_req("request_headers", [("local", "1")], protocol_config=config("FULL_DUPLEX_STREAMED")),
       h.body_req("request_body", "spurious")],
      "a streamed local response is open on this stream: answer request_body with "
      "response.streamed_immediate_response (body_response or trailers_response)"),
