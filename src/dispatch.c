@@ -41,7 +41,11 @@ struct dispatch_stream {
     int ctx_ref;           /* the ctx table, in the registry */
     size_t ctx_bytes;      /* attributes + metadata received so far (wire bytes) */
     bool have_config;      /* a protocol_config arrived: the body modes below are known */
-    bool full_duplex[2];   /* request, response body in FULL_DUPLEX_STREAMED mode */
+    bool full_duplex[2];   /* request, response body in FULL_DUPLEX_STREAMED or GRPC mode */
+    bool grpc[2];          /* request, response body in GRPC mode */
+    int request_body_mode; /* from protocol_config (when have_config) */
+    bool drained;          /* request_drain was sent: later streamed chunks are echoed */
+    bool local_reply;      /* a streamed immediate response began and has not ended */
     bool observing;        /* the value of ctx.observability_mode */
     /* Routing on the body (docs/streaming.md): the body modes Envoy uses (protocol_config,
      * then mode_override of a headers response; -1: unknown), and a headers response held
@@ -116,6 +120,10 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->ctx_ref = LUA_NOREF;
     st->have_config = false;
     st->full_duplex[0] = st->full_duplex[1] = false;
+    st->grpc[0] = st->grpc[1] = false;
+    st->request_body_mode = 0;
+    st->drained = false;
+    st->local_reply = false;
     st->observing = false;
     st->body_mode[0] = st->body_mode[1] = -1;
     st->send_body_early = false;
@@ -224,6 +232,7 @@ static enum pbconv_answer raw_answer(const pbconv_response *r)
     const Envoy__Service__ExtProc__V3__CommonResponse *cr = NULL;
     switch (r->response_case) {
     case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE:
+    case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_STREAMED_IMMEDIATE_RESPONSE:
         return PBCONV_ANSWER_IMMEDIATE;
     case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_HEADERS:
     case ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_HEADERS:
@@ -242,16 +251,98 @@ static enum pbconv_answer raw_answer(const pbconv_response *r)
         break;
     }
     bool changes = r->dynamic_metadata || r->mode_override || r->override_message_timeout ||
+                   r->request_drain ||
                    (cr && (cr->status || cr->header_mutation || cr->body_mutation ||
                            cr->trailers || cr->clear_route_cache));
     return changes ? PBCONV_ANSWER_MUTATE : PBCONV_ANSWER_CONTINUE;
 }
 
+#define BODY_MODE(x) ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__##x
+
+/* A process() response's streamed_immediate_response and request_drain, where Envoy
+ * accepts them: a local response starts (headers_response, with ":status") in answer to
+ * request headers, in NONE or FULL_DUPLEX_STREAMED request body mode, and goes on
+ * (body_response, trailers_response) in answer to request body chunks and trailers until
+ * a piece ends it; request_drain only in FULL_DUPLEX_STREAMED / GRPC body phases.
+ * 1: not a streamed immediate response (check the rest), 0: fine, -1: refused (err). */
+static int check_raw_streamed(struct dispatch_stream *st, const pbconv_response *resp,
+                              enum pbconv_phase phase, char *err, size_t errlen)
+{
+    bool body = phase == PBCONV_REQUEST_BODY || phase == PBCONV_RESPONSE_BODY;
+    if (resp->request_drain && !(body && st->full_duplex[phase == PBCONV_RESPONSE_BODY])) {
+        snprintf(err, errlen, "response.request_drain is allowed only in body phases in "
+                 "FULL_DUPLEX_STREAMED or GRPC mode, not in %s", pbconv_phase_name(phase));
+        return -1;
+    }
+    if (resp->response_case !=
+        ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_STREAMED_IMMEDIATE_RESPONSE) {
+        if (st->local_reply && (phase == PBCONV_REQUEST_BODY || phase == PBCONV_REQUEST_TRAILERS) &&
+            resp->response_case !=
+                ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE) {
+            /* Envoy resets the client's stream on any other answer once local headers went out */
+            snprintf(err, errlen, "a streamed local response is open on this stream: answer %s "
+                     "with response.streamed_immediate_response (body_response or "
+                     "trailers_response)", pbconv_phase_name(phase));
+            return -1;
+        }
+        return 1;
+    }
+    const Envoy__Service__ExtProc__V3__StreamedImmediateResponse *sir =
+        resp->streamed_immediate_response;
+    int piece = sir != NULL ? (int)sir->response_case : 0;
+    bool ends = false;
+    if (piece == ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_HEADERS_RESPONSE) {
+        if (phase != PBCONV_REQUEST_HEADERS || st->local_reply) {
+            snprintf(err, errlen, "response.streamed_immediate_response.headers_response starts a "
+                     "local response: only in answer to request_headers, not %s",
+                     pbconv_phase_name(phase));
+            return -1;
+        }
+        if (st->have_config && st->request_body_mode != BODY_MODE(NONE) &&
+            st->request_body_mode != BODY_MODE(FULL_DUPLEX_STREAMED)) {
+            snprintf(err, errlen, "response.streamed_immediate_response needs request_body_mode "
+                     "NONE or FULL_DUPLEX_STREAMED (Envoy supports no other)");
+            return -1;
+        }
+        const Envoy__Config__Core__V3__HeaderMap *m =
+            sir->headers_response ? sir->headers_response->headers : NULL;
+        bool status = false;
+        for (size_t i = 0; m != NULL && i < m->n_headers && !status; i++)
+            status = m->headers[i]->key != NULL && strcmp(m->headers[i]->key, ":status") == 0;
+        if (!status) {
+            snprintf(err, errlen, "response.streamed_immediate_response.headers_response.headers "
+                     "must carry ':status'");
+            return -1;
+        }
+        ends = sir->headers_response->end_of_stream;
+    } else if (piece == ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_BODY_RESPONSE ||
+               piece == ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_TRAILERS_RESPONSE) {
+        if (!st->local_reply ||
+            (phase != PBCONV_REQUEST_BODY && phase != PBCONV_REQUEST_TRAILERS)) {
+            snprintf(err, errlen, "response.streamed_immediate_response.%s continues a local "
+                     "response that process() started with headers_response in answer to "
+                     "request_headers; here none is open (%s)",
+                     piece == 2 ? "body_response" : "trailers_response", pbconv_phase_name(phase));
+            return -1;
+        }
+        ends = piece == 3 || (sir->body_response && sir->body_response->end_of_stream);
+    } else {
+        snprintf(err, errlen, "response.streamed_immediate_response: none of its 'response' "
+                 "oneof is set");
+        return -1;
+    }
+    st->local_reply = !ends;
+    return 0;
+}
+
 /* Whether a process() response answers a message of `phase`: its own type, or an
  * immediate response (Envoy accepts one in every phase). */
-static int check_raw_response(const pbconv_response *resp, enum pbconv_phase phase,
-                              char *err, size_t errlen)
+static int check_raw_response(struct dispatch_stream *st, const pbconv_response *resp,
+                              enum pbconv_phase phase, char *err, size_t errlen)
 {
+    int streamed = check_raw_streamed(st, resp, phase, err, errlen);
+    if (streamed <= 0)
+        return streamed;
     static const int own[PBCONV_PHASE_COUNT] = {
         [PBCONV_REQUEST_HEADERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_REQUEST_HEADERS,
         [PBCONV_RESPONSE_HEADERS] = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_RESPONSE_HEADERS,
@@ -317,10 +408,13 @@ static int run_handler(lua_State *L)
             c->phase == PBCONV_REQUEST_BODY ? req->request_body : req->response_body;
         int dir = c->phase == PBCONV_RESPONSE_BODY;
         in.full_duplex = st->full_duplex[dir];
+        in.grpc = st->grpc[dir];
         if (b != NULL) {
             in.chunk = b->body.data;
             in.chunk_len = b->body.len;
             in.end_of_stream = b->end_of_stream;
+            in.chunk_compressed = b->grpc_message_compressed;
+            in.chunk_eos_without_message = b->end_of_stream_without_message;
         }
         in.headers_held = st->held != NULL && st->held_phase == held_by(c->phase);
         in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
@@ -328,18 +422,24 @@ static int run_handler(lua_State *L)
                                   (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
                                    in.end_of_stream));
     }
+    in.body_mode_known = st->have_config;
+    in.request_body_mode = st->request_body_mode;
+    in.local_reply_open = st->local_reply;
+    /* after request_drain, Envoy half-closes; the chunks already on their way are echoed
+     * unchanged, without the handler (Envoy's comment on the field) */
+    bool echo = in.full_duplex && st->drained;
 
     /* raw lookups: a "strict" metatable on _G must not turn a missing handler into an error */
     lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);  /* 2: _G */
     bool raw = true;
     c->handler = "process";
     lua_rawgeti(L, LUA_REGISTRYINDEX, s->process_key);
-    if (lua_rawget(L, 2) != LUA_TFUNCTION) {
+    if (echo || lua_rawget(L, 2) != LUA_TFUNCTION) {
         lua_pop(L, 1);
         raw = false;
         c->handler = pbconv_handler_name(c->phase);
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->handler_key[c->phase]);
-        if (lua_rawget(L, 2) != LUA_TFUNCTION) {
+        if (echo || lua_rawget(L, 2) != LUA_TFUNCTION) {
             lua_settop(L, 0);
             lua_pushnil(L);
             c->status = pbconv_to_responses(L, 1, &in, a, &c->resps, &c->n, &c->res, c->err,
@@ -362,7 +462,7 @@ static int run_handler(lua_State *L)
         char sub[960];
         if (pbreflect_from_lua(L, 3, &envoy__service__ext_proc__v3__processing_response__descriptor,
                                "response", a, &m, sub, sizeof sub) != 0 ||
-            check_raw_response((pbconv_response *)m, c->phase, sub, sizeof sub) != 0) {
+            check_raw_response(st, (pbconv_response *)m, c->phase, sub, sizeof sub) != 0) {
             c->status = PBCONV_BAD;
             snprintf(detail, sizeof detail, "process returned a bad response: %s", sub);
         } else {
@@ -370,6 +470,8 @@ static int run_handler(lua_State *L)
             c->resps = (pbconv_response *)m;
             c->n = 1;
             c->res.answer = raw_answer(c->resps);
+            c->res.request_drain = c->resps->request_drain;
+            c->res.local_reply_open = st->local_reply;   /* as check_raw_streamed left it */
         }
     } else {
         c->status = pbconv_to_responses(L, 3, &in, a, &c->resps, &c->n, &c->res, detail,
@@ -739,6 +841,9 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         st->send_body_early = req->protocol_config->send_body_without_waiting_for_header_response;
         st->full_duplex[0] = pbconv_full_duplex(req->protocol_config, PBCONV_REQUEST_BODY);
         st->full_duplex[1] = pbconv_full_duplex(req->protocol_config, PBCONV_RESPONSE_BODY);
+        st->grpc[0] = pbconv_grpc_mode(req->protocol_config, PBCONV_REQUEST_BODY);
+        st->grpc[1] = pbconv_grpc_mode(req->protocol_config, PBCONV_RESPONSE_BODY);
+        st->request_body_mode = (int)req->protocol_config->request_body_mode;
     }
 
     struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
@@ -750,6 +855,11 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     s->current_phase = pbconv_phase_name(phase);   /* for callout.log */
     int status = vm_call(s, 1, 1, st->id, s->where[s->has_process ? PBCONV_PHASE_COUNT : phase]);
     s->current_phase = NULL;
+    if (status == LUA_OK && c.status == PBCONV_OK) {
+        if (c.res.request_drain)
+            st->drained = true;
+        st->local_reply = c.res.local_reply_open;
+    }
     bool observe = req->observability_mode;
     ran = true;
     /* what a handler's answer does; the failures below say otherwise */

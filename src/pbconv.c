@@ -37,6 +37,7 @@ typedef Envoy__Service__ExtProc__V3__ImmediateResponse ImmediateResponse;
 typedef Envoy__Service__ExtProc__V3__GrpcStatus GrpcStatus;
 typedef Envoy__Type__V3__HttpStatus HttpStatus;
 typedef Envoy__Service__ExtProc__V3__StreamedBodyResponse StreamedBodyResponse;
+typedef Envoy__Service__ExtProc__V3__StreamedImmediateResponse StreamedImmediateResponse;
 typedef Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode ProcessingMode;
 
 #define RESP(x) ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_##x
@@ -311,7 +312,7 @@ void pbconv_push_headers(lua_State *L, const HeaderMap *map, int end_of_stream)
 
 void pbconv_push_body(lua_State *L, const HttpBody *body)
 {
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 4);
     if (body != NULL && body->body.len > 0)
         lua_pushlstring(L, (const char *)body->body.data, body->body.len);
     else
@@ -319,6 +320,12 @@ void pbconv_push_body(lua_State *L, const HttpBody *body)
     lua_setfield(L, -2, "body");
     lua_pushboolean(L, body != NULL && body->end_of_stream);
     lua_setfield(L, -2, "end_of_stream");
+    /* GRPC body mode's flags: always there (false in other modes), so a script reads them
+     * without a nil check */
+    lua_pushboolean(L, body != NULL && body->end_of_stream_without_message);
+    lua_setfield(L, -2, "end_of_stream_without_message");
+    lua_pushboolean(L, body != NULL && body->grpc_message_compressed);
+    lua_setfield(L, -2, "grpc_message_compressed");
 }
 
 void pbconv_push_input(lua_State *L, const pbconv_request *req, enum pbconv_phase phase)
@@ -448,13 +455,19 @@ void pbconv_update_ctx(lua_State *L, int ctx, const pbconv_request *req)
 bool pbconv_full_duplex(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
                         enum pbconv_phase phase)
 {
-    if (pc == NULL)
+    if (pc == NULL || (phase != PBCONV_REQUEST_BODY && phase != PBCONV_RESPONSE_BODY))
         return false;
-    if (phase == PBCONV_REQUEST_BODY)
-        return pc->request_body_mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED);
-    if (phase == PBCONV_RESPONSE_BODY)
-        return pc->response_body_mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED);
-    return false;
+    int mode = phase == PBCONV_REQUEST_BODY ? (int)pc->request_body_mode : (int)pc->response_body_mode;
+    return mode == PROCESSING_MODE(FULL_DUPLEX_STREAMED) || mode == PROCESSING_MODE(GRPC);
+}
+
+bool pbconv_grpc_mode(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
+                      enum pbconv_phase phase)
+{
+    if (pc == NULL || (phase != PBCONV_REQUEST_BODY && phase != PBCONV_RESPONSE_BODY))
+        return false;
+    int mode = phase == PBCONV_REQUEST_BODY ? (int)pc->request_body_mode : (int)pc->response_body_mode;
+    return mode == PROCESSING_MODE(GRPC);
 }
 
 /* ---- outputs: the response ------------------------------------------------------------ */
@@ -528,6 +541,7 @@ struct conv {
     const struct pbconv_in *in;
     struct checks_err e;   /* "on_x returned a bad table: " and the message */
     bool nomem;
+    struct pbconv_result *res;
     Google__Protobuf__BoolValue *append_true;  /* shared by every APPEND_IF_EXISTS_OR_ADD entry */
 };
 
@@ -897,15 +911,22 @@ static int read_integer(struct conv *c, int idx, const char *what, lua_Integer m
     return 0;
 }
 
-enum { I_STATUS, I_HEADERS, I_APPEND_ACTION, I_BODY, I_DETAILS, I_GRPC_STATUS, I_COUNT };
+enum { I_STATUS, I_HEADERS, I_APPEND_ACTION, I_BODY, I_DETAILS, I_GRPC_STATUS, I_STREAM,
+       I_CHUNKS, I_TRAILERS, I_END_OF_STREAM, I_COUNT };
 static const char *const imm_keys[I_COUNT] = {"status", "headers", "append_action", "body",
-                                              "details", "grpc_status"};
+                                              "details", "grpc_status", "stream", "chunks",
+                                              "trailers", "end_of_stream"};
 static const int imm_types[I_COUNT] = {LUA_TNUMBER, LUA_TTABLE, LUA_TSTRING, LUA_TSTRING,
-                                       LUA_TSTRING, LUA_TNUMBER};
+                                       LUA_TSTRING, LUA_TNUMBER, LUA_TBOOLEAN, LUA_TTABLE,
+                                       LUA_TTABLE, LUA_TBOOLEAN};
 
-/* `immediate = {...}` at t -> resp.immediate_response.
+static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, size_t *n);
+
+/* `immediate = {...}` at t -> resp.immediate_response, or (stream = true, chunks or
+ * trailers) a streamed_immediate_response sequence in *out / *n.
  * stack before: ...   after: ... + I_COUNT slots (the caller restores the top). */
-static int immediate(struct conv *c, int t, pbconv_response *resp)
+static int immediate(struct conv *c, int t, pbconv_response *resp, pbconv_response **out,
+                     size_t *n)
 {
     lua_State *L = c->L;
     int slot = lua_gettop(L) + 1;
@@ -918,6 +939,10 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
             return bad(c, "'immediate.%s' must be a %s, got %s", imm_keys[i],
                        lua_typename(L, imm_types[i]), lua_typename(L, ty));
     }
+    if (lua_toboolean(L, slot + I_STREAM) || !lua_isnil(L, slot + I_CHUNKS) ||
+        !lua_isnil(L, slot + I_TRAILERS) || !lua_isnil(L, slot + I_END_OF_STREAM) ||
+        c->in->local_reply_open)
+        return streamed_immediate(c, slot, out, n);
     ImmediateResponse *ir = arena_alloc(c->a, sizeof *ir);
     HttpStatus *hs = arena_alloc(c->a, sizeof *hs);
     if (ir == NULL || hs == NULL)
@@ -965,6 +990,253 @@ static int immediate(struct conv *c, int t, pbconv_response *resp)
     }
     resp->response_case = RESP(IMMEDIATE_RESPONSE);
     resp->immediate_response = ir;
+    return 0;
+}
+
+/* A ProcessingResponse carrying one piece of a streamed local response. */
+static StreamedImmediateResponse *new_piece(struct conv *c, pbconv_response *resp)
+{
+    StreamedImmediateResponse *sir = arena_alloc(c->a, sizeof *sir);
+    if (sir == NULL)
+        return NULL;
+    envoy__service__ext_proc__v3__streamed_immediate_response__init(sir);
+    envoy__service__ext_proc__v3__processing_response__init(resp);
+    resp->response_case = RESP(STREAMED_IMMEDIATE_RESPONSE);
+    resp->streamed_immediate_response = sir;
+    return sir;
+}
+
+/* The header set at idx (immediate.headers / immediate.trailers forms) as a HeaderMap;
+ * `status` >= 0 puts ":status" first (Envoy requires it in headers_response). */
+static int header_map(struct conv *c, int idx, const char *what, lua_Integer status,
+                      HeaderMap **out)
+{
+    HeaderValueOption **set = NULL;
+    size_t nset = 0;
+    if (!lua_isnil(c->L, idx) && read_header_set(c, idx, what, -1, &set, &nset) != 0)
+        return -1;
+    size_t extra = status >= 0 ? 1 : 0;
+    HeaderMap *map = arena_alloc(c->a, sizeof *map);
+    HeaderValue **hvs = arena_alloc(c->a, (nset + extra) * sizeof *hvs);
+    if (map == NULL || hvs == NULL)
+        return nomem(c);
+    envoy__config__core__v3__header_map__init(map);
+    if (status >= 0) {
+        HeaderValue *st = arena_alloc(c->a, sizeof *st);
+        char *digits = arena_alloc(c->a, 4);
+        if (st == NULL || digits == NULL)
+            return nomem(c);
+        envoy__config__core__v3__header_value__init(st);
+        snprintf(digits, 4, "%03d", (int)status);
+        st->key = ":status";
+        st->raw_value.data = (uint8_t *)digits;
+        st->raw_value.len = 3;
+        hvs[0] = st;
+    }
+    for (size_t i = 0; i < nset; i++) {
+        const char *k = set[i]->header->key;
+        if (status >= 0 && strcmp(k, ":status") == 0)
+            return bad(c, "'%s' names ':status'; set it with immediate.status", what);
+        hvs[extra + i] = set[i]->header;
+    }
+    map->n_headers = nset + extra;
+    map->headers = hvs;
+    *out = map;
+    return 0;
+}
+
+/* The body and trailers pieces of a streamed local response from the immediate slots at
+ * slot (slot 0: none, a handler's nil): `body` (one chunk) or `chunks`, then `trailers`;
+ * end_of_stream (`eos`) on the last body piece unless trailers follow (they end it). With
+ * nothing to send and eos, one empty body piece ends it. Fills resps from index `first`;
+ * *count is how many pieces (resps may be NULL to count only). */
+static int local_pieces(struct conv *c, int slot, bool eos, pbconv_response *resps,
+                        size_t first, size_t *count)
+{
+    lua_State *L = c->L;
+    int chunks = slot ? slot + I_CHUNKS : 0;
+    bool has_body = slot && !lua_isnil(L, slot + I_BODY);
+    bool trailers = slot && !lua_isnil(L, slot + I_TRAILERS);
+    size_t nchunks = has_body ? 1 : 0;
+    if (chunks && !lua_isnil(L, chunks)) {
+        struct checks_shape sh;
+        checks_table_shape(L, chunks, &sh);
+        if (!sh.seq)
+            return bad(c, "'immediate.chunks' must be a list of strings");
+        nchunks = sh.n;
+        for (size_t i = 1; i <= nchunks; i++) {
+            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
+            lua_pop(L, 1);
+            if (ty != LUA_TSTRING)
+                return bad(c, "'immediate.chunks' entry %zu is a %s, expected a string", i,
+                           lua_typename(L, ty));
+        }
+    } else {
+        chunks = 0;
+    }
+    bool closing = nchunks == 0 && !trailers && eos;   /* one empty piece ends it */
+    *count = nchunks + (trailers ? 1 : 0) + (closing ? 1 : 0);
+    if (resps == NULL)
+        return 0;
+    for (size_t i = 0; i < nchunks + (closing ? 1 : 0); i++) {
+        StreamedImmediateResponse *sir = new_piece(c, &resps[first + i]);
+        StreamedBodyResponse *sb = arena_alloc(c->a, sizeof *sb);
+        if (sir == NULL || sb == NULL)
+            return nomem(c);
+        envoy__service__ext_proc__v3__streamed_body_response__init(sb);
+        size_t len = 0;
+        const char *data = "";
+        if (closing) {
+            /* nothing to say: the empty ending piece */
+        } else if (chunks == 0) {
+            data = lua_tolstring(L, slot + I_BODY, &len);
+        } else {
+            lua_rawgeti(L, chunks, (lua_Integer)i + 1);
+            data = lua_tolstring(L, -1, &len);   /* anchored by chunks */
+            lua_pop(L, 1);
+        }
+        sb->body.data = (uint8_t *)data;
+        sb->body.len = len;
+        sb->end_of_stream = closing || (i + 1 == nchunks && !trailers && eos);
+        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_BODY_RESPONSE;
+        sir->body_response = sb;
+    }
+    if (trailers) {
+        StreamedImmediateResponse *sir = new_piece(c, &resps[first + *count - 1]);
+        if (sir == NULL)
+            return nomem(c);
+        if (header_map(c, slot + I_TRAILERS, "immediate.trailers", -1, &sir->trailers_response) != 0)
+            return -1;
+        sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_TRAILERS_RESPONSE;
+    }
+    return 0;
+}
+
+/* Whether the request has ended with this message (its last body chunk, or trailers):
+ * Envoy sends nothing more to answer, so an open local response must end now. */
+static bool request_ends(const struct conv *c)
+{
+    return c->phase == PBCONV_REQUEST_TRAILERS ||
+           (c->phase == PBCONV_REQUEST_BODY && c->in->end_of_stream);
+}
+
+/* The next pieces of an open local response, in answer to a request body chunk or
+ * trailers (slot 0: the handler returned nil, which sends nothing until the request ends,
+ * then ends the response). */
+static int local_continue(struct conv *c, int slot, pbconv_response **out, size_t *n,
+                          struct pbconv_result *res)
+{
+    lua_State *L = c->L;
+    if (c->phase != PBCONV_REQUEST_BODY && c->phase != PBCONV_REQUEST_TRAILERS)
+        return bad(c, "a streamed local response is open; %s cannot answer it",
+                   phases[c->phase].handler);
+    if (slot) {
+        static const int once[] = {I_STATUS, I_HEADERS, I_APPEND_ACTION, I_DETAILS, I_GRPC_STATUS};
+        for (size_t i = 0; i < sizeof once / sizeof once[0]; i++)
+            if (!lua_isnil(L, slot + once[i]))
+                return bad(c, "'immediate.%s': the streamed local response's headers went out "
+                              "already (continue it with body, chunks, trailers, end_of_stream)",
+                           imm_keys[once[i]]);
+        if (!lua_isnil(L, slot + I_BODY) && !lua_isnil(L, slot + I_CHUNKS))
+            return bad(c, "'immediate.body' and 'immediate.chunks' cannot be combined");
+    }
+    bool eos = request_ends(c);
+    if (slot && !lua_isnil(L, slot + I_END_OF_STREAM)) {
+        bool want = lua_toboolean(L, slot + I_END_OF_STREAM);
+        if (!want && eos)
+            return bad(c, "'immediate.end_of_stream' is false, but the request ends here and "
+                          "Envoy sends nothing more to answer: the local response must end");
+        eos = want;
+    }
+    if (slot && !lua_isnil(L, slot + I_TRAILERS))
+        eos = true;
+    size_t count;
+    if (local_pieces(c, slot, eos, NULL, 0, &count) != 0)
+        return -1;
+    pbconv_response *resps = count ? arena_alloc(c->a, count * sizeof *resps) : NULL;
+    if (count && resps == NULL)
+        return nomem(c);
+    if (local_pieces(c, slot, eos, resps, 0, &count) != 0)
+        return -1;
+    *out = resps;
+    *n = count;
+    res->answer = PBCONV_ANSWER_IMMEDIATE;
+    res->local_reply_open = !eos;
+    return 0;
+}
+
+/* A streamed immediate response (docs/lua-api.md): headers_response (with ":status"),
+ * then local_pieces; end_of_stream on the last piece unless immediate.end_of_stream =
+ * false keeps it open for the body handlers (FULL_DUPLEX_STREAMED only). Starts only in
+ * on_request_headers, in NONE or FULL_DUPLEX_STREAMED request body mode (Envoy's comment
+ * on the field). */
+static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, size_t *n)
+{
+    lua_State *L = c->L;
+    if (c->in->local_reply_open)
+        return local_continue(c, slot, out, n, c->res);
+    if (c->phase != PBCONV_REQUEST_HEADERS)
+        return bad(c, "a streamed 'immediate' (stream, chunks or trailers) is allowed only in "
+                      "on_request_headers (Envoy starts a streamed local response only in "
+                      "answer to request headers)");
+    const struct pbconv_in *in = c->in;
+    if (in->body_mode_known &&
+        in->request_body_mode != PROCESSING_MODE(NONE) &&
+        in->request_body_mode != PROCESSING_MODE(FULL_DUPLEX_STREAMED)) {
+        const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+            &envoy__extensions__filters__http__ext_proc__v3__processing_mode__body_send_mode__descriptor,
+            in->request_body_mode);
+        return bad(c, "a streamed 'immediate' needs request_body_mode NONE or "
+                      "FULL_DUPLEX_STREAMED (Envoy supports no other), and this stream's is %s",
+                   v != NULL ? v->name : "unknown");
+    }
+    static const int not_streamed[] = {I_APPEND_ACTION, I_DETAILS, I_GRPC_STATUS};
+    for (size_t i = 0; i < sizeof not_streamed / sizeof not_streamed[0]; i++)
+        if (!lua_isnil(L, slot + not_streamed[i]))
+            return bad(c, "'immediate.%s' cannot be combined with a streamed 'immediate' "
+                          "(stream, chunks or trailers)", imm_keys[not_streamed[i]]);
+    if (!lua_isnil(L, slot + I_BODY) && !lua_isnil(L, slot + I_CHUNKS))
+        return bad(c, "'immediate.body' and 'immediate.chunks' cannot be combined");
+    bool trailers = !lua_isnil(L, slot + I_TRAILERS);
+    bool eos = true;
+    if (!lua_isnil(L, slot + I_END_OF_STREAM) && !lua_toboolean(L, slot + I_END_OF_STREAM)) {
+        if (trailers)
+            return bad(c, "'immediate.end_of_stream' is false, but 'immediate.trailers' end "
+                          "the local response");
+        if (!in->body_mode_known || in->request_body_mode != PROCESSING_MODE(FULL_DUPLEX_STREAMED))
+            return bad(c, "'immediate.end_of_stream' = false keeps the local response open for "
+                          "on_request_body, which needs request_body_mode FULL_DUPLEX_STREAMED "
+                          "(Envoy sends no body to answer otherwise)");
+        eos = false;
+    }
+    lua_Integer code = 200;
+    if (!lua_isnil(L, slot + I_STATUS) &&
+        read_integer(c, slot + I_STATUS, "immediate.status", 200, 599,
+                     "an HTTP status 200-599", &code) != 0)
+        return -1;
+    size_t pieces;
+    /* counting, without the closing empty piece: headers_response can end it itself */
+    if (local_pieces(c, slot, false, NULL, 0, &pieces) != 0)
+        return -1;
+    size_t total = 1 + pieces;
+    pbconv_response *resps = arena_alloc(c->a, total * sizeof *resps);
+    if (resps == NULL)
+        return nomem(c);
+    StreamedImmediateResponse *sir = new_piece(c, &resps[0]);
+    HttpHeaders *hh = arena_alloc(c->a, sizeof *hh);
+    if (sir == NULL || hh == NULL)
+        return nomem(c);
+    envoy__service__ext_proc__v3__http_headers__init(hh);
+    if (header_map(c, slot + I_HEADERS, "immediate.headers", code, &hh->headers) != 0)
+        return -1;
+    hh->end_of_stream = pieces == 0 && eos;
+    sir->response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_HEADERS_RESPONSE;
+    sir->headers_response = hh;
+    if (pieces > 0 && local_pieces(c, slot, eos, resps, 1, &pieces) != 0)
+        return -1;
+    *out = resps;
+    *n = total;
+    c->res->local_reply_open = !eos;
     return 0;
 }
 
@@ -1046,7 +1318,7 @@ static int message_timeout(struct conv *c, int idx, Google__Protobuf__Duration *
 
 enum { K_ADD, K_REMOVE, K_APPEND_ACTION, K_CLEAR_ROUTE_CACHE, K_BODY, K_CLEAR_BODY, K_STATUS,
        K_CHUNKS, K_END_OF_STREAM, K_IMMEDIATE, K_DENY, K_DYNAMIC_METADATA, K_MODE_OVERRIDE,
-       K_OVERRIDE_MESSAGE_TIMEOUT, K_WAIT_FOR_BODY, K_COUNT };
+       K_OVERRIDE_MESSAGE_TIMEOUT, K_WAIT_FOR_BODY, K_REQUEST_DRAIN, K_COUNT };
 static const struct {
     const char *name;
     int type;       /* LUA_TNONE: checked by hand */
@@ -1069,12 +1341,19 @@ static const struct {
     [K_MODE_OVERRIDE] = {"mode_override", LUA_TTABLE, KIND_ANY, 0},
     [K_OVERRIDE_MESSAGE_TIMEOUT] = {"override_message_timeout", LUA_TNUMBER, KIND_ANY, 0},
     [K_WAIT_FOR_BODY] = {"wait_for_body", LUA_TBOOLEAN, KIND_HEADERS, MUTATION},
+    [K_REQUEST_DRAIN] = {"request_drain", LUA_TBOOLEAN, KIND_STREAM, MUTATION},
+};
+
+/* What one streamed chunk carries: its bytes and GRPC body mode's two flags. */
+struct chunk {
+    const uint8_t *data;
+    size_t len;
+    bool compressed, no_message;
 };
 
 /* One streamed body response: {request_body|response_body: {response: {body_mutation:
- * {streamed_response: {body, end_of_stream}}}}}. */
-static int streamed(struct conv *c, pbconv_response *resp, const uint8_t *data, size_t len,
-                    bool eos)
+ * {streamed_response: {body, end_of_stream, ...flags}}}}}. */
+static int streamed(struct conv *c, pbconv_response *resp, const struct chunk *ch, bool eos)
 {
     CommonResponse *cr = arena_alloc(c->a, sizeof *cr);
     BodyMutation *bm = arena_alloc(c->a, sizeof *bm);
@@ -1084,14 +1363,59 @@ static int streamed(struct conv *c, pbconv_response *resp, const uint8_t *data, 
     envoy__service__ext_proc__v3__common_response__init(cr);
     envoy__service__ext_proc__v3__body_mutation__init(bm);
     envoy__service__ext_proc__v3__streamed_body_response__init(sr);
-    sr->body.data = (uint8_t *)data;
-    sr->body.len = len;
+    sr->body.data = (uint8_t *)ch->data;
+    sr->body.len = ch->len;
     sr->end_of_stream = eos;
+    sr->grpc_message_compressed = ch->compressed;
+    sr->end_of_stream_without_message = ch->no_message;
     bm->mutation_case = ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_STREAMED_RESPONSE;
     bm->streamed_response = sr;
     cr->body_mutation = bm;
     envoy__service__ext_proc__v3__processing_response__init(resp);
     return set_phase(resp, c->phase, cr, NULL, c->a) == 0 ? 0 : nomem(c);
+}
+
+/* `chunks` entry i at the top of the stack: a string, or (GRPC body mode's flags) a table
+ * { body = "...", grpc_message_compressed = bool, end_of_stream_without_message = bool }.
+ * The bytes stay anchored by the chunks table. stack: unchanged. */
+static int chunk_entry(struct conv *c, size_t i, struct chunk *ch)
+{
+    lua_State *L = c->L;
+    int e = lua_gettop(L);
+    memset(ch, 0, sizeof *ch);
+    if (lua_type(L, e) == LUA_TSTRING) {
+        ch->data = (const uint8_t *)lua_tolstring(L, e, &ch->len);
+        return 0;
+    }
+    if (lua_type(L, e) != LUA_TTABLE)
+        return bad(c, "'chunks' entry %zu is a %s, expected a string or a table { body = ... }",
+                   i, luaL_typename(L, e));
+    static const char *const names[] = {"body", "grpc_message_compressed",
+                                        "end_of_stream_without_message"};
+    static const int types[] = {LUA_TSTRING, LUA_TBOOLEAN, LUA_TBOOLEAN};
+    char prefix[40];
+    snprintf(prefix, sizeof prefix, "chunks[%zu].", i);
+    lua_settop(L, e + 3);
+    if (scan_keys(c, e, names, 3, e + 1, prefix) != 0)
+        return -1;
+    for (int k = 0; k < 3; k++) {
+        int ty = lua_type(L, e + 1 + k);
+        if (ty != LUA_TNIL && ty != types[k])
+            return bad(c, "'chunks[%zu].%s' must be a %s, got %s", i, names[k],
+                       lua_typename(L, types[k]), lua_typename(L, ty));
+    }
+    if (!lua_isnil(L, e + 1))
+        ch->data = (const uint8_t *)lua_tolstring(L, e + 1, &ch->len);
+    ch->compressed = lua_toboolean(L, e + 2);
+    ch->no_message = lua_toboolean(L, e + 3);
+    lua_settop(L, e);
+    if ((ch->compressed || ch->no_message) && !c->in->grpc)
+        return bad(c, "'chunks[%zu].%s' is for GRPC body mode only (this body is in "
+                      "FULL_DUPLEX_STREAMED mode)", i, ch->compressed ? names[1] : names[2]);
+    if (ch->no_message && ch->len > 0)
+        return bad(c, "'chunks[%zu].end_of_stream_without_message' needs an empty body (it "
+                      "ends the stream with no message at all)", i);
+    return 0;
 }
 
 /* The answer to a FULL_DUPLEX_STREAMED body chunk (docs/streaming.md): `body` (one chunk),
@@ -1118,16 +1442,8 @@ static int stream_answer(struct conv *c, int slot, const bool *on, const bool *p
         struct checks_shape sh;
         checks_table_shape(L, chunks, &sh);
         if (!sh.seq)
-            return bad(c, "'chunks' must be a list of strings");
-        size_t count = sh.n;
-        for (size_t i = 1; i <= count; i++) {
-            int ty = lua_rawgeti(L, chunks, (lua_Integer)i);
-            lua_pop(L, 1);
-            if (ty != LUA_TSTRING)
-                return bad(c, "'chunks' entry %zu is a %s, expected a string", i,
-                           lua_typename(L, ty));
-        }
-        n = count;
+            return bad(c, "'chunks' must be a list of strings or { body = ... } tables");
+        n = sh.n;
     }
     size_t total = n == 0 && eos ? 1 : n;
     *n_out = total;
@@ -1138,23 +1454,31 @@ static int stream_answer(struct conv *c, int slot, const bool *on, const bool *p
         return nomem(c);
     *out = resps;
     for (size_t i = 0; i < total; i++) {
-        const uint8_t *data = NULL;
-        size_t len = 0;
+        struct chunk ch = {0};
         if (n == 0) {
-            /* the closing empty chunk */
+            /* the closing empty chunk: in GRPC mode no message, not an empty one */
+            ch.no_message = in->grpc;
         } else if (present[K_CHUNKS]) {
             lua_rawgeti(L, chunks, (lua_Integer)i + 1);
-            data = (const uint8_t *)lua_tolstring(L, -1, &len);  /* anchored by chunks */
+            int rc = chunk_entry(c, i + 1, &ch);
             lua_pop(L, 1);
+            if (rc != 0)
+                return -1;
+            if (ch.no_message && (i + 1 != total || !eos))
+                return bad(c, "'chunks[%zu].end_of_stream_without_message' is allowed only on "
+                              "the last chunk of an answer that ends the body", i + 1);
         } else if (on[K_BODY]) {
-            data = (const uint8_t *)lua_tolstring(L, slot + K_BODY, &len);
+            ch.data = (const uint8_t *)lua_tolstring(L, slot + K_BODY, &ch.len);
         } else {
-            data = in->chunk;
-            len = in->chunk_len;
+            /* unchanged: the incoming chunk, with its flags */
+            ch.data = in->chunk;
+            ch.len = in->chunk_len;
+            ch.compressed = in->grpc && in->chunk_compressed;
+            ch.no_message = in->grpc && in->chunk_eos_without_message && eos;
         }
-        if (data == NULL)
-            data = (const uint8_t *)"";  /* never a NULL pointer, even with length 0 */
-        if (streamed(c, &resps[i], data, len, i + 1 == total ? eos : false) != 0)
+        if (ch.data == NULL)
+            ch.data = (const uint8_t *)"";  /* never a NULL pointer, even with length 0 */
+        if (streamed(c, &resps[i], &ch, i + 1 == total ? eos : false) != 0)
             return -1;
     }
     if (on[K_CLEAR_ROUTE_CACHE]) {
@@ -1299,6 +1623,19 @@ static int take_held_changes(struct conv *c, int slot, bool *on, struct pbconv_r
     return 0;
 }
 
+/* `request_drain = true`: on the last message of the answer, after which Envoy stops
+ * sending body and half-closes; the caller echoes the rest (res->request_drain). */
+static int request_drain(struct conv *c, pbconv_response *resps, size_t n,
+                         struct pbconv_result *res)
+{
+    if (n == 0)
+        return bad(c, "'request_drain' needs a message to travel with, and this answer "
+                      "sends none (chunks = {} without end_of_stream)");
+    resps[n - 1].request_drain = 1;
+    res->request_drain = true;
+    return 0;
+}
+
 /* The return table at t, its values moved to slots slot..slot+K_COUNT-1. */
 static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_t *n,
                    struct pbconv_result *res, bool *deny)
@@ -1320,8 +1657,13 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
             continue;
         if (!(top[k].kinds & kind) && !held_header_key(c, k)) {
             if (kind == KIND_STREAM)
-                return bad(c, "'%s' is not allowed in %s in FULL_DUPLEX_STREAMED mode "
-                              "(see docs/streaming.md)", top[k].name, phases[c->phase].name);
+                return bad(c, "'%s' is not allowed in %s in %s mode (see docs/streaming.md)",
+                           top[k].name, phases[c->phase].name,
+                           c->in->grpc ? "GRPC" : "FULL_DUPLEX_STREAMED");
+            if (k == K_REQUEST_DRAIN)
+                return bad(c, "'request_drain' is allowed only in body phases in "
+                              "FULL_DUPLEX_STREAMED or GRPC mode (where Envoy defines it), "
+                              "not in %s", phases[c->phase].name);
             if (top[k].kinds == KIND_STREAM)
                 return bad(c, "'%s' is allowed only in body phases in FULL_DUPLEX_STREAMED "
                               "mode, not in %s", top[k].name, phases[c->phase].name);
@@ -1360,7 +1702,15 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
     if (!on[K_IMMEDIATE] && c->in->headers_held && (kind == KIND_BODY || kind == KIND_STREAM) &&
         take_held_changes(c, slot, on, res) != 0)
         return -1;
-    if (on[K_IMMEDIATE]) {
+    if (c->in->local_reply_open && !on[K_IMMEDIATE]) {
+        for (int k = 0; k < K_COUNT; k++)
+            if ((top[k].flags & MUTATION) && present[k])
+                return bad(c, "'%s': a streamed local response is open on this stream; "
+                              "continue it with immediate = { body, chunks, trailers, "
+                              "end_of_stream } or return nil", top[k].name);
+        if (local_continue(c, 0, &resps, n, res) != 0)
+            return -1;
+    } else if (on[K_IMMEDIATE]) {
         for (int k = 0; k < K_COUNT; k++)
             if ((top[k].flags & MUTATION) && present[k] && (on[k] || k == K_END_OF_STREAM))
                 return bad(c, "'immediate' cannot be combined with '%s'", top[k].name);
@@ -1368,9 +1718,9 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
         if (resps == NULL)
             return nomem(c);
         envoy__service__ext_proc__v3__processing_response__init(resps);
-        if (immediate(c, slot + K_IMMEDIATE, resps) != 0)
-            return -1;
         *n = 1;
+        if (immediate(c, slot + K_IMMEDIATE, resps, &resps, n) != 0)
+            return -1;
     } else if (kind == KIND_STREAM) {
         if (stream_answer(c, slot, on, present, &resps, n) != 0)
             return -1;
@@ -1403,6 +1753,8 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
     if (present[K_OVERRIDE_MESSAGE_TIMEOUT] &&
         message_timeout(c, slot + K_OVERRIDE_MESSAGE_TIMEOUT, &resps[0].override_message_timeout) != 0)
         return -1;
+    if (on[K_REQUEST_DRAIN] && request_drain(c, resps, *n, res) != 0)
+        return -1;
     return 0;
 }
 
@@ -1426,7 +1778,7 @@ enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbcon
     /* the top-level slots, the immediate slots, and a few working values on top */
     luaL_checkstack(L, K_COUNT + I_COUNT + 8, "converting a handler result");
     int top = lua_gettop(L);
-    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in};
+    struct conv c = {.L = L, .a = a, .phase = in->phase, .in = in, .res = res};
     checks_err_init(&c.e, err, errlen, NULL);
     c.e.lead_name = phases[in->phase].handler;
     c.e.lead_text = " returned a bad table: ";
@@ -1435,7 +1787,9 @@ enum pbconv_status pbconv_to_responses(lua_State *L, int idx, const struct pbcon
     if (type == LUA_TNIL) {
         /* nil is {}: every key absent (built without a table: the common case) */
         bool none[K_COUNT] = {false};
-        if (in->full_duplex) {
+        if (in->local_reply_open) {
+            rc = local_continue(&c, 0, out, n, res);
+        } else if (in->full_duplex) {
             rc = stream_answer(&c, 0, none, none, out, n);
         } else {
             *out = arena_alloc(a, sizeof **out);

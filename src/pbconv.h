@@ -61,10 +61,14 @@ void pbconv_push_body(lua_State *L, const Envoy__Service__ExtProc__V3__HttpBody 
  * them (the common case). May raise. stack before/after: unchanged. */
 void pbconv_update_ctx(lua_State *L, int ctx, const pbconv_request *req);
 
-/* Whether body chunks of `phase` travel in FULL_DUPLEX_STREAMED mode according to the
- * protocol_config of a request (false for other phases or without a protocol_config). */
+/* Whether body chunks of `phase` travel in FULL_DUPLEX_STREAMED or GRPC mode (GRPC is
+ * FULL_DUPLEX_STREAMED with one gRPC message per chunk) according to the protocol_config
+ * of a request (false for other phases or without a protocol_config). */
 bool pbconv_full_duplex(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
                         enum pbconv_phase phase);
+/* Whether body chunks of `phase` travel in GRPC mode (a subset of pbconv_full_duplex). */
+bool pbconv_grpc_mode(const Envoy__Service__ExtProc__V3__ProtocolConfiguration *pc,
+                      enum pbconv_phase phase);
 
 /* Makes *resp the "continue unchanged" answer for the phase: its oneof set to an empty
  * message of the phase's type (Envoy rejects a ProcessingResponse with nothing set).
@@ -93,6 +97,11 @@ struct pbconv_result {
      * taken out of its body answer for the held headers response (NULL / false: none). */
     Envoy__Service__ExtProc__V3__HeaderMutation *held_mutation;
     bool held_clear_route_cache;
+    /* PBCONV_OK: the answer sets request_drain (Envoy half-closes; later body chunks of
+     * the stream are to be echoed unchanged) */
+    bool request_drain;
+    /* PBCONV_OK: a streamed immediate response is open after this answer */
+    bool local_reply_open;
 };
 
 /* What a response answers. For a body chunk in FULL_DUPLEX_STREAMED mode, full_duplex is
@@ -109,6 +118,18 @@ struct pbconv_in {
     /* A body answer that replaces or clears the body also sets content-length (BUFFERED,
      * BUFFERED_PARTIAL at end of stream), unless its add/remove name content-length. */
     bool length_follows_body;
+    /* GRPC body mode (full_duplex is set too): the chunk is one gRPC message, with the
+     * chunk's two flags */
+    bool grpc;
+    bool chunk_compressed;
+    bool chunk_eos_without_message;
+    /* the stream's request body mode, when a protocol_config told it (streamed
+     * immediate responses need NONE or FULL_DUPLEX_STREAMED) */
+    bool body_mode_known;
+    int request_body_mode;
+    /* a streamed immediate response began on this stream and has not ended: request body
+     * chunks and trailers answer it (docs/lua-api.md) */
+    bool local_reply_open;
 };
 
 /* Validates the handler's return value at idx (nil or a table) for in->phase and builds

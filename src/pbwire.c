@@ -386,11 +386,16 @@ static bool get_body(struct in span, HttpBody *body)
                 return false;
             body->body.data = (uint8_t *)field.p;
             body->body.len = (size_t)(field.end - field.p);
-        } else if (id == 2 && wt == 0) {
+        } else if (id >= 2 && id <= 4 && wt == 0) {
+            /* end_of_stream, and GRPC body mode's end_of_stream_without_message and
+             * grpc_message_compressed */
             uint64_t v;
             if (!get_varint(&span, &v))
                 return false;
-            body->end_of_stream = v != 0;
+            protobuf_c_boolean *flag = id == 2   ? &body->end_of_stream
+                                       : id == 3 ? &body->end_of_stream_without_message
+                                                 : &body->grpc_message_compressed;
+            *flag = v != 0;
         } else {
             return false;
         }

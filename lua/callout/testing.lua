@@ -143,6 +143,9 @@ local request_fields = {
   attributes = true, metadata_context = true, protocol_config = true, observability_mode = true,
 }
 
+-- Bodies also take GRPC body mode's two HttpBody flags.
+local body_flags = { grpc_message_compressed = true, end_of_stream_without_message = true }
+
 local function request(phase, msg, opts, has_eos)
   local r = { [phase] = msg }
   if opts == nil then return r end
@@ -150,11 +153,11 @@ local function request(phase, msg, opts, has_eos)
     fail("testing.%s: options must be a table, got %s", phase, type(opts))
   end
   for k, v in pairs(opts) do
-    if k == "end_of_stream" and has_eos then
+    if (k == "end_of_stream" and has_eos) or (body_flags[k] and msg.body ~= nil) then
       if type(v) ~= "boolean" then
-        fail("testing.%s: end_of_stream must be a boolean", phase)
+        fail("testing.%s: %s must be a boolean", phase, k)
       end
-      msg.end_of_stream = v
+      msg[k] = v
     elseif request_fields[k] then
       r[k] = v
     else

@@ -336,7 +336,7 @@ def test_immediate_in_every_phase(cases, phase):
                    "APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD or "
                    "OVERWRITE_IF_EXISTS)"),
     ("bad_mode", "bad value for 'mode_override.request_body_mode': 'STREAMING' (expected NONE, "
-                 "STREAMED, BUFFERED, BUFFERED_PARTIAL or FULL_DUPLEX_STREAMED)"),
+                 "STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX_STREAMED or GRPC)"),
     ("bad_mode_field", "unknown key 'mode_override.body_mode'"),
     ("bad_timeout", "bad value for 'override_message_timeout': 0 (expected a number of seconds "
                     "from 0.001 to 315576000000)"),

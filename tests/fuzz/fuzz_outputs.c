@@ -295,7 +295,15 @@ static int run(lua_State *L)
         in.chunk = r->data;
         in.chunk_len = r->size;
         in.end_of_stream = flags & 16;
+        /* GRPC body mode, the chunk's two flags from its first byte */
+        in.grpc = flags & 64;
+        in.chunk_compressed = in.grpc && r->size > 1 && (r->data[1] & 1);
+        in.chunk_eos_without_message = in.grpc && r->size > 1 && (r->data[1] & 2);
     }
+    /* an open streamed immediate response, or (headers) a known request body mode */
+    in.local_reply_open = (flags & 128) && (flags & 8);
+    in.body_mode_known = flags & 128;
+    in.request_body_mode = 4;   /* FULL_DUPLEX_STREAMED */
     pbconv_response *resps = NULL;
     size_t n = 0;
     struct pbconv_result res = {0};
@@ -303,7 +311,9 @@ static int run(lua_State *L)
                                                 sizeof err);
     switch (st) {
     case PBCONV_OK:
-        if (!in.full_duplex && n != 1)
+        if (!in.full_duplex && !in.local_reply_open && n != 1 &&
+            !(n > 1 && resps[0].response_case ==
+                           ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_STREAMED_IMMEDIATE_RESPONSE))
             fuzzcheck_fail("%zu responses for a message that is not a streamed chunk", n);
         for (size_t i = 0; i < n; i++)
             pack_and_check(&resps[i].base, "pbconv_to_responses");

@@ -108,6 +108,31 @@ def wire():
             body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
                 body=b"chunk", end_of_stream=True))))),
     ]
+    # Envoy's newest protocol: GRPC body flags, streamed immediate pieces, request_drain
+    for phase in ("request_body", "response_body"):
+        r = pb.ProcessingRequest(**{phase: pb.HttpBody(
+            body=b"\x00\x00\x00\x00\x02\x08\x01", grpc_message_compressed=True)})
+        write("fuzz_wire", f"req-{phase}-grpc", r.SerializeToString())
+        r = pb.ProcessingRequest(**{phase: pb.HttpBody(end_of_stream=True,
+                                                       end_of_stream_without_message=True)})
+        write("fuzz_wire", f"req-{phase}-grpc-eos", r.SerializeToString())
+    write("fuzz_wire", "req-request_headers-grpc-config", with_extra(
+        requests("acb")["request_headers"],
+        protocol_config=pb.ProtocolConfiguration(request_body_mode=5)).SerializeToString())
+    sir = pb.StreamedImmediateResponse
+    resps += [
+        pb.ProcessingResponse(streamed_immediate_response=sir(headers_response=pb.HttpHeaders(
+            headers=base_pb2.HeaderMap(headers=h.header_values([(":status", "200"), ("x", "1")])),
+            end_of_stream=True))),
+        pb.ProcessingResponse(streamed_immediate_response=sir(
+            body_response=pb.StreamedBodyResponse(body=b"local", end_of_stream=True,
+                                                  grpc_message_compressed=True))),
+        pb.ProcessingResponse(streamed_immediate_response=sir(
+            trailers_response=base_pb2.HeaderMap(headers=h.header_values([("x-t", "v")])))),
+        pb.ProcessingResponse(request_body=pb.BodyResponse(response=pb.CommonResponse(
+            body_mutation=pb.BodyMutation(streamed_response=pb.StreamedBodyResponse(
+                end_of_stream=True, end_of_stream_without_message=True)))), request_drain=True),
+    ]
     for i, r in enumerate(resps):
         write("fuzz_wire", f"resp-{i}", r.SerializeToString())
 
@@ -158,6 +183,25 @@ def dispatch():
     write("fuzz_dispatch", "observe", stream(0, [with_extra(reqs[p], observability_mode=True)
                                                  for p in order]))
     write("fuzz_dispatch", "malformed", bytes([0, 0, 3, 0x12, 0x05, 0x0a]))
+    # the newest protocol: GRPC bodies with their flags, request_drain then echoed chunks,
+    # streamed immediate responses (complete, and open then continued by body chunks)
+    grpc_cfg = pb.ProtocolConfiguration(request_body_mode=5, response_body_mode=5)
+    fd_cfg = pb.ProtocolConfiguration(request_body_mode=4)
+    for name, cfg, ops, body_ops in [("grpc-flags", grpc_cfg, "", ["g", "n", "D", "g", "x"]),
+                                     ("grpc-drain", grpc_cfg, "", ["D", "x", "g"]),
+                                     ("local-full", None, "L", []),
+                                     ("local-open", fd_cfg, "O", ["x", "n", "b"])]:
+        reqs = requests(ops)
+        first = reqs["request_headers"] if cfg is None else with_extra(
+            reqs["request_headers"], protocol_config=cfg)
+        msgs = [first]
+        for k, bops in enumerate(body_ops):
+            last = k == len(body_ops) - 1
+            msgs.append(pb.ProcessingRequest(request_body=pb.HttpBody(
+                body=(bops.encode() + b" " * 24)[:24] + b"msg", end_of_stream=last,
+                grpc_message_compressed=k % 2 == 1)))
+        msgs.append(reqs["request_trailers"])
+        write("fuzz_dispatch", f"newest-{name}", stream(0, msgs))
 
 
 # --- fuzz_outputs: the interpreter's encoding of a Lua value (see push_value) -------------
@@ -222,6 +266,24 @@ def outputs():
         {"chunks": ["a", "b"], "end_of_stream": True},
         {"chunks": []},
         {"body": "whole"},
+        {"chunks": ["a", {"body": "b"}], "request_drain": True},
+    ]
+    grpc_tables = [
+        {"chunks": [{"body": "m", "grpc_message_compressed": True},
+                    {"end_of_stream_without_message": True}], "end_of_stream": True},
+        {"request_drain": True},
+        {"chunks": [{"body": "x", "end_of_stream_without_message": True}]},
+    ]
+    local_tables = [  # an open streamed immediate response, continued
+        {"immediate": {"chunks": ["c1", "c2"], "end_of_stream": False}},
+        {"immediate": {"body": "b", "trailers": [["x-t", "1"]]}},
+        {"immediate": {"status": 200}},
+    ]
+    streamed_imm = [  # request headers: streamed immediate responses
+        {"immediate": {"status": 201, "headers": [["x-a", "1"]], "chunks": ["a", "b"],
+                       "trailers": {"x-t": "v"}}},
+        {"immediate": {"stream": True, "end_of_stream": False}},
+        {"immediate": {"stream": True, "headers": [[":status", "500"]]}},
     ]
     trailer_tables = [
         {"add": [["x-t", "1"]], "remove": ["x"]},
@@ -239,6 +301,16 @@ def outputs():
             for t in stream_tables:
                 write("fuzz_outputs", f"on-{n:02d}", bytes([i | 8 | 16]) + enc(t) + b"chunk")
                 n += 1
+            for t in grpc_tables:
+                write("fuzz_outputs", f"on-{n:02d}", bytes([i | 8 | 16 | 64]) + enc(t) + b"\x03m")
+                n += 1
+            for t in local_tables:
+                write("fuzz_outputs", f"on-{n:02d}", bytes([i | 8 | 128]) + enc(t) + b"chunk")
+                n += 1
+        if phase == "request_headers":
+            for t in streamed_imm:
+                write("fuzz_outputs", f"on-{n:02d}", bytes([i | 128]) + enc(t))
+                n += 1
     raw = [
         {"request_headers": {"response": {"header_mutation": {
             "set_headers": [{"header": {"key": "x-raw", "raw_value": "1"},
@@ -253,6 +325,13 @@ def outputs():
         {"request_headers": {}, "dynamic_metadata": md,
          "mode_override": {"request_body_mode": "FULL_DUPLEX_STREAMED"},
          "override_message_timeout": 2.5},
+        {"streamed_immediate_response": {"headers_response": {"headers": {"headers": [
+            {"key": ":status", "raw_value": "200"}]}, "end_of_stream": False}}},
+        {"streamed_immediate_response": {"body_response": {
+            "body": "b", "end_of_stream": True, "grpc_message_compressed": True,
+            "end_of_stream_without_message": False}}, "request_drain": True},
+        {"streamed_immediate_response": {"trailers_response": {"headers": [
+            {"key": "x-t", "raw_value": "v"}]}}},
     ]
     for k, t in enumerate(raw):
         write("fuzz_outputs", f"process-{k:02d}", bytes([32]) + enc(t))

@@ -84,6 +84,7 @@ struct req {
     const char *meta[3];
     bool config;
     int req_mode, resp_mode;
+    bool compressed, no_message;   /* GRPC body mode's HttpBody flags */
 };
 
 static uint8_t wire[1 << 16];
@@ -126,6 +127,8 @@ static size_t build(const struct req *r)
         hb.body.data = (uint8_t *)r->body;
         hb.body.len = r->body_len;
         hb.end_of_stream = r->eos;
+        hb.grpc_message_compressed = r->compressed;
+        hb.end_of_stream_without_message = r->no_message;
         req.request_case = r->phase == PBCONV_REQUEST_BODY ? 4 : 5;
         req.request_body = &hb;
         break;
@@ -1200,6 +1203,119 @@ static void check_streamed(size_t i, enum pbconv_phase phase, const char *body, 
     CHECK(bm->streamed_response->end_of_stream == eos);
 }
 
+/* The flags and drain of streamed response i. */
+static void check_grpc_flags(size_t i, bool compressed, bool no_message, bool drain)
+{
+    Resp *r = nth(i);
+    const Envoy__Service__ExtProc__V3__StreamedBodyResponse *sr =
+        (r->response_case == RESP(REQUEST_BODY) ? r->request_body : r->response_body)
+            ->response->body_mutation->streamed_response;
+    CHECK(sr->grpc_message_compressed == compressed);
+    CHECK(sr->end_of_stream_without_message == no_message);
+    CHECK(r->request_drain == drain);
+}
+
+/* GRPC body mode, request_drain and streamed immediate responses (issue 13). */
+static void test_newest_protocol(void)
+{
+    struct vm *s = load(
+        "function on_request_headers(h, ctx)\n"
+        "  local c = h:get('x-case')\n"
+        "  if c == 'full' then return { immediate = { status = 201, headers = { {'x-a', '1'} },\n"
+        "      chunks = { 'a', 'b' }, trailers = { t = 'v' } } } end\n"
+        "  if c == 'open' then return { immediate = { stream = true, end_of_stream = false } } end\n"
+        "end\n"
+        "function on_request_body(b, ctx)\n"
+        "  ctx.state.flags = (ctx.state.flags or '') .. tostring(b.grpc_message_compressed)\n"
+        "    .. tostring(b.end_of_stream_without_message)\n"
+        "  local cmd = b.body:match('^(%a+)')\n"
+        "  if cmd == 'tbl' then return { chunks = { { body = 'x', grpc_message_compressed = true },\n"
+        "      { end_of_stream_without_message = true } }, end_of_stream = true } end\n"
+        "  if cmd == 'drain' then return { body = 'D', request_drain = true } end\n"
+        "  if cmd == 'local' then return { immediate = { chunks = { 'L' } } } end\n"
+        "end\n"
+        "function on_response_body(b, ctx) return { request_drain = true } end\n");
+    /* GRPC request body: flags in, echoed out; chunk tables */
+    struct dispatch_stream *st = dispatch_stream_open(s, 31);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = no_headers, .config = true,
+                           .req_mode = BODY_MODE(GRPC), .resp_mode = BODY_MODE(BUFFERED)});
+    CHECK(reply.outcome == DISPATCH_RESPOND && reply.count == 1);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "m", .body_len = 1,
+                           .compressed = true});
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "m", false);
+    check_grpc_flags(0, true, false, false);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "tbl", .body_len = 3});
+    CHECK(reply.count == 2);
+    check_streamed(0, PBCONV_REQUEST_BODY, "x", false);
+    check_grpc_flags(0, true, false, false);
+    check_streamed(1, PBCONV_REQUEST_BODY, "", true);
+    check_grpc_flags(1, false, true, false);
+    /* drain: on the answer's last message; then the server echoes, without the handler */
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "drain", .body_len = 5});
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "D", false);
+    check_grpc_flags(0, false, false, true);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "tbl", .body_len = 3,
+                           .compressed = true});
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "tbl", false);
+    check_grpc_flags(0, true, false, false);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .eos = true, .no_message = true});
+    CHECK(reply.count == 1);
+    check_streamed(0, PBCONV_REQUEST_BODY, "", true);
+    check_grpc_flags(0, false, true, false);
+    /* request_drain in a BUFFERED body: refused */
+    send(st, &(struct req){.phase = PBCONV_RESPONSE_BODY, .body = "r", .body_len = 1, .eos = true});
+    CHECK(reply.outcome == DISPATCH_FAIL && reply.status == GRPC_STATUS_INTERNAL &&
+          strstr(reply.message, "'request_drain' is allowed only in body phases in "
+                                "FULL_DUPLEX_STREAMED or GRPC mode (where Envoy defines it), "
+                                "not in response_body") != NULL);
+    dispatch_stream_close(st);
+
+    /* a streamed immediate response: headers (":status" first), chunks, trailers */
+    static const char *const full[] = {"x-case", "full"};
+    st = dispatch_stream_open(s, 32);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = full, .n = 1});
+    CHECK(reply.outcome == DISPATCH_RESPOND && reply.count == 4);
+    Resp *r = nth(0);
+    CHECK(r->response_case == RESP(STREAMED_IMMEDIATE_RESPONSE));
+    const Envoy__Service__ExtProc__V3__HttpHeaders *hh =
+        r->streamed_immediate_response->headers_response;
+    CHECK(hh != NULL && !hh->end_of_stream && hh->headers->n_headers == 2);
+    CHECK_STR(hh->headers->headers[0]->key, ":status");
+    CHECK_BYTES(hh->headers->headers[0]->raw_value, "201", 3);
+    CHECK_STR(hh->headers->headers[1]->key, "x-a");
+    r = nth(1);
+    CHECK_BYTES(r->streamed_immediate_response->body_response->body, "a", 1);
+    CHECK(!r->streamed_immediate_response->body_response->end_of_stream);
+    r = nth(2);
+    CHECK_BYTES(r->streamed_immediate_response->body_response->body, "b", 1);
+    CHECK(!r->streamed_immediate_response->body_response->end_of_stream);
+    r = nth(3);
+    CHECK(r->streamed_immediate_response->trailers_response->n_headers == 1);
+    CHECK_STR(r->streamed_immediate_response->trailers_response->headers[0]->key, "t");
+    dispatch_stream_close(st);
+
+    /* an open one, continued by the body handler, ended by the request's end */
+    static const char *const open_[] = {"x-case", "open"};
+    st = dispatch_stream_open(s, 33);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_HEADERS, .kv = open_, .n = 1, .config = true,
+                           .req_mode = BODY_MODE(FULL_DUPLEX_STREAMED)});
+    CHECK(reply.count == 1 && !nth(0)->streamed_immediate_response->headers_response->end_of_stream);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "local", .body_len = 5});
+    CHECK(reply.count == 1);
+    CHECK_BYTES(nth(0)->streamed_immediate_response->body_response->body, "L", 1);
+    CHECK(!nth(0)->streamed_immediate_response->body_response->end_of_stream);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "quiet", .body_len = 5});
+    CHECK(reply.outcome == DISPATCH_NO_RESPONSE);
+    send(st, &(struct req){.phase = PBCONV_REQUEST_BODY, .body = "local", .body_len = 5,
+                           .eos = true});
+    CHECK(reply.count == 1 && nth(0)->streamed_immediate_response->body_response->end_of_stream);
+    dispatch_stream_close(st);
+    vm_close(s);
+}
+
 static void test_full_duplex(void)
 {
     struct vm *s = load(
@@ -1311,8 +1427,8 @@ static void test_full_duplex(void)
     BADCHUNK("add", false, "'add' is not allowed in request_body in FULL_DUPLEX_STREAMED mode "
                            "(see docs/streaming.md)");
     BADCHUNK("both", false, "'body' and 'chunks' cannot be combined");
-    BADCHUNK("badchunk", false, "'chunks' entry 2 is a number, expected a string");
-    BADCHUNK("mapchunk", false, "'chunks' must be a list of strings");
+    BADCHUNK("badchunk", false, "'chunks' entry 2 is a number, expected a string or a table { body = ... }");
+    BADCHUNK("mapchunk", false, "'chunks' must be a list of strings or { body = ... } tables");
     BADCHUNK("eostype", false, "'end_of_stream' must be a boolean, got number");
     dispatch_stream_close(st);
 
@@ -1361,7 +1477,7 @@ static void test_full_duplex(void)
 #define ACTIONS "(expected APPEND_IF_EXISTS_OR_ADD, ADD_IF_ABSENT, OVERWRITE_IF_EXISTS_OR_ADD or " \
                 "OVERWRITE_IF_EXISTS)"
 #define HMODES "(expected DEFAULT, SEND or SKIP)"
-#define BMODES "(expected NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL or FULL_DUPLEX_STREAMED)"
+#define BMODES "(expected NONE, STREAMED, BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX_STREAMED or GRPC)"
 
 static void test_new_bad_returns(void)
 {
@@ -1840,6 +1956,7 @@ int main(void)
     test_immediate_every_phase();
     test_ctx_inputs();
     test_full_duplex();
+    test_newest_protocol();
     test_new_bad_returns();
     test_deny_callout();
     test_process();

@@ -790,7 +790,7 @@ static void test_response_errors(void)
               "response.mode_override.request_body_mode: unknown "
               "envoy.extensions.filters.http.ext_proc.v3.ProcessingMode.BodySendMode value "
               "'STREAMING' (expected NONE, STREAMED, "
-              "BUFFERED, BUFFERED_PARTIAL or FULL_DUPLEX_STREAMED, or a number)");
+              "BUFFERED, BUFFERED_PARTIAL, FULL_DUPLEX_STREAMED or GRPC, or a number)");
 
     /* maps */
     ProtobufCMessage *m;

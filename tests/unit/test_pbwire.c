@@ -99,6 +99,40 @@ static void test_pack(void)
     bm.mutation_case = ENVOY__SERVICE__EXT_PROC__V3__BODY_MUTATION__MUTATION_STREAMED_RESPONSE;
     bm.streamed_response = &sbr;
     same_bytes(&r.base);
+    /* GRPC body mode's flags on a streamed chunk */
+    sbr.end_of_stream_without_message = 1;
+    sbr.grpc_message_compressed = 1;
+    same_bytes(&r.base);
+    r.request_drain = 1;
+    same_bytes(&r.base);
+    r.request_drain = 0;
+
+    /* streamed_immediate_response: each member of its oneof */
+    Envoy__Service__ExtProc__V3__StreamedImmediateResponse sir =
+        ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__INIT;
+    Response rs = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__INIT;
+    rs.response_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_STREAMED_IMMEDIATE_RESPONSE;
+    rs.streamed_immediate_response = &sir;
+    same_bytes(&rs.base);
+    Envoy__Config__Core__V3__HeaderMap lmap = ENVOY__CONFIG__CORE__V3__HEADER_MAP__INIT;
+    Envoy__Config__Core__V3__HeaderValue *lhv[] = {opts[0]->header, opts[1]->header};
+    lmap.n_headers = 2;
+    lmap.headers = lhv;
+    Envoy__Service__ExtProc__V3__HttpHeaders lh;
+    envoy__service__ext_proc__v3__http_headers__init(&lh);
+    lh.headers = &lmap;
+    lh.end_of_stream = 1;
+    sir.response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_HEADERS_RESPONSE;
+    sir.headers_response = &lh;
+    same_bytes(&rs.base);
+    sir.response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_BODY_RESPONSE;
+    sir.body_response = &sbr;
+    same_bytes(&rs.base);
+    sir.response_case = ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_TRAILERS_RESPONSE;
+    sir.trailers_response = &lmap;
+    rs.request_drain = 1;
+    same_bytes(&rs.base);
+
     /* an empty submessage in the oneof: 0a 00 */
     Envoy__Service__ExtProc__V3__HeadersResponse empty = ENVOY__SERVICE__EXT_PROC__V3__HEADERS_RESPONSE__INIT;
     r.request_headers = &empty;
@@ -246,8 +280,17 @@ static void test_unpack(void)
     Envoy__Service__ExtProc__V3__HttpTrailers ht = ENVOY__SERVICE__EXT_PROC__V3__HTTP_TRAILERS__INIT;
     ht.trailers = &map;
 
-    Request reqs[8];
-    for (int i = 0; i < 8; i++)
+    /* GRPC body mode: the two flags, and an end of stream without a message */
+    Envoy__Service__ExtProc__V3__HttpBody gb = ENVOY__SERVICE__EXT_PROC__V3__HTTP_BODY__INIT;
+    gb.body.data = (uint8_t *)"\x08\x01";
+    gb.body.len = 2;
+    gb.grpc_message_compressed = 1;
+    Envoy__Service__ExtProc__V3__HttpBody ge = ENVOY__SERVICE__EXT_PROC__V3__HTTP_BODY__INIT;
+    ge.end_of_stream = 1;
+    ge.end_of_stream_without_message = 1;
+
+    Request reqs[10];
+    for (int i = 0; i < 10; i++)
         reqs[i] = (Request)ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__INIT;
     reqs[0].request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_REQUEST_HEADERS;
     reqs[0].request_headers = &hh;
@@ -277,14 +320,30 @@ static void test_unpack(void)
     reqs[7].n_attributes = 1;
     reqs[7].attributes = aes;
 
-    size_t lens[8];
-    uint8_t enc[8][512];
-    for (int i = 0; i < 8; i++) {
+    reqs[8].request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_REQUEST_BODY;
+    reqs[8].request_body = &gb;
+    reqs[9].request_case = ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_REQUEST__REQUEST_RESPONSE_BODY;
+    reqs[9].response_body = &ge;
+
+    Request *r;
+    size_t lens[10];
+    uint8_t enc[10][512];
+    for (int i = 0; i < 10; i++) {
         lens[i] = encode(&reqs[i], enc[i]);
-        CHECK(agree(enc[i], lens[i], &a) == (i < 6));
+        CHECK(agree(enc[i], lens[i], &a) == (i < 6 || i >= 8));
     }
+    /* the fast path reads the GRPC flags itself */
+    r = pbwire_unpack_request(enc[8], lens[8], &a);
+    CHECK(r && r->request_body && r->request_body->grpc_message_compressed &&
+          !r->request_body->end_of_stream_without_message && r->request_body->body.len == 2);
+    arena_reset(&a);
+    r = pbwire_unpack_request(enc[9], lens[9], &a);
+    CHECK(r && r->response_body && r->response_body->end_of_stream &&
+          r->response_body->end_of_stream_without_message &&
+          !r->response_body->grpc_message_compressed);
+    arena_reset(&a);
     /* the common path really is taken, and reads what it should */
-    Request *r = pbwire_unpack_request(enc[0], lens[0], &a);
+    r = pbwire_unpack_request(enc[0], lens[0], &a);
     CHECK(r && r->request_headers && r->request_headers->end_of_stream &&
           r->request_headers->headers->n_headers == 3 &&
           strcmp(r->request_headers->headers->headers[1]->value, "style") == 0 &&
@@ -295,7 +354,7 @@ static void test_unpack(void)
     /* mutations of valid encodings: every byte flipped, every truncation, random noise */
     unsigned seed = 12345;
     int accepted = 0, tried = 0;
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < 10; i++) {
         for (size_t cut = 0; cut <= lens[i]; cut++, tried++)
             accepted += agree(enc[i], cut, &a);
         for (size_t k = 0; k < lens[i]; k++) {

@@ -35,6 +35,7 @@ typedef Envoy__Service__ExtProc__V3__GrpcStatus GrpcStatus;
 typedef Envoy__Service__ExtProc__V3__HeaderMutation HeaderMutation;
 typedef Envoy__Service__ExtProc__V3__BodyMutation BodyMutation;
 typedef Envoy__Service__ExtProc__V3__StreamedBodyResponse StreamedBodyResponse;
+typedef Envoy__Service__ExtProc__V3__StreamedImmediateResponse StreamedImmediateResponse;
 typedef Envoy__Service__ExtProc__V3__ProtocolConfiguration ProtocolConfiguration;
 typedef Envoy__Config__Core__V3__HeaderValue HeaderValue;
 typedef Envoy__Config__Core__V3__HeaderValueOption HeaderValueOption;
@@ -99,7 +100,7 @@ static const struct row rows[] = {
      BASE(M(ProcessingRequest, EP(processing_request),
             .protocol_config = M(ProtocolConfiguration, EP(protocol_configuration)))), "5a 00"},
 
-    /* ProcessingResponse: the oneof 1..7, then 8..10 */
+    /* ProcessingResponse: the oneof 1..7 and 11, then 8..10 and 12 */
     {"ProcessingResponse.request_headers = 1",
      BASE(M(ProcessingResponse, EP(processing_response), .response_case = 1,
             .request_headers = M(HeadersResponse, EP(headers_response)))), "0a 00"},
@@ -130,6 +131,23 @@ static const struct row rows[] = {
     {"ProcessingResponse.override_message_timeout = 10",
      BASE(M(ProcessingResponse, EP(processing_response),
             .override_message_timeout = M(Duration, GP(duration)))), "52 00"},
+    {"ProcessingResponse.streamed_immediate_response = 11",
+     BASE(M(ProcessingResponse, EP(processing_response), .response_case = 11,
+            .streamed_immediate_response = M(StreamedImmediateResponse,
+                                             EP(streamed_immediate_response)))), "5a 00"},
+    {"ProcessingResponse.request_drain = 12",
+     BASE(M(ProcessingResponse, EP(processing_response), .request_drain = 1)), "60 01"},
+
+    /* StreamedImmediateResponse: the oneof 1..3 */
+    {"StreamedImmediateResponse.headers_response = 1",
+     BASE(M(StreamedImmediateResponse, EP(streamed_immediate_response), .response_case = 1,
+            .headers_response = M(HttpHeaders, EP(http_headers)))), "0a 00"},
+    {"StreamedImmediateResponse.body_response = 2",
+     BASE(M(StreamedImmediateResponse, EP(streamed_immediate_response), .response_case = 2,
+            .body_response = M(StreamedBodyResponse, EP(streamed_body_response)))), "12 00"},
+    {"StreamedImmediateResponse.trailers_response = 3",
+     BASE(M(StreamedImmediateResponse, EP(streamed_immediate_response), .response_case = 3,
+            .trailers_response = M(HeaderMap, CORE(header_map)))), "1a 00"},
 
     /* HttpHeaders, HttpBody, HttpTrailers */
     {"HttpHeaders.headers = 1",
@@ -145,6 +163,10 @@ static const struct row rows[] = {
      BASE(M(HttpBody, EP(http_body), .body = {1, (uint8_t *)"x"})), "0a 01 78"},
     {"HttpBody.end_of_stream = 2",
      BASE(M(HttpBody, EP(http_body), .end_of_stream = 1)), "10 01"},
+    {"HttpBody.end_of_stream_without_message = 3",
+     BASE(M(HttpBody, EP(http_body), .end_of_stream_without_message = 1)), "18 01"},
+    {"HttpBody.grpc_message_compressed = 4",
+     BASE(M(HttpBody, EP(http_body), .grpc_message_compressed = 1)), "20 01"},
     {"HttpTrailers.trailers = 1",
      BASE(M(HttpTrailers, EP(http_trailers), .trailers = M(HeaderMap, CORE(header_map)))),
      "0a 00"},
@@ -216,6 +238,12 @@ static const struct row rows[] = {
      "0a 01 78"},
     {"StreamedBodyResponse.end_of_stream = 2",
      BASE(M(StreamedBodyResponse, EP(streamed_body_response), .end_of_stream = 1)), "10 01"},
+    {"StreamedBodyResponse.end_of_stream_without_message = 3",
+     BASE(M(StreamedBodyResponse, EP(streamed_body_response),
+            .end_of_stream_without_message = 1)), "18 01"},
+    {"StreamedBodyResponse.grpc_message_compressed = 4",
+     BASE(M(StreamedBodyResponse, EP(streamed_body_response), .grpc_message_compressed = 1)),
+     "20 01"},
 
     /* envoy.config.core.v3 */
     {"HeaderValue.key = 1", BASE(M(HeaderValue, CORE(header_value), .key = "k")), "0a 01 6b"},
@@ -261,12 +289,16 @@ static const struct row rows[] = {
      BASE(M(ProcessingMode, PROCESSING_MODE_DESC, .response_body_mode = 1)), "20 01"},
     {"ProcessingMode.request_trailer_mode = 5",
      BASE(M(ProcessingMode, PROCESSING_MODE_DESC, .request_trailer_mode = 1)), "28 01"},
+    {"ProcessingMode.request_body_mode = 3 (GRPC = 5)",
+     BASE(M(ProcessingMode, PROCESSING_MODE_DESC, .request_body_mode = 5)), "18 05"},
     {"ProcessingMode.response_trailer_mode = 6",
      BASE(M(ProcessingMode, PROCESSING_MODE_DESC, .response_trailer_mode = 1)), "30 01"},
     {"ProtocolConfiguration.request_body_mode = 1 (BUFFERED = 2)",
      BASE(M(ProtocolConfiguration, EP(protocol_configuration), .request_body_mode = 2)), "08 02"},
     {"ProtocolConfiguration.response_body_mode = 2 (BUFFERED = 2)",
      BASE(M(ProtocolConfiguration, EP(protocol_configuration), .response_body_mode = 2)), "10 02"},
+    {"ProtocolConfiguration.response_body_mode = 2 (GRPC = 5)",
+     BASE(M(ProtocolConfiguration, EP(protocol_configuration), .response_body_mode = 5)), "10 05"},
     {"ProtocolConfiguration.send_body_without_waiting_for_header_response = 3",
      BASE(M(ProtocolConfiguration, EP(protocol_configuration),
             .send_body_without_waiting_for_header_response = 1)), "18 01"},
@@ -377,6 +409,30 @@ static void test_decoding(void)
     CHECK(rs->response_case == ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_IMMEDIATE_RESPONSE);
     CHECK(rs->immediate_response->status->code == 404);
     CHECK(rs->immediate_response->grpc_status->status == 16);
+    envoy__service__ext_proc__v3__processing_response__free_unpacked(rs, NULL);
+
+    /* request_body { end_of_stream: true end_of_stream_without_message: true
+     *                grpc_message_compressed: true } — GRPC body mode's flags */
+    n = unhex("22 06 10 01 18 01 20 01", buf, sizeof buf);
+    rq = envoy__service__ext_proc__v3__processing_request__unpack(NULL, n, buf);
+    CHECK(rq != NULL);
+    CHECK(rq->request_body->end_of_stream && rq->request_body->end_of_stream_without_message &&
+          rq->request_body->grpc_message_compressed && rq->request_body->body.len == 0);
+    envoy__service__ext_proc__v3__processing_request__free_unpacked(rq, NULL);
+
+    /* streamed_immediate_response { headers_response { headers { headers { key: ":status"
+     * raw_value: "200" } } } } request_drain: true */
+    n = unhex("5a 14 0a 12 0a 10 0a 0e 0a 07 3a 73 74 61 74 75 73 1a 03 32 30 30 60 01", buf,
+              sizeof buf);
+    rs = envoy__service__ext_proc__v3__processing_response__unpack(NULL, n, buf);
+    CHECK(rs != NULL);
+    CHECK(rs->response_case ==
+          ENVOY__SERVICE__EXT_PROC__V3__PROCESSING_RESPONSE__RESPONSE_STREAMED_IMMEDIATE_RESPONSE);
+    CHECK(rs->request_drain);
+    CHECK(rs->streamed_immediate_response->response_case ==
+          ENVOY__SERVICE__EXT_PROC__V3__STREAMED_IMMEDIATE_RESPONSE__RESPONSE_HEADERS_RESPONSE);
+    hv = rs->streamed_immediate_response->headers_response->headers->headers[0];
+    CHECK(strcmp(hv->key, ":status") == 0 && hv->raw_value.len == 3);
     envoy__service__ext_proc__v3__processing_response__free_unpacked(rs, NULL);
 
     /* request_trailers {} — the smallest valid reply, as our server sends it */
