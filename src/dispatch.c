@@ -43,7 +43,6 @@ struct dispatch_stream {
     bool have_config;      /* a protocol_config arrived: the body modes below are known */
     bool full_duplex[2];   /* request, response body in FULL_DUPLEX_STREAMED or GRPC mode */
     bool grpc[2];          /* request, response body in GRPC mode */
-    int request_body_mode; /* from protocol_config (when have_config) */
     bool drained;          /* request_drain was sent: later streamed chunks are echoed */
     bool local_reply;      /* a streamed immediate response began and has not ended */
     bool observing;        /* the value of ctx.observability_mode */
@@ -121,7 +120,6 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->have_config = false;
     st->full_duplex[0] = st->full_duplex[1] = false;
     st->grpc[0] = st->grpc[1] = false;
-    st->request_body_mode = 0;
     st->drained = false;
     st->local_reply = false;
     st->observing = false;
@@ -298,8 +296,8 @@ static int check_raw_streamed(struct dispatch_stream *st, const pbconv_response 
                      pbconv_phase_name(phase));
             return -1;
         }
-        if (st->have_config && st->request_body_mode != BODY_MODE(NONE) &&
-            st->request_body_mode != BODY_MODE(FULL_DUPLEX_STREAMED)) {
+        if (st->have_config && st->body_mode[0] != BODY_MODE(NONE) &&
+            st->body_mode[0] != BODY_MODE(FULL_DUPLEX_STREAMED)) {
             snprintf(err, errlen, "response.streamed_immediate_response needs request_body_mode "
                      "NONE or FULL_DUPLEX_STREAMED (Envoy supports no other)");
             return -1;
@@ -423,7 +421,7 @@ static int run_handler(lua_State *L)
                                    in.end_of_stream));
     }
     in.body_mode_known = st->have_config;
-    in.request_body_mode = st->request_body_mode;
+    in.request_body_mode = st->body_mode[0];
     in.local_reply_open = st->local_reply;
     /* after request_drain, Envoy half-closes; the chunks already on their way are echoed
      * unchanged, without the handler (Envoy's comment on the field) */
@@ -843,7 +841,6 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         st->full_duplex[1] = pbconv_full_duplex(req->protocol_config, PBCONV_RESPONSE_BODY);
         st->grpc[0] = pbconv_grpc_mode(req->protocol_config, PBCONV_REQUEST_BODY);
         st->grpc[1] = pbconv_grpc_mode(req->protocol_config, PBCONV_RESPONSE_BODY);
-        st->request_body_mode = (int)req->protocol_config->request_body_mode;
     }
 
     struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
