@@ -228,10 +228,12 @@ enum ljson_kind ljson_kind(lua_State *L, int idx)
         return LJSON_PLAIN;
     enum ljson_kind k = LJSON_PLAIN;
     luaL_checkstack(L, 2, "callout.json");
-    if (luaL_getmetatable(L, OBJECT_MT) != LUA_TNIL && lua_rawequal(L, -1, -2))
+    luaL_getmetatable(L, OBJECT_MT);
+    if (lua_rawequal(L, -1, -2))
         k = LJSON_OBJECT;
     lua_pop(L, 1);
-    if (k == LJSON_PLAIN && luaL_getmetatable(L, ARRAY_MT) != LUA_TNIL && lua_rawequal(L, -1, -2))
+    luaL_getmetatable(L, ARRAY_MT);
+    if (lua_rawequal(L, -1, -2))
         k = LJSON_ARRAY;
     lua_pop(L, 2);
     return k;
