@@ -586,9 +586,10 @@ static void put_integer(struct enc *e, lua_Integer v)
     put(e, p, (size_t)(tmp + sizeof tmp - p));
 }
 
-/* The shortest %g text that reads back as d (precision found by bisection: if p digits
- * round-trip, so do p + 1), its exponent without leading zeros, and ".0" when it would
- * read as an integer. */
+/* The shortest digits that read back as d (found by bisection: if p significant digits
+ * round-trip, so do p + 1), laid out as JavaScript's Number#toString does — positional for
+ * decimal exponents -6..20, else d.ddde+X / e-X — plus ".0" where the text would read as an
+ * integer, so that decode(encode(x)) is a float equal to x. */
 static void put_float(struct enc *e, double d)
 {
     if (!isfinite(d))
@@ -597,26 +598,62 @@ static void put_float(struct enc *e, double d)
     int lo = 1, hi = 17;
     while (lo < hi) {
         int mid = (lo + hi) / 2;
-        snprintf(tmp, sizeof tmp, "%.*g", mid, d);
+        snprintf(tmp, sizeof tmp, "%.*e", mid - 1, d);
         if (strtod(tmp, NULL) == d)
             hi = mid;
         else
             lo = mid + 1;
     }
-    int n = snprintf(tmp, sizeof tmp, "%.*g", lo, d);
-    char *x = memchr(tmp, 'e', (size_t)n);
-    if (x != NULL) {
-        char *digits = x + 2;                   /* past the sign %g always writes */
-        char *q = digits;
-        while (*q == '0' && q[1] != '\0')
-            q++;
-        memmove(digits, q, strlen(q) + 1);
-        n = (int)strlen(tmp);
-    } else if (memchr(tmp, '.', (size_t)n) == NULL) {
-        memcpy(tmp + n, ".0", 3);
-        n += 2;
+    snprintf(tmp, sizeof tmp, "%.*e", lo - 1, d);
+    /* tmp: [-]D[.DDD]e[+-]XX */
+    char digits[20];
+    int nd = 0;
+    const char *p = tmp;
+    bool neg = *p == '-';
+    if (neg)
+        p++;
+    for (; *p != 'e'; p++)
+        if (*p != '.')
+            digits[nd++] = *p;
+    int x = atoi(p + 1);
+    while (nd > 1 && digits[nd - 1] == '0')    /* %.*e may pad: 1e+02 as "1.00e+02" */
+        nd--;
+    char out[48];
+    int n = 0;
+    if (neg)
+        out[n++] = '-';
+    if (x >= -6 && x < 21) {
+        if (x < 0) {
+            out[n++] = '0';
+            out[n++] = '.';
+            for (int i = 0; i < -x - 1; i++)
+                out[n++] = '0';
+            memcpy(out + n, digits, (size_t)nd);
+            n += nd;
+        } else if (x >= nd - 1) {
+            memcpy(out + n, digits, (size_t)nd);
+            n += nd;
+            for (int i = 0; i < x - (nd - 1); i++)
+                out[n++] = '0';
+            out[n++] = '.';
+            out[n++] = '0';
+        } else {
+            memcpy(out + n, digits, (size_t)x + 1);
+            n += x + 1;
+            out[n++] = '.';
+            memcpy(out + n, digits + x + 1, (size_t)(nd - x - 1));
+            n += nd - x - 1;
+        }
+    } else {
+        out[n++] = digits[0];
+        if (nd > 1) {
+            out[n++] = '.';
+            memcpy(out + n, digits + 1, (size_t)nd - 1);
+            n += nd - 1;
+        }
+        n += snprintf(out + n, sizeof out - (size_t)n, "e%c%d", x < 0 ? '-' : '+', x < 0 ? -x : x);
     }
-    put(e, tmp, (size_t)n);
+    put(e, out, (size_t)n);
 }
 
 static void put_value(struct enc *e, int idx);
