@@ -20,6 +20,7 @@
  * freed on every path, a Lua memory error included. */
 #include "json.h"
 
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -586,25 +587,37 @@ static void put_integer(struct enc *e, lua_Integer v)
     put(e, p, (size_t)(tmp + sizeof tmp - p));
 }
 
-/* The shortest digits that read back as d (found by bisection: if p significant digits
- * round-trip, so do p + 1), laid out as JavaScript's Number#toString does — positional for
+/* The shortest digits that read back as d, laid out as JavaScript's Number#toString does — positional for
  * decimal exponents -6..20, else d.ddde+X / e-X — plus ".0" where the text would read as an
  * integer, so that decode(encode(x)) is a float equal to x. */
 static void put_float(struct enc *e, double d)
 {
     if (!isfinite(d))
         luaL_error(e->L, "callout.json: cannot encode %s", isnan(d) ? "NaN" : "infinity");
+    /* 15 significant digits round-trip for any decimal of up to 15 (DBL_DIG), so when one
+     * of those reads back as d it is this rounding, zeros trimmed below; else 16, else 17
+     * (which always reads back). One snprintf and one strtod for most numbers. */
     char tmp[40];
-    int lo = 1, hi = 17;
-    while (lo < hi) {
-        int mid = (lo + hi) / 2;
-        snprintf(tmp, sizeof tmp, "%.*e", mid - 1, d);
-        if (strtod(tmp, NULL) == d)
-            hi = mid;
-        else
-            lo = mid + 1;
+    if (d != 0 && fabs(d) < DBL_MIN) {
+        /* a subnormal has fewer digits of its own (5e-324 has one): bisect, as p digits
+         * reading back implies p + 1 do */
+        int lo = 1, hi = 17;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            snprintf(tmp, sizeof tmp, "%.*e", mid - 1, d);
+            if (strtod(tmp, NULL) == d)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        snprintf(tmp, sizeof tmp, "%.*e", lo - 1, d);
+    } else {
+        for (int prec = 14; prec <= 16; prec++) {
+            snprintf(tmp, sizeof tmp, "%.*e", prec, d);
+            if (prec == 16 || strtod(tmp, NULL) == d)
+                break;
+        }
     }
-    snprintf(tmp, sizeof tmp, "%.*e", lo - 1, d);
     /* tmp: [-]D[.DDD]e[+-]XX */
     char digits[20];
     int nd = 0;
@@ -616,7 +629,7 @@ static void put_float(struct enc *e, double d)
         if (*p != '.')
             digits[nd++] = *p;
     int x = atoi(p + 1);
-    while (nd > 1 && digits[nd - 1] == '0')    /* %.*e may pad: 1e+02 as "1.00e+02" */
+    while (nd > 1 && digits[nd - 1] == '0')    /* 0.7 is "7.00000000000000e-01" */
         nd--;
     char out[48];
     int n = 0;
@@ -711,11 +724,31 @@ static int key_cmp(const void *a, const void *b)
     return c != 0 ? c : (x->n > y->n) - (x->n < y->n);
 }
 
+/* Whether table t holds no more keys than the `placed` its order wrote: then no key was set
+ * around the order, and the sorted pass below has nothing to do. */
+static bool placed_all(lua_State *L, int t, int o, lua_Integer placed)
+{
+    (void)o;
+    lua_Integer n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        if (++n > placed) {
+            lua_pop(L, 1);
+            return false;
+        }
+    }
+    return true;
+}
+
 /* Writes `"key":value` pairs of table t for the keys that order (at o, or 0) does not
- * place: sorted by their text. count = how many; first = whether none was written yet. */
-static void put_sorted_members(struct enc *e, int t, int o, bool *first)
+ * place: sorted by their text. placed = how many the order wrote; first = whether no
+ * member was written yet. */
+static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, bool *first)
 {
     lua_State *L = e->L;
+    if (o != 0 && placed_all(L, t, o, placed))
+        return;
     lua_newtable(L);                            /* keys: [2i-1] = key, [2i] = its text */
     int keys = lua_gettop(L);
     int n = 0;
@@ -770,6 +803,7 @@ static void put_object(struct enc *e, int t)
     int top = lua_gettop(L);
     putc_(e, '{');
     bool first = true;
+    lua_Integer placed = 0;
     lua_pushvalue(L, t);
     int o = 0;
     if (lua_rawget(L, e->order) == LUA_TTABLE) {
@@ -789,13 +823,14 @@ static void put_object(struct enc *e, int t)
                     put_string(e, ks, klen);
                     putc_(e, ':');
                     put_value(e, lua_gettop(L));
+                    placed++;
                 }
                 lua_pop(L, 1);
             }
             lua_pop(L, 1);
         }
     }
-    put_sorted_members(e, t, o, &first);
+    put_sorted_members(e, t, o, placed, &first);
     lua_settop(L, top);
     putc_(e, '}');
 }
@@ -826,7 +861,7 @@ static void put_plain(struct enc *e, int t)
     }
     putc_(e, '{');
     bool first = true;
-    put_sorted_members(e, t, 0, &first);
+    put_sorted_members(e, t, 0, 0, &first);
     putc_(e, '}');
 }
 
