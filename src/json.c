@@ -162,7 +162,8 @@ static int object_next(lua_State *L)
     return 1;
 }
 
-/* Appends string key k (at idx) to the order of object t (at idx); upvalue-free. */
+/* Appends string key k to the order of object t (stack indices, as order_side, the side
+ * table), creating the order on first use. */
 static void order_append(lua_State *L, int order_side, int t, int k)
 {
     lua_pushvalue(L, t);
@@ -334,8 +335,8 @@ static bool to_lua(struct conv *c, json_t *v, int depth)
     }
 }
 
-/* Line and column (1-based, in bytes) of s[at], and where the container that crosses the
- * depth limit opens: only on the error paths, so the common path scans nothing twice. */
+/* Line and column (1-based, in bytes) of s[at]: only on the error paths, so the common path
+ * scans nothing twice. */
 static void position_of(const char *s, size_t at, int *line, int *col)
 {
     int l = 1;
@@ -726,9 +727,8 @@ static int key_cmp(const void *a, const void *b)
 
 /* Whether table t holds no more keys than the `placed` its order wrote: then no key was set
  * around the order, and the sorted pass below has nothing to do. */
-static bool placed_all(lua_State *L, int t, int o, lua_Integer placed)
+static bool placed_all(lua_State *L, int t, lua_Integer placed)
 {
-    (void)o;
     lua_Integer n = 0;
     lua_pushnil(L);
     while (lua_next(L, t) != 0) {
@@ -747,7 +747,7 @@ static bool placed_all(lua_State *L, int t, int o, lua_Integer placed)
 static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, bool *first)
 {
     lua_State *L = e->L;
-    if (o != 0 && placed_all(L, t, o, placed))
+    if (o != 0 && placed_all(L, t, placed))
         return;
     lua_newtable(L);                            /* keys: [2i-1] = key, [2i] = its text */
     int keys = lua_gettop(L);
