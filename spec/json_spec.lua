@@ -195,6 +195,13 @@ describe("callout.json", function()
     assert.equal(fits, json.encode(json.decode(fits)))
   end)
 
+  it("refuses a document whose parse tree is over 64 MiB, then decodes the next one", function()
+    local zeros = "[" .. string.rep("0,", 2 * 1024 * 1024 - 2) .. "0]"     -- under 4 MiB
+    assert.error_matches(function() json.decode(zeros) end,
+      "callout.json: parse tree over the memory limit (64 MiB) at line", 1, true)
+    assert.equal("[1,{}]", json.encode(json.decode("[1,{}]")))
+  end)
+
   it("is callout.json in a script, next to cjson", function()
     local script = testing.load_string([[
       local json = require "callout.json"

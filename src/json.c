@@ -38,7 +38,9 @@
 #define ARRAY_MT "callout.json.array"
 #define TREE_MT "callout.json.tree"
 #define BUF_MT "callout.json.buffer"
-#define JSON_HEAP_MAX ((size_t)64 << 20)  /* a tree of 4 MiB of "[0,0,..." is ~40 MiB */
+/* jansson's tree of a typical document is a few times its size; 4 MiB of "[0,0,0,..."
+ * (40 bytes a value) needs more than this and is refused. */
+#define JSON_HEAP_MAX ((size_t)64 << 20)
 
 /* Registry key (by address) of the weak-keyed table object -> its key order. An order
  * table holds [i] = key for i = 1..n and [key] = i, the latest place of key: a key whose
@@ -414,8 +416,8 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
         const char *what = e.text;
         if (json_error_code(&e) == json_error_invalid_utf8)
             what = "invalid UTF-8";
-        else if (json_error_code(&e) == json_error_out_of_memory)
-            what = "parse tree over the memory limit";
+        else if (json_error_code(&e) == json_error_out_of_memory || what[0] == '\0')
+            what = "parse tree over the memory limit (64 MiB)";   /* jansson says nothing */
         snprintf(err, errlen, "%s at line %d, column %d", what, e.line > 0 ? e.line : 1,
                  e.column > 0 ? e.column : 1);
         rc = -1;
