@@ -26,13 +26,13 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "json.h"
 #include "arena.h"
 #include "log.h"
 #include "pbreflect.h"
 #include "pbstruct.h"
 #include "dispatch.h"
 #include "generation.h"
+#include "json.h"
 #include "vm.h"
 
 #include "envoy/service/ext_proc/v3/external_processor.pb-c.h"
@@ -381,8 +381,8 @@ int luaopen_callout_native(lua_State *L)
     luaL_newlib(L, funcs);
     pbstruct_push_null(L);
     lua_setfield(L, -2, "null");
-    /* callout.json itself, so specs, the fuzz-free corpus and tests/bench call the server's
-     * code directly (scripts reach the same through require "callout.json") */
+    /* callout.json itself, so that specs and tests/bench call the server's code directly
+     * (scripts reach the same through require "callout.json") */
     ljson_open(L);
     lua_setfield(L, -2, "json");
     return 1;
