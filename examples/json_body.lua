@@ -1,13 +1,16 @@
--- json_body.lua — rewrite JSON request bodies with lua-cjson (Debian's lua-cjson).
+-- json_body.lua — rewrite JSON request bodies with callout.json, leaving the rest as it was.
 --
 -- Needs request_body_mode: BUFFERED, so that the body arrives whole. A JSON object gets a
--- "processed_by" field and loses its "password" field; a body that is not JSON at all is
--- refused with 400 before it reaches the backend. Other content types pass untouched.
+-- "processed_by" field (last, after the client's own) and loses its "password" field; a
+-- body that is not JSON at all is refused with 400 before it reaches the backend. Other
+-- content types pass untouched.
 --
--- lua-cjson reads every number as a double and writes it with 14 significant digits, and
--- writes an empty array as {}: good for most API payloads, not for every JSON document.
+-- callout.json round-trips: the client's key order, [] and {}, integers past 2^53 and
+-- floats come back as they were sent, so the backend sees the client's document plus the
+-- one change. (lua-cjson, still loadable as require "cjson", would have turned
+-- {"tools":[],"seed":12345678901234567} into {"seed":1.2345678901235e+16,"tools":{}}.)
 
-local cjson = require "cjson"
+local json = require "callout.json"
 
 local function is_json(content_type)
   local ct = (content_type or ""):lower()
@@ -25,16 +28,16 @@ end
 
 function on_request_body(body, ctx)
   if not ctx.state.json then return nil end
-  local ok, doc = pcall(cjson.decode, body.body)
+  local ok, doc = pcall(json.decode, body.body)
   if not ok then
     return { immediate = { status = 400,
                            headers = { { "content-type", "application/json" } },
-                           body = cjson.encode({ error = "request body is not valid JSON" }) } }
+                           body = json.encode { error = "request body is not valid JSON" } } }
   end
-  if type(doc) ~= "table" or doc[1] ~= nil then
+  if json.kind(doc) ~= "object" then
     return nil   -- a scalar or an array: nothing to rewrite
   end
   doc.processed_by = "luacallout"
   doc.password = nil
-  return { body = cjson.encode(doc) }
+  return { body = json.encode(doc) }
 end

@@ -12,6 +12,7 @@
 
 #include <lauxlib.h>
 
+#include "json.h"
 #include "jwt.h"
 #include "log.h"
 #include "logjson.h"
@@ -288,6 +289,9 @@ static int load_callout(lua_State *L)
     push_deny_mt(L);
     lua_setfield(L, -2, "deny_mt");
     lua_call(L, 1, 1);
+    /* callout.json (src/json.c), also what require "callout.json" returns */
+    luaL_requiref(L, "callout.json", ljson_open, 0);
+    lua_setfield(L, -2, "json");
     /* callout.jwt (src/jwt.c), also what require "callout.jwt" returns */
     luaL_requiref(L, "callout.jwt", jwt_open, 0);
     lua_setfield(L, -2, "jwt");

@@ -10,11 +10,16 @@
  * Python's int() coercion), aud (refused when no audience is expected), sub and jti (must
  * be strings). A valid token gives its claims; an invalid one nil and PyJWT's reason.
  *
- * Claims come back as plain Lua values: objects are tables whose pairs() walks the keys in
- * token order (the order a Python dict keeps), arrays are sequences (callout.jwt.is_array
- * tells an empty one from an empty object), integers are Lua integers, other numbers
- * floats, null is callout.null. The base64url and JSON readers accept what Python's
- * binascii (non-strict) and json accept: PyJWT is the reference. */
+ * Claims come back as callout.json values (src/json.c parses them, with jansson): objects
+ * keep the token's key order for pairs() and json.encode, arrays are sequences marked as
+ * such (callout.jwt.is_array, like json.kind(v) == "array", tells an empty one from an
+ * empty object), integers are Lua integers, other numbers floats, null is callout.null. As
+ * Python's json does, a repeated key keeps its first place and takes the last value, and a
+ * UTF-8 byte order mark is skipped; unlike it, NaN, Infinity and unpaired \uD800-style
+ * surrogates are refused (jansson follows RFC 8259): such a token is invalid ("Invalid
+ * payload string: ..."). The base64url reader accepts what Python's binascii (non-strict)
+ * accepts, which OpenSSL's strict decoders do not (they refuse what PyJWT skips), so it
+ * stays ours. PyJWT is the reference. */
 #include "jwt.h"
 
 #include <errno.h>
@@ -30,16 +35,11 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 
+#include "json.h"
 #include "pbstruct.h"
 #include "vm.h"
 
 #define KEY_MT "callout.jwt.key"
-#define OBJECT_MT "callout.jwt.object"
-#define ARRAY_MT "callout.jwt.array"
-#define MAX_DEPTH 200   /* Python stops far deeper, but with an error PyJWT does not catch */
-
-/* Registry key (by address) of the weak table object -> its key order. */
-static const char order_key = 0;
 
 /* ------------------------------------------------------------------------------------ */
 /* base64url, the way PyJWT decodes a segment: pad with '=' to a multiple of 4 (counting */
@@ -105,420 +105,7 @@ static int push_b64url(lua_State *L, const char *in, size_t len)
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------ */
-/* JSON -> Lua, accepting what Python's json.loads accepts (NaN and Infinity included),  */
-/* keeping object key order for pairs().                                                 */
-/* ------------------------------------------------------------------------------------ */
-
-struct json {
-    lua_State *L;
-    const unsigned char *p, *end;
-    int depth;
-    int order, object_mt, array_mt;     /* absolute stack indices */
-    const char *err;
-};
-
-/* UTF-8 as Python decodes it with errors='surrogatepass' (encoded surrogates allowed). */
-static bool valid_utf8(const unsigned char *s, size_t n)
-{
-    size_t i = 0;
-    while (i < n) {
-        unsigned char c = s[i];
-        size_t k;
-        unsigned char lo = 0x80, hi = 0xbf;
-        if (c < 0x80) { i++; continue; }
-        else if (c >= 0xc2 && c <= 0xdf) k = 1;
-        else if (c >= 0xe0 && c <= 0xef) { k = 2; if (c == 0xe0) lo = 0xa0; }
-        else if (c >= 0xf0 && c <= 0xf4) { k = 3; if (c == 0xf0) lo = 0x90; if (c == 0xf4) hi = 0x8f; }
-        else return false;
-        if (n - i <= k)
-            return false;
-        if (s[i + 1] < lo || s[i + 1] > hi)
-            return false;
-        for (size_t j = 2; j <= k; j++)
-            if (s[i + j] < 0x80 || s[i + j] > 0xbf)
-                return false;
-        i += k + 1;
-    }
-    return true;
-}
-
-static void json_ws(struct json *j)
-{
-    while (j->p < j->end && (*j->p == ' ' || *j->p == '\t' || *j->p == '\n' || *j->p == '\r'))
-        j->p++;
-}
-
-static bool json_lit(struct json *j, const char *lit)
-{
-    size_t n = strlen(lit);
-    if ((size_t)(j->end - j->p) < n || memcmp(j->p, lit, n) != 0)
-        return false;
-    j->p += n;
-    return true;
-}
-
-static int hex4(const unsigned char *p)
-{
-    int v = 0;
-    for (int i = 0; i < 4; i++) {
-        int c = p[i], d;
-        if (c >= '0' && c <= '9') d = c - '0';
-        else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-        else if (c >= 'A' && c <= 'F') d = c - 'A' + 10;
-        else return -1;
-        v = v << 4 | d;
-    }
-    return v;
-}
-
-static void add_utf8(luaL_Buffer *b, unsigned cp)
-{
-    char u[4];
-    int n;
-    if (cp < 0x80) { u[0] = (char)cp; n = 1; }
-    else if (cp < 0x800) { u[0] = (char)(0xc0 | cp >> 6); u[1] = (char)(0x80 | (cp & 0x3f)); n = 2; }
-    else if (cp < 0x10000) {    /* a lone surrogate too, as Python keeps it */
-        u[0] = (char)(0xe0 | cp >> 12); u[1] = (char)(0x80 | (cp >> 6 & 0x3f));
-        u[2] = (char)(0x80 | (cp & 0x3f)); n = 3;
-    } else {
-        u[0] = (char)(0xf0 | cp >> 18); u[1] = (char)(0x80 | (cp >> 12 & 0x3f));
-        u[2] = (char)(0x80 | (cp >> 6 & 0x3f)); u[3] = (char)(0x80 | (cp & 0x3f)); n = 4;
-    }
-    luaL_addlstring(b, u, (size_t)n);
-}
-
-/* At the opening quote; pushes the string. */
-static int json_string(struct json *j)
-{
-    luaL_Buffer b;
-    luaL_buffinit(j->L, &b);
-    j->p++;
-    for (;;) {
-        const unsigned char *run = j->p;
-        while (j->p < j->end && *j->p != '"' && *j->p != '\\' && *j->p >= 0x20)
-            j->p++;
-        luaL_addlstring(&b, (const char *)run, (size_t)(j->p - run));
-        if (j->p >= j->end) {
-            j->err = "unterminated string";
-            goto fail;
-        }
-        if (*j->p == '"') {
-            j->p++;
-            luaL_pushresult(&b);
-            return 0;
-        }
-        if (*j->p < 0x20) {
-            j->err = "invalid control character in a string";
-            goto fail;
-        }
-        if (j->end - j->p < 2) {
-            j->err = "unterminated string";
-            goto fail;
-        }
-        unsigned char e = j->p[1];
-        j->p += 2;
-        switch (e) {
-        case '"': luaL_addchar(&b, '"'); break;
-        case '\\': luaL_addchar(&b, '\\'); break;
-        case '/': luaL_addchar(&b, '/'); break;
-        case 'b': luaL_addchar(&b, '\b'); break;
-        case 'f': luaL_addchar(&b, '\f'); break;
-        case 'n': luaL_addchar(&b, '\n'); break;
-        case 'r': luaL_addchar(&b, '\r'); break;
-        case 't': luaL_addchar(&b, '\t'); break;
-        case 'u': {
-            int cp = j->end - j->p >= 4 ? hex4(j->p) : -1;
-            if (cp < 0) {
-                j->err = "invalid \\uXXXX escape";
-                goto fail;
-            }
-            j->p += 4;
-            unsigned u = (unsigned)cp;
-            /* a high surrogate followed by an escaped low one is one character */
-            if (u >= 0xd800 && u <= 0xdbff && j->end - j->p >= 6 && j->p[0] == '\\' &&
-                j->p[1] == 'u') {
-                int lo = hex4(j->p + 2);
-                if (lo >= 0xdc00 && lo <= 0xdfff) {
-                    u = 0x10000 + ((u - 0xd800) << 10) + ((unsigned)lo - 0xdc00);
-                    j->p += 6;
-                }
-            }
-            add_utf8(&b, u);
-            break;
-        }
-        default:
-            j->err = "invalid escape";
-            goto fail;
-        }
-    }
-fail:
-    luaL_pushresult(&b);
-    lua_pop(j->L, 1);
-    return -1;
-}
-
 static bool is_digit(unsigned char c) { return c >= '0' && c <= '9'; }
-
-/* Python's number grammar: -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)? — an integer
- * without fraction or exponent, a float otherwise. Pushes the number; what follows the
- * longest match is left for the caller to reject. */
-static int json_number(struct json *j)
-{
-    const unsigned char *s = j->p, *p = j->p;
-    if (p < j->end && *p == '-')
-        p++;
-    if (p < j->end && *p == '0')
-        p++;
-    else if (p < j->end && *p >= '1' && *p <= '9')
-        while (p < j->end && is_digit(*p))
-            p++;
-    else {
-        j->err = "expecting a value";
-        return -1;
-    }
-    if (p + 1 < j->end && *p == '.' && is_digit(p[1])) {
-        p += 2;
-        while (p < j->end && is_digit(*p))
-            p++;
-    }
-    if (p < j->end && (*p == 'e' || *p == 'E')) {
-        const unsigned char *q = p + 1;
-        if (q < j->end && (*q == '-' || *q == '+'))
-            q++;
-        if (q < j->end && is_digit(*q)) {     /* otherwise the 'e' is not part of it */
-            while (q < j->end && is_digit(*q))
-                q++;
-            p = q;
-        }
-    }
-    j->p = p;
-    /* Lua reads the text the same way: a float with a fraction or an exponent, otherwise
-     * an integer (a float when it does not fit 64 bits) */
-    lua_State *L = j->L;
-    lua_pushlstring(L, (const char *)s, (size_t)(p - s));
-    if (lua_stringtonumber(L, lua_tostring(L, -1)) == 0) {
-        lua_pop(L, 1);
-        j->err = "bad number";
-        return -1;
-    }
-    lua_remove(L, -2);
-    return 0;
-}
-
-static int json_value(struct json *j);
-
-/* At '{'; pushes the table, its key order recorded in the order table. */
-static int json_object(struct json *j)
-{
-    lua_State *L = j->L;
-    luaL_checkstack(L, 8, "callout.jwt: JSON too deep");
-    lua_newtable(L);            /* obj */
-    lua_newtable(L);            /* its order: [i] = key, [key] = i */
-    lua_Integer n = 0;
-    j->p++;
-    json_ws(j);
-    if (j->p < j->end && *j->p == '}') {
-        j->p++;
-    } else {
-        for (;;) {
-            if (j->p >= j->end || *j->p != '"') {
-                j->err = "expecting a property name in double quotes";
-                goto fail;
-            }
-            if (json_string(j) != 0)
-                goto fail;
-            json_ws(j);
-            if (j->p >= j->end || *j->p != ':') {
-                lua_pop(L, 1);
-                j->err = "expecting ':'";
-                goto fail;
-            }
-            j->p++;
-            json_ws(j);
-            if (json_value(j) != 0) {
-                lua_pop(L, 1);
-                goto fail;
-            }
-            /* stack: obj order key value. A repeated key keeps its first place and takes
-             * the last value, as a Python dict does. */
-            lua_pushvalue(L, -2);
-            if (lua_rawget(L, -4) == LUA_TNIL) {
-                lua_pushvalue(L, -3);
-                lua_rawseti(L, -5, ++n);
-                lua_pushvalue(L, -3);
-                lua_pushinteger(L, n);
-                lua_rawset(L, -6);
-            }
-            lua_pop(L, 1);
-            lua_rawset(L, -4);
-            json_ws(j);
-            if (j->p < j->end && *j->p == '}') {
-                j->p++;
-                break;
-            }
-            if (j->p >= j->end || *j->p != ',') {
-                j->err = "expecting ',' or '}'";
-                goto fail;
-            }
-            j->p++;
-            json_ws(j);
-        }
-    }
-    lua_pushvalue(L, -2);
-    lua_insert(L, -2);
-    lua_rawset(L, j->order);    /* order[obj] = its key order */
-    lua_pushvalue(L, j->object_mt);
-    lua_setmetatable(L, -2);
-    return 0;
-fail:
-    lua_pop(L, 2);
-    return -1;
-}
-
-/* At '['; pushes the sequence. */
-static int json_array(struct json *j)
-{
-    lua_State *L = j->L;
-    luaL_checkstack(L, 4, "callout.jwt: JSON too deep");
-    lua_newtable(L);
-    lua_Integer n = 0;
-    j->p++;
-    json_ws(j);
-    if (j->p < j->end && *j->p == ']') {
-        j->p++;
-    } else {
-        for (;;) {
-            if (json_value(j) != 0)
-                goto fail;
-            lua_rawseti(L, -2, ++n);
-            json_ws(j);
-            if (j->p < j->end && *j->p == ']') {
-                j->p++;
-                break;
-            }
-            if (j->p >= j->end || *j->p != ',') {
-                j->err = "expecting ',' or ']'";
-                goto fail;
-            }
-            j->p++;
-            json_ws(j);
-        }
-    }
-    lua_pushvalue(L, j->array_mt);
-    lua_setmetatable(L, -2);
-    return 0;
-fail:
-    lua_pop(L, 1);
-    return -1;
-}
-
-static int json_value(struct json *j)
-{
-    if (j->p >= j->end) {
-        j->err = "expecting a value";
-        return -1;
-    }
-    if (++j->depth > MAX_DEPTH) {
-        j->err = "nested too deeply";
-        return -1;
-    }
-    int rc = 0;
-    switch (*j->p) {
-    case '{': rc = json_object(j); break;
-    case '[': rc = json_array(j); break;
-    case '"': rc = json_string(j); break;
-    default:
-        if (json_lit(j, "null")) pbstruct_push_null(j->L);
-        else if (json_lit(j, "true")) lua_pushboolean(j->L, 1);
-        else if (json_lit(j, "false")) lua_pushboolean(j->L, 0);
-        else if (json_lit(j, "NaN")) lua_pushnumber(j->L, (lua_Number)NAN);
-        else if (json_lit(j, "Infinity")) lua_pushnumber(j->L, (lua_Number)HUGE_VAL);
-        else if (json_lit(j, "-Infinity")) lua_pushnumber(j->L, -(lua_Number)HUGE_VAL);
-        else rc = json_number(j);
-    }
-    j->depth--;
-    return rc;
-}
-
-/* Parses s[0..n) as one JSON document (json.loads of bytes: UTF-8, a BOM skipped) and
- * pushes it; on failure pushes nothing and returns the reason. Needs the order table and
- * the metatables at order, order + 1, order + 2. */
-static const char *json_decode(lua_State *L, const char *s, size_t n, int order)
-{
-    const unsigned char *u = (const unsigned char *)s;
-    if (n >= 3 && u[0] == 0xef && u[1] == 0xbb && u[2] == 0xbf) {
-        u += 3;
-        n -= 3;
-    }
-    if (!valid_utf8(u, n))
-        return "not valid UTF-8";
-    struct json j = {L, u, u + n, 0, order, order + 1, order + 2, NULL};
-    json_ws(&j);
-    if (json_value(&j) != 0)
-        return j.err;
-    json_ws(&j);
-    if (j.p != j.end) {
-        lua_pop(L, 1);
-        return "extra data";
-    }
-    return NULL;
-}
-
-/* pairs() of a decoded object: its keys in token order, then any key a script added.
- * upvalue 1: the order table. */
-static int object_next(lua_State *L)
-{
-    lua_settop(L, 2);
-    lua_pushvalue(L, 1);
-    lua_rawget(L, lua_upvalueindex(1));     /* 3: the object's key order, or nil */
-    bool ordered = lua_istable(L, 3);
-    lua_Integer i = 0;
-    bool rest = !ordered;
-    if (ordered && !lua_isnil(L, 2)) {
-        lua_pushvalue(L, 2);
-        if (lua_rawget(L, 3) == LUA_TNUMBER)
-            i = lua_tointeger(L, -1);
-        else
-            rest = true;                    /* already past the ordered keys */
-        lua_pop(L, 1);
-    }
-    if (!rest) {
-        lua_Integer n = (lua_Integer)lua_rawlen(L, 3);
-        for (i++; i <= n; i++) {
-            lua_rawgeti(L, 3, i);
-            lua_pushvalue(L, -1);
-            if (lua_rawget(L, 1) != LUA_TNIL)
-                return 2;
-            lua_pop(L, 2);
-        }
-        lua_pushnil(L);
-        lua_replace(L, 2);
-    }
-    lua_pushvalue(L, 2);
-    while (lua_next(L, 1) != 0) {
-        if (ordered && lua_type(L, -2) == LUA_TSTRING) {
-            lua_pushvalue(L, -2);
-            bool known = lua_rawget(L, 3) != LUA_TNIL;
-            lua_pop(L, 1);
-            if (known) {
-                lua_pop(L, 1);
-                continue;
-            }
-        }
-        return 2;
-    }
-    lua_pushnil(L);
-    return 1;
-}
-
-static int object_pairs(lua_State *L)
-{
-    lua_pushvalue(L, lua_upvalueindex(1));
-    lua_pushvalue(L, 1);
-    lua_pushnil(L);
-    return 3;
-}
 
 /* ------------------------------------------------------------------------------------ */
 /* Keys and signatures                                                                   */
@@ -591,13 +178,9 @@ static bool verify_rs256(EVP_PKEY *key, const char *data, size_t len, const char
 /* decode                                                                                */
 /* ------------------------------------------------------------------------------------ */
 
-static bool is_array(lua_State *L, int idx, int array_mt)
+static bool is_array(lua_State *L, int idx)
 {
-    if (!lua_getmetatable(L, idx))
-        return false;
-    bool yes = lua_rawequal(L, -1, array_mt);
-    lua_pop(L, 1);
-    return yes;
+    return ljson_kind(L, idx) == LJSON_ARRAY;
 }
 
 /* Python truthiness of a decoded JSON value. */
@@ -667,7 +250,7 @@ struct opts {
 };
 
 /* The token's claim checks, in PyJWT's order. claims at idx; NULL when they pass. */
-static const char *check_claims(lua_State *L, int idx, const struct opts *o, int array_mt)
+static const char *check_claims(lua_State *L, int idx, const struct opts *o)
 {
     static const struct {
         const char *name, *not_int, *fails;
@@ -698,7 +281,7 @@ static const char *check_claims(lua_State *L, int idx, const struct opts *o, int
             why = "Invalid audience";
     } else if (!truthy(L, aud)) {
         why = "Token is missing the \"aud\" claim";
-    } else if (lua_type(L, aud) != LUA_TSTRING && !is_array(L, aud, array_mt)) {
+    } else if (lua_type(L, aud) != LUA_TSTRING && !is_array(L, aud)) {
         why = "Invalid claim format in token";
     } else {
         lua_Integer n = lua_type(L, aud) == LUA_TSTRING ? 0 : (lua_Integer)lua_rawlen(L, aud);
@@ -743,7 +326,7 @@ static const char *check_claims(lua_State *L, int idx, const struct opts *o, int
 }
 
 /* The JOSE header checks, in PyJWT's order (kid, crit, b64, then alg). */
-static const char *check_header(lua_State *L, int h, int array_mt)
+static const char *check_header(lua_State *L, int h)
 {
     const char *why = NULL;
     if (lua_getfield(L, h, "kid") != LUA_TNIL && lua_type(L, -1) != LUA_TSTRING)
@@ -751,7 +334,7 @@ static const char *check_header(lua_State *L, int h, int array_mt)
     lua_pop(L, 1);
     if (why == NULL && lua_getfield(L, h, "crit") != LUA_TNIL) {
         int c = lua_gettop(L);
-        lua_Integer n = is_array(L, c, array_mt) ? (lua_Integer)lua_rawlen(L, c) : 0;
+        lua_Integer n = is_array(L, c) ? (lua_Integer)lua_rawlen(L, c) : 0;
         if (n == 0)
             why = "Invalid 'crit' header: must be a non-empty list";
         for (lua_Integer i = 1; i <= n && why == NULL; i++) {
@@ -832,34 +415,28 @@ static int l_decode(lua_State *L)
     luaL_argcheck(L, *key != NULL, 2, "a released key");
     struct opts o;
     read_opts(L, 3, &o);
-    lua_rawgetp(L, LUA_REGISTRYINDEX, &order_key);
-    int order = lua_gettop(L);
-    luaL_getmetatable(L, OBJECT_MT);
-    luaL_getmetatable(L, ARRAY_MT);
-    int array_mt = order + 2;
-
-    const char *why = NULL, *jerr;
-    char reason[96];
+    const char *why = NULL;
+    char jerr[200], reason[256];
     const char *last = memrchr(tok, '.', len);
     const char *first = last != NULL ? memchr(tok, '.', (size_t)(last - tok)) : NULL;
     if (first == NULL) {
         why = "Not enough segments";
         goto invalid;
     }
-    /* 1 token, 2 key, 3 options, order, object_mt, array_mt, then: */
+    /* 1 token, 2 key, 3 options, then: */
     if (push_b64url(L, tok, (size_t)(first - tok)) != 0) {
         why = "Invalid header padding";
         goto invalid;
     }
     size_t hlen;
     const char *htext = lua_tolstring(L, -1, &hlen);
-    if ((jerr = json_decode(L, htext, hlen, order)) != NULL) {
+    if (ljson_decode(L, htext, hlen, LJSON_DUPLICATES | LJSON_SKIP_BOM, jerr, sizeof jerr) != 0) {
         snprintf(reason, sizeof reason, "Invalid header string: %s", jerr);
         why = reason;
         goto invalid;
     }
     int header = lua_gettop(L);
-    if (!lua_istable(L, header) || is_array(L, header, array_mt)) {
+    if (!lua_istable(L, header) || is_array(L, header)) {
         why = "Invalid header string: must be a json object";
         goto invalid;
     }
@@ -873,7 +450,7 @@ static int l_decode(lua_State *L)
         goto invalid;
     }
     int sig = lua_gettop(L);
-    if ((why = check_header(L, header, array_mt)) != NULL)
+    if ((why = check_header(L, header)) != NULL)
         goto invalid;
     size_t siglen;
     const char *sigbytes = lua_tolstring(L, sig, &siglen);
@@ -883,17 +460,17 @@ static int l_decode(lua_State *L)
     }
     size_t plen;
     const char *ptext = lua_tolstring(L, payload, &plen);
-    if ((jerr = json_decode(L, ptext, plen, order)) != NULL) {
+    if (ljson_decode(L, ptext, plen, LJSON_DUPLICATES | LJSON_SKIP_BOM, jerr, sizeof jerr) != 0) {
         snprintf(reason, sizeof reason, "Invalid payload string: %s", jerr);
         why = reason;
         goto invalid;
     }
     int claims = lua_gettop(L);
-    if (!lua_istable(L, claims) || is_array(L, claims, array_mt)) {
+    if (!lua_istable(L, claims) || is_array(L, claims)) {
         why = "Invalid payload string: must be a json object";
         goto invalid;
     }
-    if ((why = check_claims(L, claims, &o, array_mt)) != NULL)
+    if ((why = check_claims(L, claims, &o)) != NULL)
         goto invalid;
     lua_settop(L, claims);
     return 1;
@@ -906,8 +483,7 @@ invalid:
 /* is_array(v): whether v is an array decoded from a token (an empty one included) */
 static int l_is_array(lua_State *L)
 {
-    luaL_getmetatable(L, ARRAY_MT);
-    lua_pushboolean(L, lua_type(L, 1) == LUA_TTABLE && is_array(L, 1, lua_gettop(L)));
+    lua_pushboolean(L, is_array(L, 1));
     return 1;
 }
 
@@ -920,25 +496,6 @@ int jwt_open(lua_State *L)
         lua_pushcfunction(L, key_tostring);
         lua_setfield(L, -2, "__tostring");
     }
-    lua_pop(L, 1);
-    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &order_key) != LUA_TTABLE) {
-        lua_pop(L, 1);
-        lua_newtable(L);
-        lua_createtable(L, 0, 1);
-        lua_pushliteral(L, "k");
-        lua_setfield(L, -2, "__mode");
-        lua_setmetatable(L, -2);
-        lua_pushvalue(L, -1);
-        lua_rawsetp(L, LUA_REGISTRYINDEX, &order_key);
-    }
-    if (luaL_newmetatable(L, OBJECT_MT)) {
-        lua_pushvalue(L, -2);
-        lua_pushcclosure(L, object_next, 1);
-        lua_pushcclosure(L, object_pairs, 1);
-        lua_setfield(L, -2, "__pairs");
-    }
-    lua_pop(L, 2);
-    luaL_newmetatable(L, ARRAY_MT);
     lua_pop(L, 1);
 
     static const luaL_Reg fns[] = {

@@ -1,0 +1,219 @@
+-- callout.json (src/json.c): the round-trip corpus, the markers, key order, numbers, errors
+-- with positions, limits. The module is the server's own code, reached through
+-- callout.native (the same build); the last block checks what a script sees in the VM.
+
+local testing = require "callout.testing"
+local native = require "callout.native"
+local json = native.json
+
+-- Canonical documents: decode then encode gives the same bytes. Canonical means compact
+-- (no blanks), minimal escapes (only '"', '\\' and control characters; '/' and U+2028 as
+-- they are; short forms \b \f \n \r \t, else \u00XX lower-case), integers in decimal,
+-- floats in their shortest %g form with an exponent without leading zeros and a ".0" when
+-- the digits alone would read as an integer.
+local CORPUS = {
+  -- key order, empty containers, nesting
+  '{"z":1,"a":2,"m":3}',
+  '{"tools":[],"seed":12345678901234567,"opts":{}}',
+  '[[],{},[[]],[{}],{"a":[]},{"a":{}}]',
+  '{"a":{"b":{"c":{"d":[[[{}]]]}}}}',
+  '[]', '{}', 'null', 'true', 'false', '0', '""',
+  '[null,true,false]',
+  '{"":"empty key","a":null}',
+  -- integers
+  '[9223372036854775807,-9223372036854775808,0,-1,12345678901234567,4294967296]',
+  -- floats
+  '[0.1,1e+300,-0.0,5e-324,1.5,1.0,-2.5,1e-7,0.000001,1.7976931348623157e+308,2.2250738585072014e-308]',
+  '[0.30000000000000004,100.0,10000000000000000.0,1e+21,123456789012345.6,3.141592653589793]',
+  -- strings and escapes
+  '"a\\u0000b"',
+  '"\\"\\\\\\b\\f\\n\\r\\t\\u0001\\u001f"',
+  '"/ slash, \u{2028} and \u{2029} as they are"',
+  '"\u{7f} DEL"',
+  '"😀 a surrogate pair decoded, written as UTF-8"',
+  '"ünïcödé, 中文, עברית"',
+  '{"ключ":"значение","😀":[1]}',
+  -- an OpenAI-style request
+  '{"model":"gpt-4o","messages":[{"role":"system","content":"Be brief."},{"role":"user",' ..
+    '"content":"Hi"}],"temperature":0.7,"max_tokens":256,"stream":false,"tools":[],' ..
+    '"metadata":{},"seed":12345678901234567,"logit_bias":{"50256":-100}}',
+}
+
+-- Documents that decode to the same value as a canonical one, and what encode writes.
+local NORMALISED = {
+  { ' { "a" : [ 1 , 2 ] } ', '{"a":[1,2]}' },
+  { '"\\u00e9\\/\\ud83d\\ude00"', '"é/😀"' },
+  { '"\\u2028"', '"\u{2028}"' },
+  { '[1E300,1e300,1.0e0,0.5e1,-0]', '[1e+300,1e+300,1.0,5.0,0]' },
+  { '[1e-07,100e-2,1e2,1E16,1.5e-6]', '[1e-7,1.0,100.0,10000000000000000.0,0.0000015]' },
+}
+
+describe("callout.json", function()
+  it("round-trips the corpus byte for byte", function()
+    for _, doc in ipairs(CORPUS) do
+      assert.equal(doc, json.encode(json.decode(doc)))
+    end
+  end)
+
+  it("writes equivalent documents in the canonical form", function()
+    for _, case in ipairs(NORMALISED) do
+      assert.equal(case[2], json.encode(json.decode(case[1])), case[1])
+    end
+  end)
+
+  it("round-trips nesting up to the limit and refuses one more, with its position", function()
+    local deep = string.rep("[", 256) .. string.rep("]", 256)
+    assert.equal(deep, json.encode(json.decode(deep)))
+    local deeper = '{"a":' .. string.rep("[", 256) .. string.rep("]", 256) .. "}"
+    assert.error_matches(function() json.decode(deeper) end,
+      "callout.json: nested deeper than 256 at line 1, column 261", 1, true)
+    local t = {}
+    for _ = 1, 256 do t = { t } end
+    assert.error_matches(function() json.encode(t) end, "nested deeper than 256", 1, true)
+  end)
+
+  it("keeps integers exact to 64 bits and floats as floats", function()
+    local v = json.decode('[9223372036854775807,-9223372036854775808,1.0,12345678901234567]')
+    assert.equal(math.maxinteger, v[1])
+    assert.equal(math.mininteger, v[2])
+    assert.equal("float", math.type(v[3]))
+    assert.equal(12345678901234567, v[4])
+    assert.equal("integer", math.type(v[4]))
+    assert.equal("1.0", json.encode(1.0))
+    assert.equal("3", json.encode(3))
+    assert.equal("-0.0", json.encode(-0.0))
+    for _, x in ipairs { 0.1, 1 / 3, 2 ^ 60 + 0.0, 1e-300, 5e-324, -123.456e78 } do
+      assert.equal(x, json.decode(json.encode(x)))
+    end
+  end)
+
+  it("keeps decoded key order; new keys go last, in assignment order; nil removes", function()
+    local o = json.decode('{"b":1,"a":2,"c":3}')
+    o.z = 4
+    o.y = 5
+    o.a = nil
+    o.b = 10                                  -- an existing key keeps its place
+    assert.equal('{"b":10,"c":3,"z":4,"y":5}', json.encode(o))
+    o.a = 6                                   -- removed, then assigned again: last
+    assert.equal('{"b":10,"c":3,"z":4,"y":5,"a":6}', json.encode(o))
+    local keys = {}
+    for k in pairs(o) do keys[#keys + 1] = k end
+    assert.same({ "b", "c", "z", "y", "a" }, keys)
+    rawset(o, "r", 1)                         -- set around the order: after it, sorted
+    assert.equal('{"b":10,"c":3,"z":4,"y":5,"a":6,"r":1}', json.encode(o))
+  end)
+
+  it("marks [] and {}: kind, object, array", function()
+    assert.equal("array", json.kind(json.decode("[]")))
+    assert.equal("object", json.kind(json.decode("{}")))
+    assert.is_nil(json.kind({}))
+    assert.is_nil(json.kind("x"))
+    assert.equal("[]", json.encode(json.array()))
+    assert.equal("{}", json.encode(json.object()))
+    assert.equal('{"1":"a"}', json.encode(json.object { "a" }))
+    assert.equal('[]', json.encode(json.array { x = 1 }))  -- an array writes 1..#t only
+    local t = { b = 1, a = 2 }
+    assert.equal(t, json.object(t))
+    t.c = 3
+    assert.equal('{"a":2,"b":1,"c":3}', json.encode(t))  -- marked keys sorted, then new ones
+    local arr = json.decode("[1]")
+    json.object(arr)
+    assert.equal("object", json.kind(arr))
+    assert.equal('{"1":1}', json.encode(arr))
+    assert.error_matches(function() json.object(setmetatable({}, {})) end, "metatable")
+  end)
+
+  it("writes plain tables: 1..n as an array, anything else as an object with sorted keys", function()
+    assert.equal("[1,2,3]", json.encode { 1, 2, 3 })
+    assert.equal("{}", json.encode {})
+    assert.equal('{"a":1,"b":[true],"c":{}}', json.encode { c = {}, b = { true }, a = 1 })
+    assert.equal('{"1":1,"3":3}', json.encode { [1] = 1, [3] = 3 })
+    assert.equal('{"1":"x","k":"v"}', json.encode { "x", k = "v" })
+    assert.error_matches(function() json.encode { [true] = 1 } end, "boolean key")
+  end)
+
+  it("maps null to callout.null both ways", function()
+    assert.equal(native.null, json.null)
+    assert.equal(json.null, json.decode("null"))
+    assert.equal(json.null, json.decode('{"a":null}').a)
+    assert.equal('[null,1]', json.encode { json.null, 1 })
+    assert.equal("null", json.encode(nil))
+  end)
+
+  it("keeps NUL in strings", function()
+    local s = json.decode('"a\\u0000b"')
+    assert.equal("a\0b", s)
+    assert.equal('{"k":"\\u0000"}', json.encode(json.decode('{"k":"\\u0000"}')))
+    -- jansson refuses NUL in object keys, even with JSON_ALLOW_NUL
+    assert.error_matches(function() json.decode('{"k\\u0000":1}') end, "NUL byte in object key")
+  end)
+
+  it("refuses what JSON cannot say", function()
+    local t = {}
+    t.self = t
+    assert.error_matches(function() json.encode(t) end, "callout.json: cannot encode a table that contains itself", 1, true)
+    assert.error_matches(function() json.encode(0 / 0) end, "cannot encode NaN", 1, true)
+    assert.error_matches(function() json.encode { math.huge } end, "cannot encode infinity", 1, true)
+    assert.error_matches(function() json.encode(print) end, "cannot encode a function", 1, true)
+    assert.error_matches(function() json.encode { io.stdout } end, "cannot encode a userdata", 1, true)
+    assert.error_matches(function() json.encode "\xff" end, "invalid UTF-8 in a string at byte 1", 1, true)
+    assert.error_matches(function() json.encode "\xed\xa0\x80" end, "invalid UTF-8", 1, true)
+    -- a table seen twice is no cycle
+    local shared = { 1 }
+    assert.equal("[[1],[1]]", json.encode { shared, shared })
+  end)
+
+  it("reports invalid documents with their line and column", function()
+    local cases = {
+      { '{"a":1,"a":2}', "duplicate object key near '\"a\"' at line 1, column 10" },
+      { '[1,2', "']' expected near end of file at line 1, column 4" },
+      { '{"a":\n nul}', "at line 2, column 4" },
+      { '[18446744073709551616]', "too big integer" },
+      { '[-9223372036854775809]', "too big negative integer" },
+      { '[1e400]', "real number overflow" },
+      { '[NaN]', "invalid token" },
+      { '"\xff"', "invalid UTF-8 at line 1, column 1" },
+      { '"\\ud800"', "invalid Unicode" },
+      { '', "at line 1, column 1" },
+      { '[1] x', "end of file expected" },
+      { "'a'", "invalid token" },
+    }
+    for _, c in ipairs(cases) do
+      local ok, err = pcall(json.decode, c[1])
+      assert.is_false(ok, c[1])
+      assert.matches("^callout.json: ", err)
+      assert.matches(c[2], err, 1, true)
+      assert.matches("at line %d+, column %d+$", err)
+    end
+  end)
+
+  it("refuses a document over 4 MiB, naming where", function()
+    local big = '"' .. string.rep("a", 4 * 1024 * 1024) .. '"'
+    assert.error_matches(function() json.decode(big) end,
+      "callout.json: document longer than 4194304 bytes at line 1, column 4194305", 1, true)
+    local fits = '"' .. string.rep("a", 4 * 1024 * 1024 - 2) .. '"'
+    assert.equal(fits, json.encode(json.decode(fits)))
+  end)
+
+  it("refuses a document whose parse tree is over 64 MiB, then decodes the next one", function()
+    local zeros = "[" .. string.rep("0,", 2 * 1024 * 1024 - 2) .. "0]"     -- under 4 MiB
+    assert.error_matches(function() json.decode(zeros) end,
+      "callout.json: parse tree over the memory limit (64 MiB) at line", 1, true)
+    assert.equal("[1,{}]", json.encode(json.decode("[1,{}]")))
+  end)
+
+  it("is callout.json in a script, next to cjson", function()
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      assert(json == callout.json and json.null == callout.null)
+      local cjson = require "cjson"
+      function on_request_body(body)
+        local doc = json.decode(body.body)
+        doc.routed = json.kind(doc.tools)
+        return { body = json.encode(doc) }
+      end]])
+    local r = testing.run(script, testing.request_body('{"tools":[],"seed":12345678901234567}'))
+    assert.equal('{"tools":[],"seed":12345678901234567,"routed":"array"}',
+                 r.request_body.response.body_mutation.body)
+  end)
+end)

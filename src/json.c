@@ -1,0 +1,1054 @@
+/* json.c — `callout.json`, JSON for scripts that round-trips:
+ *
+ *   local json = require "callout.json"
+ *   local body = json.decode(text)       -- objects keep their key order, [] and {} their kind
+ *   body.model = "other"                 -- a new key goes last, obj.k = nil removes k
+ *   return json.encode(body)             -- compact; a compact document comes back byte for byte
+ *
+ * jansson parses (a JSON library from Debian, not a parser of ours); this file converts its
+ * tree to Lua and writes Lua values back as text. Decoded objects and arrays carry one of
+ * two shared metatables, the marker json.kind reads and json.object / json.array set. An
+ * object's key order lives in a weak-keyed side table (object -> order); the object
+ * metatable's __newindex appends each new key there and its __pairs walks it.
+ *
+ * Bounds: the C calls run outside the script's instruction budget, so their cost must be
+ * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
+ * LJSON_MAX_DEPTH levels of nesting, and jansson's own heap (outside the VM's memory
+ * ceiling) is capped per thread at JSON_HEAP_MAX; encode writes into a buffer taken from
+ * the VM's allocator, so its output counts against the ceiling, and stops at the same depth
+ * (a cycle is named as such). The parse tree and the output buffer are to-be-closed values,
+ * freed on every path, a Lua memory error included. */
+#include "json.h"
+
+#include <float.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <lauxlib.h>
+
+#include "pbstruct.h"
+
+#define OBJECT_MT "callout.json.object"
+#define ARRAY_MT "callout.json.array"
+#define TREE_MT "callout.json.tree"
+#define BUF_MT "callout.json.buffer"
+/* jansson's tree of a typical document is a few times its size; 4 MiB of "[0,0,0,..."
+ * (40 bytes a value) needs more than this and is refused. */
+#define JSON_HEAP_MAX ((size_t)64 << 20)
+
+/* Registry key (by address) of the weak-keyed table object -> its key order. An order
+ * table holds [i] = key for i = 1..n and [key] = i, the latest place of key: a key whose
+ * [key] is not i at place i was removed and assigned again later. */
+static const char order_key = 0;
+
+/* ------------------------------------------------------------------------------------ */
+/* jansson's heap, counted per thread                                                   */
+/* ------------------------------------------------------------------------------------ */
+
+/* jansson allocates with malloc, outside the VM's ceiling. Every VM of a thread shares this
+ * count of what jansson holds now; past JSON_HEAP_MAX the allocation fails and jansson
+ * reports "out of memory" as a parse error. The header keeps the size for the free. */
+static _Thread_local size_t heap_used;
+
+union heap_header {
+    size_t size;
+    max_align_t align;
+};
+
+static void *heap_malloc(size_t n)
+{
+    if (n > JSON_HEAP_MAX - heap_used)
+        return NULL;
+    union heap_header *h = malloc(sizeof *h + n);
+    if (h == NULL)
+        return NULL;
+    h->size = n;
+    heap_used += n;
+    return h + 1;
+}
+
+static void heap_free(void *p)
+{
+    if (p == NULL)
+        return;
+    union heap_header *h = (union heap_header *)p - 1;
+    heap_used -= h->size < heap_used ? h->size : heap_used;
+    free(h);
+}
+
+static pthread_once_t heap_once = PTHREAD_ONCE_INIT;
+
+static void heap_install(void)
+{
+    json_set_alloc_funcs(heap_malloc, heap_free);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The markers and the key order                                                        */
+/* ------------------------------------------------------------------------------------ */
+
+static int object_next(lua_State *L);
+
+/* pairs() of an object: its keys in order, then any key set around the order (rawset).
+ * upvalue 1: the order side table. */
+static int object_pairs(lua_State *L)
+{
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_pushcclosure(L, object_next, 1);
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    return 3;
+}
+
+/* Whether key k (at idx) sits at place i of order (at o): its live entry. */
+static bool order_live(lua_State *L, int o, int k, lua_Integer i)
+{
+    lua_pushvalue(L, k);
+    bool yes = lua_rawget(L, o) == LUA_TNUMBER && lua_tointeger(L, -1) == i;
+    lua_pop(L, 1);
+    return yes;
+}
+
+/* next() over an object in key order; upvalue 1: the order side table. */
+static int object_next(lua_State *L)
+{
+    lua_settop(L, 2);
+    lua_pushvalue(L, 1);
+    lua_rawget(L, lua_upvalueindex(1));     /* 3: the object's order, or nil */
+    bool ordered = lua_istable(L, 3);
+    lua_Integer i = 0;
+    bool rest = !ordered;
+    if (ordered && !lua_isnil(L, 2)) {
+        lua_pushvalue(L, 2);
+        if (lua_rawget(L, 3) == LUA_TNUMBER)
+            i = lua_tointeger(L, -1);
+        else
+            rest = true;                    /* already past the ordered keys */
+        lua_pop(L, 1);
+    }
+    if (!rest) {
+        lua_Integer n = (lua_Integer)lua_rawlen(L, 3);
+        for (i++; i <= n; i++) {
+            lua_rawgeti(L, 3, i);           /* 4: key */
+            if (order_live(L, 3, 4, i)) {
+                lua_pushvalue(L, 4);
+                if (lua_rawget(L, 1) != LUA_TNIL)
+                    return 2;
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+        }
+        lua_pushnil(L);
+        lua_replace(L, 2);
+    }
+    lua_pushvalue(L, 2);
+    while (lua_next(L, 1) != 0) {
+        if (ordered && lua_type(L, -2) == LUA_TSTRING) {
+            lua_pushvalue(L, -2);
+            bool known = lua_rawget(L, 3) != LUA_TNIL;
+            lua_pop(L, 1);
+            if (known) {
+                lua_pop(L, 1);
+                continue;
+            }
+        }
+        return 2;
+    }
+    lua_pushnil(L);
+    return 1;
+}
+
+/* Appends string key k to the order of object t (stack indices, as order_side, the side
+ * table), creating the order on first use. */
+static void order_append(lua_State *L, int order_side, int t, int k)
+{
+    lua_pushvalue(L, t);
+    if (lua_rawget(L, order_side) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_pushvalue(L, t);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, order_side);
+    }
+    lua_Integer n = (lua_Integer)lua_rawlen(L, -1) + 1;
+    lua_pushvalue(L, k);
+    lua_rawseti(L, -2, n);
+    lua_pushvalue(L, k);
+    lua_pushinteger(L, n);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+}
+
+/* obj[k] = v for a key obj does not hold: store it, and a string key goes last in the
+ * order. upvalue 1: the order side table. */
+static int object_newindex(lua_State *L)
+{
+    lua_settop(L, 3);
+    if (lua_isnil(L, 3))
+        return 0;
+    lua_pushvalue(L, 2);
+    lua_pushvalue(L, 3);
+    lua_rawset(L, 1);
+    if (lua_type(L, 2) == LUA_TSTRING)
+        order_append(L, lua_upvalueindex(1), 1, 2);
+    return 0;
+}
+
+/* Pushes the order side table, the object and the array metatables, creating them on
+ * first use (callout.jwt may decode before callout.json is opened). stack: +3 */
+static void push_env(lua_State *L)
+{
+    luaL_checkstack(L, 6, "callout.json");
+    if (lua_rawgetp(L, LUA_REGISTRYINDEX, &order_key) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        lua_newtable(L);
+        lua_createtable(L, 0, 1);
+        lua_pushliteral(L, "k");
+        lua_setfield(L, -2, "__mode");
+        lua_setmetatable(L, -2);
+        lua_pushvalue(L, -1);
+        lua_rawsetp(L, LUA_REGISTRYINDEX, &order_key);
+    }
+    if (luaL_newmetatable(L, OBJECT_MT)) {
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, object_pairs, 1);
+        lua_setfield(L, -2, "__pairs");
+        lua_pushvalue(L, -2);
+        lua_pushcclosure(L, object_newindex, 1);
+        lua_setfield(L, -2, "__newindex");
+    }
+    luaL_newmetatable(L, ARRAY_MT);
+}
+
+enum ljson_kind ljson_kind(lua_State *L, int idx)
+{
+    if (lua_type(L, idx) != LUA_TTABLE || !lua_getmetatable(L, idx))
+        return LJSON_PLAIN;
+    enum ljson_kind k = LJSON_PLAIN;
+    luaL_checkstack(L, 2, "callout.json");
+    luaL_getmetatable(L, OBJECT_MT);
+    if (lua_rawequal(L, -1, -2))
+        k = LJSON_OBJECT;
+    lua_pop(L, 1);
+    luaL_getmetatable(L, ARRAY_MT);
+    if (lua_rawequal(L, -1, -2))
+        k = LJSON_ARRAY;
+    lua_pop(L, 2);
+    return k;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* decode: jansson's tree -> Lua                                                        */
+/* ------------------------------------------------------------------------------------ */
+
+/* The tree as a to-be-closed value: freed when decode returns or raises. */
+static int tree_close(lua_State *L)
+{
+    json_t **t = luaL_checkudata(L, 1, TREE_MT);
+    json_decref(*t);
+    *t = NULL;
+    return 0;
+}
+
+struct conv {
+    lua_State *L;
+    int order, object_mt, array_mt;     /* absolute stack indices */
+};
+
+/* Pushes v; false when nested deeper than LJSON_MAX_DEPTH (nothing pushed). */
+static bool to_lua(struct conv *c, json_t *v, int depth)
+{
+    lua_State *L = c->L;
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: {
+        if (depth >= LJSON_MAX_DEPTH)
+            return false;
+        luaL_checkstack(L, 6, "callout.json: nested too deeply");
+        int n = (int)json_object_size(v);
+        lua_createtable(L, 0, n);               /* obj */
+        lua_createtable(L, n, n);               /* its order */
+        lua_Integer i = 0;
+        const char *key;
+        json_t *val;
+        json_object_foreach(v, key, val) {
+            size_t klen = json_object_iter_key_len(json_object_key_to_iter(key));
+            lua_pushlstring(L, key, klen);
+            if (!to_lua(c, val, depth + 1)) {
+                lua_pop(L, 3);
+                return false;
+            }
+            /* stack: obj order key val */
+            lua_pushvalue(L, -2);
+            lua_insert(L, -2);
+            lua_rawset(L, -5);                  /* obj[key] = val */
+            lua_pushvalue(L, -1);
+            lua_rawseti(L, -3, ++i);            /* order[i] = key */
+            lua_pushinteger(L, i);
+            lua_rawset(L, -3);                  /* order[key] = i */
+        }
+        lua_pushvalue(L, -2);
+        lua_insert(L, -2);
+        lua_rawset(L, c->order);
+        lua_pushvalue(L, c->object_mt);
+        lua_setmetatable(L, -2);
+        return true;
+    }
+    case JSON_ARRAY: {
+        if (depth >= LJSON_MAX_DEPTH)
+            return false;
+        luaL_checkstack(L, 4, "callout.json: nested too deeply");
+        size_t n = json_array_size(v);
+        lua_createtable(L, n < INT32_MAX ? (int)n : 0, 0);
+        for (size_t i = 0; i < n; i++) {
+            if (!to_lua(c, json_array_get(v, i), depth + 1)) {
+                lua_pop(L, 1);
+                return false;
+            }
+            lua_rawseti(L, -2, (lua_Integer)i + 1);
+        }
+        lua_pushvalue(L, c->array_mt);
+        lua_setmetatable(L, -2);
+        return true;
+    }
+    case JSON_STRING:
+        lua_pushlstring(L, json_string_value(v), json_string_length(v));
+        return true;
+    case JSON_INTEGER:
+        lua_pushinteger(L, (lua_Integer)json_integer_value(v));
+        return true;
+    case JSON_REAL:
+        lua_pushnumber(L, (lua_Number)json_real_value(v));
+        return true;
+    case JSON_TRUE:
+        lua_pushboolean(L, 1);
+        return true;
+    case JSON_FALSE:
+        lua_pushboolean(L, 0);
+        return true;
+    default:
+        pbstruct_push_null(L);
+        return true;
+    }
+}
+
+/* Line and column (1-based, in bytes) of s[at]: only on the error paths, so the common path
+ * scans nothing twice. */
+static void position_of(const char *s, size_t at, int *line, int *col)
+{
+    int l = 1;
+    size_t start = 0;
+    for (size_t i = 0; i < at; i++)
+        if (s[i] == '\n') {
+            l++;
+            start = i + 1;
+        }
+    *line = l;
+    *col = (int)(at - start) + 1;
+}
+
+/* Where the first container at depth LJSON_MAX_DEPTH + 1 opens (the text parsed, so it is
+ * valid JSON: a bracket outside a string is structure). */
+static size_t too_deep_at(const char *s, size_t n)
+{
+    int depth = 0;
+    bool in_str = false;
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (in_str) {
+            if (c == '\\')
+                i++;
+            else if (c == '"')
+                in_str = false;
+        } else if (c == '"') {
+            in_str = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > LJSON_MAX_DEPTH)
+                return i;
+        } else if (c == ']' || c == '}') {
+            depth--;
+        }
+    }
+    return 0;
+}
+
+int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *err,
+                 size_t errlen)
+{
+    pthread_once(&heap_once, heap_install);
+    if ((flags & LJSON_SKIP_BOM) && n >= 3 && memcmp(s, "\xef\xbb\xbf", 3) == 0) {
+        s += 3;
+        n -= 3;
+    }
+    int line, col;
+    if (n > LJSON_MAX_BYTES) {
+        position_of(s, LJSON_MAX_BYTES, &line, &col);
+        snprintf(err, errlen, "document longer than %u bytes at line %d, column %d",
+                 LJSON_MAX_BYTES, line, col);
+        return -1;
+    }
+    push_env(L);
+    struct conv c = {L, lua_gettop(L) - 2, lua_gettop(L) - 1, lua_gettop(L)};
+    json_t **tree = lua_newuserdatauv(L, sizeof *tree, 0);
+    *tree = NULL;
+    if (luaL_newmetatable(L, TREE_MT)) {
+        lua_pushcfunction(L, tree_close);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, tree_close);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    lua_toclose(L, -1);
+    int slot = lua_gettop(L);
+
+    json_error_t e;
+    size_t jflags = JSON_DECODE_ANY | JSON_ALLOW_NUL;
+    if (!(flags & LJSON_DUPLICATES))
+        jflags |= JSON_REJECT_DUPLICATES;
+    *tree = json_loadb(s, n, jflags, &e);
+    int rc = 0;
+    if (*tree == NULL) {
+        const char *what = e.text;
+        if (json_error_code(&e) == json_error_invalid_utf8)
+            what = "invalid UTF-8";
+        else if (json_error_code(&e) == json_error_out_of_memory || what[0] == '\0')
+            what = "parse tree over the memory limit (64 MiB)";   /* jansson says nothing */
+        snprintf(err, errlen, "%s at line %d, column %d", what, e.line > 0 ? e.line : 1,
+                 e.column > 0 ? e.column : 1);
+        rc = -1;
+    } else if (!to_lua(&c, *tree, 0)) {
+        position_of(s, too_deep_at(s, n), &line, &col);
+        snprintf(err, errlen, "nested deeper than %d at line %d, column %d",
+                 LJSON_MAX_DEPTH, line, col);
+        rc = -1;
+    }
+    /* stack: order object_mt array_mt tree [value] */
+    lua_closeslot(L, slot);
+    if (rc == 0) {
+        lua_replace(L, c.order);
+        lua_settop(L, c.order);
+    } else {
+        lua_settop(L, c.order - 1);
+    }
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* encode: Lua -> text                                                                  */
+/* ------------------------------------------------------------------------------------ */
+
+/* The output, grown with the VM's allocator (so it counts against the memory ceiling) and
+ * to-be-closed, so a raise anywhere frees it. */
+struct buf {
+    char *p;
+    size_t n, cap;
+    lua_Alloc alloc;
+    void *ud;
+};
+
+static int buf_close(lua_State *L)
+{
+    struct buf *b = luaL_checkudata(L, 1, BUF_MT);
+    if (b->p != NULL)
+        b->alloc(b->ud, b->p, b->cap, 0);
+    b->p = NULL;
+    b->cap = b->n = 0;
+    return 0;
+}
+
+struct enc {
+    lua_State *L;
+    struct buf *b;
+    int order, object_mt, array_mt;
+    int depth;
+    const void *path[LJSON_MAX_DEPTH];      /* the tables being written, for cycles */
+};
+
+static void grow(struct enc *e, size_t more)
+{
+    struct buf *b = e->b;
+    if (more <= b->cap - b->n)
+        return;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap - b->n < more) {
+        if (cap > SIZE_MAX / 2)
+            luaL_error(e->L, "callout.json: output too large");
+        cap *= 2;
+    }
+    char *p = b->alloc(b->ud, b->p, b->cap, cap);
+    if (p == NULL)
+        luaL_error(e->L, "callout.json: not enough memory");
+    b->p = p;
+    b->cap = cap;
+}
+
+static void put(struct enc *e, const char *s, size_t n)
+{
+    grow(e, n);
+    memcpy(e->b->p + e->b->n, s, n);
+    e->b->n += n;
+}
+
+static void putc_(struct enc *e, char c)
+{
+    grow(e, 1);
+    e->b->p[e->b->n++] = c;
+}
+
+/* Length of the well-formed UTF-8 sequence at s (of n bytes left), 0 if there is none:
+ * what jansson accepts, so no surrogates and nothing past U+10FFFF. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    size_t k;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf)
+        k = 2;
+    else if (c >= 0xe0 && c <= 0xef) {
+        k = 3;
+        if (c == 0xe0) lo = 0xa0;
+        if (c == 0xed) hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        k = 4;
+        if (c == 0xf0) lo = 0x90;
+        if (c == 0xf4) hi = 0x8f;
+    } else
+        return 0;
+    if (n < k || s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t j = 2; j < k; j++)
+        if (s[j] < 0x80 || s[j] > 0xbf)
+            return 0;
+    return k;
+}
+
+/* A string, escaped the minimal way (JSON.stringify's): '"', '\\' and the control
+ * characters; '/', U+2028 and every other character as they are. */
+static void put_string(struct enc *e, const char *str, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *s = (const unsigned char *)str;
+    grow(e, len + 2);
+    putc_(e, '"');
+    size_t i = 0;
+    while (i < len) {
+        size_t run = i;
+        while (i < len && s[i] >= 0x20 && s[i] < 0x80 && s[i] != '"' && s[i] != '\\')
+            i++;
+        put(e, (const char *)s + run, i - run);
+        if (i >= len)
+            break;
+        unsigned char c = s[i];
+        if (c >= 0x80) {
+            size_t k = utf8_len(s + i, len - i);
+            if (k == 0)
+                luaL_error(e->L, "callout.json: invalid UTF-8 in a string at byte %d",
+                           (int)i + 1);
+            put(e, (const char *)s + i, k);
+            i += k;
+            continue;
+        }
+        char esc[6] = {'\\', 0};
+        size_t en = 2;
+        switch (c) {
+        case '"': esc[1] = '"'; break;
+        case '\\': esc[1] = '\\'; break;
+        case '\b': esc[1] = 'b'; break;
+        case '\f': esc[1] = 'f'; break;
+        case '\n': esc[1] = 'n'; break;
+        case '\r': esc[1] = 'r'; break;
+        case '\t': esc[1] = 't'; break;
+        default:
+            memcpy(esc, "\\u00", 4);
+            esc[4] = hex[c >> 4];
+            esc[5] = hex[c & 15];
+            en = 6;
+        }
+        put(e, esc, en);
+        i++;
+    }
+    putc_(e, '"');
+}
+
+static void put_integer(struct enc *e, lua_Integer v)
+{
+    char tmp[24], *p = tmp + sizeof tmp;
+    uint64_t u = v < 0 ? 0 - (uint64_t)v : (uint64_t)v;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    if (v < 0)
+        *--p = '-';
+    put(e, p, (size_t)(tmp + sizeof tmp - p));
+}
+
+/* The shortest digits that read back as d, laid out as JavaScript's Number#toString does — positional for
+ * decimal exponents -6..20, else d.ddde+X / e-X — plus ".0" where the text would read as an
+ * integer, so that decode(encode(x)) is a float equal to x. */
+static void put_float(struct enc *e, double d)
+{
+    if (!isfinite(d))
+        luaL_error(e->L, "callout.json: cannot encode %s", isnan(d) ? "NaN" : "infinity");
+    /* 15 significant digits round-trip for any decimal of up to 15 (DBL_DIG), so when one
+     * of those reads back as d it is this rounding, zeros trimmed below; else 16, else 17
+     * (which always reads back). One snprintf and one strtod for most numbers. */
+    char tmp[40];
+    if (d != 0 && fabs(d) < DBL_MIN) {
+        /* a subnormal has fewer digits of its own (5e-324 has one): bisect, as p digits
+         * reading back implies p + 1 do */
+        int lo = 1, hi = 17;
+        while (lo < hi) {
+            int mid = (lo + hi) / 2;
+            snprintf(tmp, sizeof tmp, "%.*e", mid - 1, d);
+            if (strtod(tmp, NULL) == d)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        snprintf(tmp, sizeof tmp, "%.*e", lo - 1, d);
+    } else {
+        for (int prec = 14; prec <= 16; prec++) {
+            snprintf(tmp, sizeof tmp, "%.*e", prec, d);
+            if (prec == 16 || strtod(tmp, NULL) == d)
+                break;
+        }
+    }
+    /* tmp: [-]D[.DDD]e[+-]XX */
+    char digits[20];
+    int nd = 0;
+    const char *p = tmp;
+    bool neg = *p == '-';
+    if (neg)
+        p++;
+    for (; *p != 'e'; p++)
+        if (*p != '.')
+            digits[nd++] = *p;
+    int x = atoi(p + 1);
+    while (nd > 1 && digits[nd - 1] == '0')    /* 0.7 is "7.00000000000000e-01" */
+        nd--;
+    char out[48];
+    int n = 0;
+    if (neg)
+        out[n++] = '-';
+    if (x >= -6 && x < 21) {
+        if (x < 0) {
+            out[n++] = '0';
+            out[n++] = '.';
+            for (int i = 0; i < -x - 1; i++)
+                out[n++] = '0';
+            memcpy(out + n, digits, (size_t)nd);
+            n += nd;
+        } else if (x >= nd - 1) {
+            memcpy(out + n, digits, (size_t)nd);
+            n += nd;
+            for (int i = 0; i < x - (nd - 1); i++)
+                out[n++] = '0';
+            out[n++] = '.';
+            out[n++] = '0';
+        } else {
+            memcpy(out + n, digits, (size_t)x + 1);
+            n += x + 1;
+            out[n++] = '.';
+            memcpy(out + n, digits + x + 1, (size_t)(nd - x - 1));
+            n += nd - x - 1;
+        }
+    } else {
+        out[n++] = digits[0];
+        if (nd > 1) {
+            out[n++] = '.';
+            memcpy(out + n, digits + 1, (size_t)nd - 1);
+            n += nd - 1;
+        }
+        n += snprintf(out + n, sizeof out - (size_t)n, "e%c%d", x < 0 ? '-' : '+', x < 0 ? -x : x);
+    }
+    put(e, out, (size_t)n);
+}
+
+static void put_value(struct enc *e, int idx);
+
+/* Enters the table at idx: depth and cycle checks. */
+static void enter(struct enc *e, int idx)
+{
+    const void *p = lua_topointer(e->L, idx);
+    for (int i = 0; i < e->depth; i++)
+        if (e->path[i] == p)
+            luaL_error(e->L, "callout.json: cannot encode a table that contains itself");
+    if (e->depth >= LJSON_MAX_DEPTH)
+        luaL_error(e->L, "callout.json: nested deeper than %d", LJSON_MAX_DEPTH);
+    e->path[e->depth++] = p;
+    luaL_checkstack(e->L, 8, "callout.json: nested too deeply");
+}
+
+static void put_array(struct enc *e, int t, lua_Integer n)
+{
+    putc_(e, '[');
+    for (lua_Integer i = 1; i <= n; i++) {
+        if (i > 1)
+            putc_(e, ',');
+        lua_rawgeti(e->L, t, i);
+        put_value(e, lua_gettop(e->L));
+        lua_pop(e->L, 1);
+    }
+    putc_(e, ']');
+}
+
+/* The string form of the key at k (a string, or an integer written in decimal), pushed;
+ * raises for any other key. */
+static void push_key_text(struct enc *e, int k)
+{
+    lua_State *L = e->L;
+    if (lua_type(L, k) == LUA_TSTRING)
+        lua_pushvalue(L, k);
+    else if (lua_isinteger(L, k))
+        lua_pushfstring(L, "%I", (LUAI_UACINT)lua_tointeger(L, k));
+    else
+        luaL_error(L, "callout.json: cannot encode a %s key in an object", luaL_typename(L, k));
+}
+
+struct key {
+    const char *s;
+    size_t n;
+    int slot;           /* index in the keys table of the original key */
+};
+
+static int key_cmp(const void *a, const void *b)
+{
+    const struct key *x = a, *y = b;
+    size_t n = x->n < y->n ? x->n : y->n;
+    int c = memcmp(x->s, y->s, n);
+    return c != 0 ? c : (x->n > y->n) - (x->n < y->n);
+}
+
+/* Whether table t holds no more keys than the `placed` its order wrote: then no key was set
+ * around the order, and the sorted pass below has nothing to do. */
+static bool placed_all(lua_State *L, int t, lua_Integer placed)
+{
+    lua_Integer n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        if (++n > placed) {
+            lua_pop(L, 1);
+            return false;
+        }
+    }
+    return true;
+}
+
+/* Writes `"key":value` pairs of table t for the keys that order (at o, or 0) does not
+ * place: sorted by their text. placed = how many the order wrote; first = whether no
+ * member was written yet. */
+static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, bool *first)
+{
+    lua_State *L = e->L;
+    if (o != 0 && placed_all(L, t, placed))
+        return;
+    lua_newtable(L);                            /* keys: [2i-1] = key, [2i] = its text */
+    int keys = lua_gettop(L);
+    int n = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        if (o != 0 && lua_type(L, -1) == LUA_TSTRING) {
+            lua_pushvalue(L, -1);
+            bool placed = lua_rawget(L, o) == LUA_TNUMBER;
+            lua_pop(L, 1);
+            if (placed)
+                continue;
+        }
+        if (n >= INT32_MAX / 2 - 1)
+            luaL_error(L, "callout.json: too many keys");
+        lua_pushvalue(L, -1);
+        lua_rawseti(L, keys, 2 * n + 1);
+        push_key_text(e, lua_gettop(L));
+        lua_rawseti(L, keys, 2 * n + 2);
+        n++;
+    }
+    if (n == 0) {
+        lua_pop(L, 1);
+        return;
+    }
+    struct key *k = lua_newuserdatauv(L, sizeof *k * (size_t)n, 0);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, keys, 2 * i + 2);        /* anchored by keys */
+        k[i].s = lua_tolstring(L, -1, &k[i].n);
+        k[i].slot = 2 * i + 1;
+        lua_pop(L, 1);
+    }
+    qsort(k, (size_t)n, sizeof *k, key_cmp);
+    for (int i = 0; i < n; i++) {
+        if (!*first)
+            putc_(e, ',');
+        *first = false;
+        put_string(e, k[i].s, k[i].n);
+        putc_(e, ':');
+        lua_rawgeti(L, keys, k[i].slot);
+        lua_rawget(L, t);
+        put_value(e, lua_gettop(L));
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+}
+
+/* A marked object: the keys of its order first, in order, then any other (sorted). */
+static void put_object(struct enc *e, int t)
+{
+    lua_State *L = e->L;
+    int top = lua_gettop(L);
+    putc_(e, '{');
+    bool first = true;
+    lua_Integer placed = 0;
+    lua_pushvalue(L, t);
+    int o = 0;
+    if (lua_rawget(L, e->order) == LUA_TTABLE) {
+        o = lua_gettop(L);
+        lua_Integer n = (lua_Integer)lua_rawlen(L, o);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_rawgeti(L, o, i);               /* key */
+            int k = lua_gettop(L);
+            if (order_live(L, o, k, i)) {
+                lua_pushvalue(L, k);
+                if (lua_rawget(L, t) != LUA_TNIL) {
+                    if (!first)
+                        putc_(e, ',');
+                    first = false;
+                    size_t klen;
+                    const char *ks = lua_tolstring(L, k, &klen);
+                    put_string(e, ks, klen);
+                    putc_(e, ':');
+                    put_value(e, lua_gettop(L));
+                    placed++;
+                }
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+        }
+    }
+    put_sorted_members(e, t, o, placed, &first);
+    lua_settop(L, top);
+    putc_(e, '}');
+}
+
+/* A plain table: an array when its keys are exactly 1..n (n >= 1), else an object. */
+static void put_plain(struct enc *e, int t)
+{
+    lua_State *L = e->L;
+    lua_Integer count = 0, max = 0;
+    bool seq = true;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        count++;
+        if (seq) {
+            if (lua_isinteger(L, -1) && lua_tointeger(L, -1) >= 1) {
+                lua_Integer k = lua_tointeger(L, -1);
+                if (k > max)
+                    max = k;
+            } else {
+                seq = false;
+            }
+        }
+    }
+    if (seq && count > 0 && max == count) {
+        put_array(e, t, count);
+        return;
+    }
+    putc_(e, '{');
+    bool first = true;
+    put_sorted_members(e, t, 0, 0, &first);
+    putc_(e, '}');
+}
+
+static void put_value(struct enc *e, int idx)
+{
+    lua_State *L = e->L;
+    switch (lua_type(L, idx)) {
+    case LUA_TNIL:
+        put(e, "null", 4);
+        return;
+    case LUA_TBOOLEAN:
+        if (lua_toboolean(L, idx))
+            put(e, "true", 4);
+        else
+            put(e, "false", 5);
+        return;
+    case LUA_TNUMBER:
+        if (lua_isinteger(L, idx))
+            put_integer(e, lua_tointeger(L, idx));
+        else
+            put_float(e, (double)lua_tonumber(L, idx));
+        return;
+    case LUA_TSTRING: {
+        size_t n;
+        const char *s = lua_tolstring(L, idx, &n);
+        put_string(e, s, n);
+        return;
+    }
+    case LUA_TTABLE:
+        break;
+    default:
+        if (pbstruct_is_null(L, idx)) {
+            put(e, "null", 4);
+            return;
+        }
+        luaL_error(L, "callout.json: cannot encode a %s", luaL_typename(L, idx));
+        return;
+    }
+    enter(e, idx);
+    int kind = LJSON_PLAIN;
+    if (lua_getmetatable(L, idx)) {
+        if (lua_rawequal(L, -1, e->object_mt))
+            kind = LJSON_OBJECT;
+        else if (lua_rawequal(L, -1, e->array_mt))
+            kind = LJSON_ARRAY;
+        lua_pop(L, 1);
+    }
+    if (kind == LJSON_OBJECT)
+        put_object(e, idx);
+    else if (kind == LJSON_ARRAY)
+        put_array(e, idx, (lua_Integer)lua_rawlen(L, idx));
+    else
+        put_plain(e, idx);
+    e->depth--;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The module                                                                           */
+/* ------------------------------------------------------------------------------------ */
+
+/* decode(text) -> value; raises "callout.json: <what> at line L, column C". */
+static int l_decode(lua_State *L)
+{
+    size_t n;
+    const char *s = luaL_checklstring(L, 1, &n);
+    char err[200];
+    if (ljson_decode(L, s, n, 0, err, sizeof err) != 0)
+        return luaL_error(L, "callout.json: %s", err);
+    return 1;
+}
+
+/* encode(value) -> compact text. */
+static int l_encode(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    lua_settop(L, 1);
+    push_env(L);                                /* 2 order, 3 object_mt, 4 array_mt */
+    struct buf *b = lua_newuserdatauv(L, sizeof *b, 0);
+    memset(b, 0, sizeof *b);
+    b->alloc = lua_getallocf(L, &b->ud);
+    if (luaL_newmetatable(L, BUF_MT)) {
+        lua_pushcfunction(L, buf_close);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, buf_close);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+    lua_toclose(L, 5);
+    /* the path is 2 KiB: in a userdata rather than on the C stack */
+    struct enc *e = lua_newuserdatauv(L, sizeof *e, 0);
+    e->L = L;
+    e->b = b;
+    e->order = 2;
+    e->object_mt = 3;
+    e->array_mt = 4;
+    e->depth = 0;
+    put_value(e, 1);
+    lua_pushlstring(L, b->p, b->n);
+    lua_replace(L, 1);
+    lua_settop(L, 1);                           /* closes the buffer */
+    return 1;
+}
+
+/* Marks t (at 1, or a new table) with mt; an object's present keys get an order (sorted:
+ * a table constructor has none to keep). */
+static int mark(lua_State *L, enum ljson_kind kind)
+{
+    if (lua_isnoneornil(L, 1)) {
+        lua_settop(L, 0);
+        lua_newtable(L);
+    }
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    push_env(L);                                /* 2 order, 3 object_mt, 4 array_mt */
+    enum ljson_kind now = ljson_kind(L, 1);
+    if (now == kind)
+        return lua_settop(L, 1), 1;
+    if (now == LJSON_PLAIN && lua_getmetatable(L, 1))
+        return luaL_argerror(L, 1, "a table with a metatable of its own");
+    lua_pushvalue(L, 1);
+    lua_pushnil(L);
+    lua_rawset(L, 2);                           /* forget an old order */
+    if (kind == LJSON_OBJECT) {
+        lua_newtable(L);                        /* 5: the string keys (anchored) */
+        int n = 0;
+        lua_pushnil(L);
+        while (lua_next(L, 1) != 0) {
+            lua_pop(L, 1);
+            if (lua_type(L, -1) == LUA_TSTRING && n < INT32_MAX - 1) {
+                lua_pushvalue(L, -1);
+                lua_rawseti(L, 5, ++n);
+            }
+        }
+        struct key *k = lua_newuserdatauv(L, sizeof *k * (size_t)(n ? n : 1), 0);
+        for (int i = 0; i < n; i++) {
+            lua_rawgeti(L, 5, i + 1);
+            k[i].s = lua_tolstring(L, -1, &k[i].n);
+            k[i].slot = i + 1;
+            lua_pop(L, 1);
+        }
+        qsort(k, (size_t)n, sizeof *k, key_cmp);
+        for (int i = 0; i < n; i++) {
+            lua_rawgeti(L, 5, k[i].slot);
+            order_append(L, 2, 1, lua_gettop(L));
+            lua_pop(L, 1);
+        }
+        lua_settop(L, 4);
+        lua_pushvalue(L, 3);
+    } else {
+        lua_pushvalue(L, 4);
+    }
+    lua_setmetatable(L, 1);
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_object(lua_State *L) { return mark(L, LJSON_OBJECT); }
+static int l_array(lua_State *L) { return mark(L, LJSON_ARRAY); }
+
+static int l_kind(lua_State *L)
+{
+    luaL_checkany(L, 1);
+    switch (ljson_kind(L, 1)) {
+    case LJSON_OBJECT: lua_pushliteral(L, "object"); break;
+    case LJSON_ARRAY: lua_pushliteral(L, "array"); break;
+    default: lua_pushnil(L);
+    }
+    return 1;
+}
+
+int ljson_open(lua_State *L)
+{
+    pthread_once(&heap_once, heap_install);
+    push_env(L);
+    lua_pop(L, 3);
+    static const luaL_Reg fns[] = {
+        {"decode", l_decode},
+        {"encode", l_encode},
+        {"object", l_object},
+        {"array", l_array},
+        {"kind", l_kind},
+        {NULL, NULL},
+    };
+    luaL_newlib(L, fns);
+    pbstruct_push_null(L);
+    lua_setfield(L, -2, "null");
+    return 1;
+}
