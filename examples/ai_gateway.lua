@@ -1,0 +1,563 @@
+-- ai_gateway.lua — one OpenAI-style endpoint in front of several model providers: the model
+-- for body-aware callouts (docs/examples.md).
+--
+-- A client speaks OpenAI's Chat Completions API (POST /v1/chat/completions). The callout
+-- reads the JSON body, picks the backend from its `model` (ROUTES below), tells Envoy with
+-- the header `x-model-route` and a cleared route cache (the route table matches on the
+-- header), and for Anthropic models rewrites the request into Anthropic's Messages API
+-- (POST /v1/messages) and the answer back into OpenAI's format: a JSON answer whole, a
+-- streamed (SSE) answer event by event, as the chunks arrive. OpenAI models pass through.
+--
+-- Why each phase does what it does:
+--   request headers  The route depends on the body, which has not arrived: the handler
+--                    remembers what it needs from the headers (ctx.state) and answers
+--                    `wait_for_body = true`. Anything that is not a chat completion is let
+--                    go at once: its mode_override switches the callout off for the rest of
+--                    that request (no body buffered, no response phases).
+--   request body     BUFFERED: the whole JSON document at once. The answer carries the
+--                    header mutations (Envoy still holds the headers in this mode), the new
+--                    body, and clear_route_cache; the server sets content-length to the new
+--                    body's length itself (--content_length_follows_body, on by default).
+--   response headers Picks the response body mode with mode_override, from the request's
+--                    `stream` flag and what the provider answered: STREAMED for an SSE
+--                    stream, so each chunk is translated as it comes (BUFFERED would hold
+--                    the whole stream back until the model finished), BUFFERED for a JSON
+--                    answer (also a provider's error answer to a streaming request), NONE
+--                    for what is not translated (OpenAI's answers, other content types).
+--   response body    Translates. SSE events may be split across chunks: the unfinished
+--                    tail waits in ctx.state for the next chunk; the end of the stream
+--                    flushes it and adds OpenAI's `data: [DONE]`.
+--
+-- mode_override: Envoy honours it only on a headers response, only with
+-- `allow_mode_override: true`, never when a body mode is FULL_DUPLEX_STREAMED or with
+-- send_body_without_waiting_for_header_response, and it replaces the whole ProcessingMode,
+-- so every field is named (processing_mode below). The configured modes are BUFFERED both
+-- ways on purpose: if Envoy ignores the override (allow_mode_override left out), an SSE
+-- answer arrives buffered, in one piece, and is still translated correctly, only not
+-- incrementally.
+--
+-- Envoy config (the ext_proc filter and the routes that read x-model-route):
+--
+--   http_filters:
+--   - name: envoy.filters.http.ext_proc
+--     typed_config:
+--       "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+--       grpc_service: { envoy_grpc: { cluster_name: luacallout } }
+--       allow_mode_override: true
+--       processing_mode:
+--         request_header_mode: SEND
+--         response_header_mode: SEND
+--         request_body_mode: BUFFERED
+--         response_body_mode: BUFFERED
+--         request_trailer_mode: SKIP
+--         response_trailer_mode: SKIP
+--   - name: envoy.filters.http.router
+--   ...
+--   routes:
+--   - match: { prefix: "/", headers: [{ name: x-model-route, string_match: { exact: anthropic } }] }
+--     route: { cluster: anthropic, host_rewrite_literal: api.anthropic.com, timeout: 300s }
+--   - match: { prefix: "/", headers: [{ name: x-model-route, string_match: { exact: openai } }] }
+--     route: { cluster: openai, host_rewrite_literal: api.openai.com, timeout: 300s }
+--
+-- Credentials: the client's `Authorization: Bearer <key>` is the provider's key; for
+-- Anthropic it moves to `x-api-key` (a real gateway would swap a client token for its own
+-- key here). Tool calls, audio and the other parameters Anthropic has no counterpart for
+-- are refused with 400 rather than dropped: an allow-list fails closed when either API
+-- grows a parameter that changes the answer.
+
+local json = require "callout.json"
+
+local CHAT_PATH = "/v1/chat/completions"
+local ANTHROPIC_PATH = "/v1/messages"
+local ANTHROPIC_VERSION = "2023-06-01"
+-- Anthropic requires max_tokens; OpenAI does not. Used when the client gives none.
+local DEFAULT_MAX_TOKENS = 4096
+
+-- Model name prefix -> route (the value of x-model-route), tried in order.
+local ROUTES = {
+  { prefix = "claude-", route = "anthropic" },
+  { prefix = "gpt-", route = "openai" },
+  { prefix = "o1", route = "openai" },
+  { prefix = "o3", route = "openai" },
+  { prefix = "o4-", route = "openai" },
+}
+
+local function route_of(model)
+  for _, r in ipairs(ROUTES) do
+    if model:sub(1, #r.prefix) == r.prefix then return r.route end
+  end
+end
+
+-- Envoy takes a mode_override as the whole new ProcessingMode: start from the filter
+-- config above and change what differs, so nothing falls back to DEFAULT / NONE by mistake.
+local function processing_mode(changes)
+  local m = {
+    request_header_mode = "SEND", response_header_mode = "SEND",
+    request_body_mode = "BUFFERED", response_body_mode = "BUFFERED",
+    request_trailer_mode = "SKIP", response_trailer_mode = "SKIP",
+  }
+  for k, v in pairs(changes) do m[k] = v end
+  return m
+end
+
+-- Nothing more to do for this request: no body, no response phases.
+local LET_GO = processing_mode {
+  request_body_mode = "NONE", response_header_mode = "SKIP", response_body_mode = "NONE",
+}
+
+---------------------------------------------------------------------------------------------
+-- JSON helpers. callout.json keeps the order in which an object's keys were assigned, so an
+-- object built from a list of pairs is written in that order (providers and their SDKs do
+-- not need it, but logs, caches and signatures over bodies do, and people read them).
+
+-- ordered{ {"k1", v1}, {"k2", v2} }: an object with those keys in that order; a pair
+-- whose value is nil is left out.
+local function ordered(pairs_list)
+  local o = json.object()
+  for _, kv in ipairs(pairs_list) do
+    if kv[2] ~= nil then o[kv[1]] = kv[2] end
+  end
+  return o
+end
+
+-- A JSON null from the client means "not given", as OpenAI reads it.
+local function given(v)
+  if v == json.null then return nil end
+  return v
+end
+
+-- An OpenAI-style error answer, sent to the client at once.
+local function openai_error(status, message, param, code)
+  local body = json.encode(ordered {
+    { "error", ordered {
+      { "message", message },
+      { "type", "invalid_request_error" },
+      { "param", param or json.null },
+      { "code", code or json.null },
+    } },
+  })
+  return { immediate = { status = status,
+                         headers = { { "content-type", "application/json" } },
+                         body = body } }
+end
+
+---------------------------------------------------------------------------------------------
+-- OpenAI request -> Anthropic request.
+
+-- Text of a system message: a string, or a list of text parts.
+local function text_of(content)
+  if type(content) == "string" then return content end
+  if json.kind(content) == "array" then
+    local out = {}
+    for _, part in ipairs(content) do
+      if type(part) ~= "table" or part.type ~= "text" or type(part.text) ~= "string" then
+        return nil
+      end
+      out[#out + 1] = part.text
+    end
+    return table.concat(out, "\n")
+  end
+end
+
+-- OpenAI's image_url part -> Anthropic's image block (a data: URL becomes base64 source).
+local function image_block(part)
+  local url = type(part.image_url) == "table" and part.image_url.url
+  if type(url) ~= "string" then return nil end
+  local media_type, data = url:match("^data:([%w.+/-]+);base64,(.*)$")
+  local source
+  if media_type then
+    source = ordered { { "type", "base64" }, { "media_type", media_type }, { "data", data } }
+  else
+    source = ordered { { "type", "url" }, { "url", url } }
+  end
+  return ordered { { "type", "image" }, { "source", source } }
+end
+
+-- Content of a user or assistant message: a string stays a string; a list of parts becomes
+-- a list of Anthropic content blocks.
+local function content_of(content)
+  if type(content) == "string" then return content end
+  if json.kind(content) ~= "array" then return nil end
+  local blocks = json.array()
+  for _, part in ipairs(content) do
+    local block
+    if type(part) == "table" and part.type == "text" and type(part.text) == "string" then
+      block = ordered { { "type", "text" }, { "text", part.text } }
+    elseif type(part) == "table" and part.type == "image_url" then
+      block = image_block(part)
+    end
+    if not block then return nil end
+    blocks[#blocks + 1] = block
+  end
+  return blocks
+end
+
+-- OpenAI parameters with an Anthropic counterpart, and how each is carried over. `model`,
+-- `messages`, `max_tokens` and `max_completion_tokens` are handled apart, as they come first.
+local PARAMS = {
+  temperature = function(out, v) out.temperature = v end,   -- Anthropic accepts 0..1
+  top_p = function(out, v) out.top_p = v end,
+  stop = function(out, v)
+    out.stop_sequences = type(v) == "string" and json.array { v } or v
+  end,
+  stream = function(out, v) out.stream = v end,
+  stream_options = function() end,                          -- read into ctx.state below
+  user = function(out, v) out.metadata = ordered { { "user_id", v } } end,
+  n = function(_, v) if v ~= 1 then return "only n = 1 is supported" end end,
+}
+local HANDLED = { model = true, messages = true, max_tokens = true, max_completion_tokens = true }
+
+-- The Anthropic body for an OpenAI request, or nil, why, which parameter.
+-- Key order: model, max_tokens, system, messages (as in Anthropic's documentation), then
+-- the optional parameters in the client's order.
+local function to_anthropic(req)
+  if json.kind(req.messages) ~= "array" or #req.messages == 0 then
+    return nil, "'messages' must be a non-empty array", "messages"
+  end
+  local system, messages = {}, json.array()
+  for i, m in ipairs(req.messages) do
+    local where = ("messages[%d]"):format(i - 1)
+    local role = type(m) == "table" and m.role
+    if role == "system" or role == "developer" then
+      local text = text_of(m.content)
+      if not text then return nil, where .. ": content must be text", where end
+      system[#system + 1] = text
+    elseif role == "user" or role == "assistant" then
+      local content = content_of(m.content)
+      if not content then
+        return nil, where .. ": only text and image_url content is supported for this model", where
+      end
+      messages[#messages + 1] = ordered { { "role", role }, { "content", content } }
+    else
+      return nil, ("%s: role '%s' is not supported for this model"):format(where, tostring(role)),
+             where
+    end
+  end
+  if #messages == 0 then
+    return nil, "'messages' must hold at least one user message", "messages"
+  end
+
+  local out = ordered {
+    { "model", req.model },
+    { "max_tokens", given(req.max_completion_tokens) or given(req.max_tokens) or DEFAULT_MAX_TOKENS },
+  }
+  if #system == 1 then
+    out.system = system[1]
+  elseif #system > 1 then
+    local blocks = json.array()
+    for i, text in ipairs(system) do blocks[i] = ordered { { "type", "text" }, { "text", text } } end
+    out.system = blocks
+  end
+  out.messages = messages
+  for k, v in pairs(req) do
+    if not HANDLED[k] and given(v) ~= nil then
+      local carry = PARAMS[k]
+      if not carry then
+        return nil, ("parameter '%s' is not supported for this model"):format(k), k
+      end
+      local why = carry(out, v)
+      if why then return nil, why, k end
+    end
+  end
+  return out
+end
+
+---------------------------------------------------------------------------------------------
+-- Anthropic answers -> OpenAI answers.
+
+local FINISH = {
+  end_turn = "stop", stop_sequence = "stop", pause_turn = "stop",
+  max_tokens = "length", tool_use = "tool_calls", refusal = "content_filter",
+}
+
+local function finish_reason(stop_reason)
+  return FINISH[stop_reason] or "stop"
+end
+
+-- OpenAI's usage from Anthropic's: cached prompt tokens count as prompt tokens.
+local function usage_of(input_tokens, output_tokens)
+  local prompt, completion = input_tokens or 0, output_tokens or 0
+  return ordered {
+    { "prompt_tokens", prompt },
+    { "completion_tokens", completion },
+    { "total_tokens", prompt + completion },
+  }
+end
+
+local function prompt_tokens(u)
+  if type(u) ~= "table" then return nil end
+  local n = u.input_tokens or 0
+  for _, k in ipairs { "cache_creation_input_tokens", "cache_read_input_tokens" } do
+    if math.type(u[k]) == "integer" then n = n + u[k] end
+  end
+  return n
+end
+
+-- A Messages API answer -> a chat.completion.
+local function completion_of(msg)
+  local text = {}
+  for _, block in ipairs(type(msg.content) == "table" and msg.content or {}) do
+    if type(block) == "table" and block.type == "text" then text[#text + 1] = block.text end
+  end
+  local usage = type(msg.usage) == "table" and msg.usage or {}
+  return ordered {
+    { "id", msg.id },
+    { "object", "chat.completion" },
+    { "created", os.time() },
+    { "model", msg.model },
+    { "choices", json.array {
+      ordered {
+        { "index", 0 },
+        { "message", ordered { { "role", "assistant" }, { "content", table.concat(text) } } },
+        { "logprobs", json.null },
+        { "finish_reason", finish_reason(msg.stop_reason) },
+      },
+    } },
+    { "usage", usage_of(prompt_tokens(usage), usage.output_tokens) },
+  }
+end
+
+-- Anthropic's {"type":"error","error":{"type":...,"message":...}} -> OpenAI's error object.
+-- Anthropic's server-side error types read as OpenAI's server_error; the others (invalid
+-- request, authentication, permission, not found, rate limit) share their names.
+local function error_of(doc)
+  local e = type(doc) == "table" and doc.error
+  if type(e) ~= "table" or type(e.message) ~= "string" then return nil end
+  local kind = e.type
+  if kind == "api_error" or kind == "overloaded_error" then kind = "server_error" end
+  return ordered {
+    { "error", ordered {
+      { "message", e.message },
+      { "type", type(kind) == "string" and kind or "api_error" },
+      { "param", json.null },
+      { "code", json.null },
+    } },
+  }
+end
+
+-- The whole JSON answer (BUFFERED). Something that is not the expected JSON passes as it is.
+local function translate_json(body, ctx)
+  local ok, doc = pcall(json.decode, body.body)
+  if not ok then
+    callout.log.warn("provider answer is not JSON, passed through: %s", doc)
+    return nil
+  end
+  local out
+  if ctx.state.status >= 400 then
+    out = error_of(doc)
+  elseif type(doc) == "table" and doc.type == "message" then
+    out = completion_of(doc)
+  end
+  if not out then return nil end
+  return { body = json.encode(out) }
+end
+
+---------------------------------------------------------------------------------------------
+-- The SSE stream (STREAMED): Anthropic's events (message_start, content_block_start,
+-- content_block_delta, content_block_stop, message_delta, message_stop, ping, error) become
+-- OpenAI's chat.completion.chunk events.
+
+local function sse(obj)
+  return "data: " .. json.encode(obj) .. "\n\n"
+end
+
+-- One chat.completion.chunk with this delta (and finish reason).
+local function chunk(s, delta, finish)
+  return sse(ordered {
+    { "id", s.id },
+    { "object", "chat.completion.chunk" },
+    { "created", s.created },
+    { "model", s.model },
+    { "choices", json.array {
+      ordered {
+        { "index", 0 },
+        { "delta", delta },
+        { "logprobs", json.null },
+        { "finish_reason", finish or json.null },
+      },
+    } },
+  })
+end
+
+-- What one Anthropic event becomes (a string, possibly empty). `s` is the stream's state.
+local function translate_event(s, ev)
+  local t = ev.type
+  if t == "message_start" then
+    local msg = type(ev.message) == "table" and ev.message or {}
+    s.id, s.model, s.created = msg.id, msg.model, os.time()
+    s.prompt_tokens = prompt_tokens(msg.usage)
+    return chunk(s, ordered { { "role", "assistant" }, { "content", "" } })
+  elseif t == "content_block_delta" then
+    local d = type(ev.delta) == "table" and ev.delta or {}
+    if d.type == "text_delta" and type(d.text) == "string" then
+      return chunk(s, ordered { { "content", d.text } })
+    end
+  elseif t == "message_delta" then
+    local d = type(ev.delta) == "table" and ev.delta or {}
+    if type(ev.usage) == "table" then s.completion_tokens = ev.usage.output_tokens end
+    return chunk(s, json.object(), finish_reason(d.stop_reason))
+  elseif t == "message_stop" then
+    -- OpenAI sends usage only when asked (stream_options.include_usage), in a last chunk
+    -- with no choices
+    if s.include_usage then
+      return sse(ordered {
+        { "id", s.id },
+        { "object", "chat.completion.chunk" },
+        { "created", s.created },
+        { "model", s.model },
+        { "choices", json.array() },
+        { "usage", usage_of(s.prompt_tokens, s.completion_tokens) },
+      })
+    end
+  elseif t == "error" then
+    local e = error_of(ev)
+    if e then return sse(e) end
+  end
+  -- ping, content_block_start / _stop, thinking and tool deltas: nothing for OpenAI's format
+  return ""
+end
+
+-- The data of one SSE event block (its `data:` lines joined), or nil.
+local function event_data(block)
+  local lines = {}
+  for line in (block .. "\n"):gmatch("(.-)\n") do
+    local v = line:match("^data: ?(.*)$")
+    if v then lines[#lines + 1] = v end
+  end
+  if #lines > 0 then return table.concat(lines, "\n") end
+end
+
+local function translate_stream(body, ctx)
+  local s = ctx.state
+  local buf = s.sse_tail .. body.body
+  -- SSE lines end with \r\n, \n or \r: make them \n. A \r at the very end may be the first
+  -- half of a \r\n split across chunks, so it waits.
+  local cr = ""
+  if not body.end_of_stream and buf:sub(-1) == "\r" then buf, cr = buf:sub(1, -2), "\r" end
+  buf = buf:gsub("\r\n?", "\n")
+
+  local out, pos = {}, 1
+  while true do
+    local blank = buf:find("\n\n", pos, true)
+    local block
+    if blank then
+      block = buf:sub(pos, blank - 1)
+      pos = blank + 2
+    elseif body.end_of_stream and pos <= #buf then
+      block = buf:sub(pos)   -- the stream ended without the blank line: take what is there
+      pos = #buf + 1
+    else
+      break
+    end
+    local data = event_data(block)
+    if data then
+      local ok, ev = pcall(json.decode, data)
+      if ok and type(ev) == "table" then
+        out[#out + 1] = translate_event(s, ev)
+      else
+        callout.log.warn("SSE event is not JSON, dropped: %s", data)
+      end
+    end
+  end
+  s.sse_tail = buf:sub(pos) .. cr
+  if body.end_of_stream then out[#out + 1] = "data: [DONE]\n\n" end
+  -- one answer per chunk (STREAMED); "" when no event is complete yet
+  return { body = table.concat(out) }
+end
+
+---------------------------------------------------------------------------------------------
+-- Handlers.
+
+local function is_json(content_type)
+  local ct = (content_type or ""):lower()
+  return ct:find("^application/json") ~= nil
+end
+
+function on_request_headers(headers, ctx)
+  local path = (headers:get(":path") or ""):match("^[^?]*")
+  if headers:get(":method") ~= "POST" or path ~= CHAT_PATH then
+    return { mode_override = LET_GO }
+  end
+  if headers.end_of_stream then
+    return openai_error(400, "a chat completion request needs a JSON body")
+  end
+  if not is_json(headers:get("content-type")) then
+    return openai_error(400, "Content-Type must be application/json")
+  end
+  -- the body handler sees only the body: keep what it needs from the headers
+  ctx.state.chat = true
+  ctx.state.authorization = headers:get("authorization")
+  return { wait_for_body = true }
+end
+
+function on_request_body(body, ctx)
+  -- not a chat completion (an Envoy without allow_mode_override still sends the body)
+  if not ctx.state.chat then return nil end
+  local ok, req = pcall(json.decode, body.body)
+  if not ok or json.kind(req) ~= "object" then
+    return openai_error(400, "the request body must be a JSON object")
+  end
+  local model = given(req.model)
+  if type(model) ~= "string" then
+    return openai_error(400, "'model' is required", "model")
+  end
+  local route = route_of(model)
+  if not route then
+    return openai_error(400, ("the model '%s' is not served here"):format(model), "model",
+                        "model_not_found")
+  end
+  local s = ctx.state
+  s.route, s.stream = route, given(req.stream) == true
+  local opts = given(req.stream_options)
+  s.include_usage = type(opts) == "table" and opts.include_usage == true
+  callout.log.debug("model %s -> %s%s", model, route, s.stream and " (stream)" or "")
+
+  if route == "openai" then
+    return { add = { { "x-model-route", route } }, clear_route_cache = true }
+  end
+
+  local out, why, param = to_anthropic(req)
+  if not out then return openai_error(400, why, param) end
+  local add = {
+    { ":path", ANTHROPIC_PATH },
+    { "x-model-route", route },
+    { "anthropic-version", ANTHROPIC_VERSION },
+    -- the answer is translated, so it must come uncompressed
+    { "accept-encoding", "identity" },
+  }
+  local key = (s.authorization or ""):match("^[Bb]earer%s+(.+)$")
+  if key then add[#add + 1] = { "x-api-key", key } end
+  return {
+    add = add,
+    remove = { "authorization" },
+    clear_route_cache = true,
+    body = json.encode(out),
+  }
+end
+
+function on_response_headers(headers, ctx)
+  local s = ctx.state
+  if s.route ~= "anthropic" then
+    return { mode_override = processing_mode { response_body_mode = "NONE" } }
+  end
+  s.status = tonumber(headers:get(":status")) or 0
+  local ct = (headers:get("content-type") or ""):lower()
+  if s.stream and s.status == 200 and ct:find("^text/event%-stream") then
+    s.translate, s.sse_tail = translate_stream, ""
+    -- the stream is rewritten as it passes: its length is not known
+    return { remove = { "content-length" },
+             mode_override = processing_mode { response_body_mode = "STREAMED" } }
+  elseif is_json(ct) then
+    -- the body response carries the translated body's content-length (the server adds it)
+    s.translate = translate_json
+    return { remove = { "content-length" },
+             mode_override = processing_mode { response_body_mode = "BUFFERED" } }
+  end
+  -- anything else (a proxy's HTML error page, say) reaches the client as it is
+  return { mode_override = processing_mode { response_body_mode = "NONE" } }
+end
+
+function on_response_body(body, ctx)
+  local translate = ctx.state.translate
+  if translate then return translate(body, ctx) end
+end

@@ -1,0 +1,416 @@
+-- examples/ai_gateway.lua: OpenAI chat completions routed by model; Anthropic's Messages API
+-- behind it, requests and answers (JSON and SSE) translated.
+
+local testing = require "callout.testing"
+local json = require "callout.json"
+
+-- What Envoy announces with the first message for the filter config of the example.
+local BUFFERED = { request_body_mode = "BUFFERED", response_body_mode = "BUFFERED" }
+
+local CHAT = {
+  [":method"] = "POST", [":path"] = "/v1/chat/completions",
+  ["content-type"] = "application/json", ["content-length"] = "180",
+  authorization = "Bearer sk-ant-test", ["accept-encoding"] = "gzip",
+}
+
+-- The mode_override the example sends: the filter config's modes with one change.
+local function mode(changes)
+  local m = {
+    request_header_mode = "SEND", response_header_mode = "SEND",
+    request_body_mode = "BUFFERED", response_body_mode = "BUFFERED",
+    request_trailer_mode = "SKIP", response_trailer_mode = "SKIP",
+  }
+  for k, v in pairs(changes) do m[k] = v end
+  return m
+end
+
+-- The header mutation and CommonResponse of a decoded response of `phase`.
+local function common(resp, phase)
+  local r = assert(resp[phase], "no " .. phase .. " response")
+  return r.response or {}
+end
+
+-- `created` is the clock: the bodies are compared with it as 0, after checking it.
+local function uncreated(text)
+  local before = os.time()
+  local out = text:gsub('"created":(%d+)', function(t)
+    t = tonumber(t)
+    assert(t >= before - 5 and t <= os.time() + 1, "created is not now: " .. t)
+    return '"created":0'
+  end)
+  return out
+end
+
+describe("examples/ai_gateway.lua", function()
+  local script = testing.load("examples/ai_gateway.lua")
+
+  -- A stream through the request phases: headers (answered now, empty: BUFFERED holds
+  -- nothing) and the whole body. Returns the stream and the body's response.
+  local function request(body, headers)
+    local stream = testing.stream(script)
+    local h = stream:run(testing.request_headers(headers or CHAT, { protocol_config = BUFFERED }))
+    assert.unchanged(h)
+    return stream, stream:run(testing.request_body(body, { end_of_stream = true }))
+  end
+
+  local function rewritten(resp)
+    return common(resp, "request_body").body_mutation.body
+  end
+
+  -- The immediate answer's body, decoded, after checking status and content type.
+  local function refused(resp, status)
+    assert.immediate(resp, status or 400)
+    assert.header_set(resp, "content-type", "application/json")
+    return resp.immediate_response.body
+  end
+
+  describe("requests", function()
+    it("routes claude- models to Anthropic: path, headers, route cache", function()
+      local stream <close>, b = request('{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"Hi"}]}')
+      assert.header_set(b, ":path", "/v1/messages")
+      assert.header_set(b, "x-model-route", "anthropic")
+      assert.header_set(b, "anthropic-version", "2023-06-01")
+      assert.header_set(b, "x-api-key", "sk-ant-test")
+      assert.header_set(b, "accept-encoding", "identity")
+      assert.header_removed(b, "authorization")
+      assert.is_true(common(b, "request_body").clear_route_cache)
+    end)
+
+    it("rewrites the body into Messages format, keys in Anthropic's order", function()
+      local stream <close>, b = request(
+        '{"model":"claude-sonnet-4-5","messages":[{"role":"system","content":"Be brief."},' ..
+        '{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"},' ..
+        '{"role":"user","content":"Again"}],"temperature":0.5,"stop":"\\n\\n",' ..
+        '"max_tokens":100,"user":"u-1","top_p":1.0,"stream":false}')
+      local want = '{"model":"claude-sonnet-4-5","max_tokens":100,"system":"Be brief.",' ..
+        '"messages":[{"role":"user","content":"Hi"},{"role":"assistant","content":"Hello!"},' ..
+        '{"role":"user","content":"Again"}],"temperature":0.5,"stop_sequences":["\\n\\n"],' ..
+        '"metadata":{"user_id":"u-1"},"top_p":1.0,"stream":false}'
+      assert.body_replaced(b, want)
+      -- the length follows the body (the server's content-length, not the client's 180)
+      assert.header_set(b, "content-length", tostring(#want))
+    end)
+
+    it("defaults max_tokens, which Anthropic requires, and prefers max_completion_tokens", function()
+      local stream <close>, b = request('{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"Hi"}]}')
+      assert.equal('{"model":"claude-haiku-4-5","max_tokens":4096,"messages":[{"role":"user","content":"Hi"}]}',
+                   rewritten(b))
+      local s2 <close>, b2 = request('{"model":"claude-haiku-4-5","max_tokens":7,' ..
+        '"max_completion_tokens":9,"messages":[{"role":"user","content":"Hi"}]}')
+      assert.equal('{"model":"claude-haiku-4-5","max_tokens":9,"messages":[{"role":"user","content":"Hi"}]}',
+                   rewritten(b2))
+    end)
+
+    it("joins several system messages into system blocks and maps content parts", function()
+      local stream <close>, b = request(
+        '{"model":"claude-opus-4-1","messages":[{"role":"system","content":"A"},' ..
+        '{"role":"developer","content":[{"type":"text","text":"B"}]},' ..
+        '{"role":"user","content":[{"type":"text","text":"look"},' ..
+        '{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBO"}},' ..
+        '{"type":"image_url","image_url":{"url":"https://x.test/cat.jpg"}}]}],' ..
+        '"stop":["END","STOP"],"temperature":null}')
+      assert.equal('{"model":"claude-opus-4-1","max_tokens":4096,' ..
+        '"system":[{"type":"text","text":"A"},{"type":"text","text":"B"}],' ..
+        '"messages":[{"role":"user","content":[{"type":"text","text":"look"},' ..
+        '{"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBO"}},' ..
+        '{"type":"image","source":{"type":"url","url":"https://x.test/cat.jpg"}}]}],' ..
+        '"stop_sequences":["END","STOP"]}', rewritten(b))
+    end)
+
+    it("keeps big integers and the stream flag; stream_options stays with the callout", function()
+      local stream <close>, b = request('{"model":"claude-sonnet-4-5","stream":true,' ..
+        '"stream_options":{"include_usage":true},"max_tokens":12345678901234567,' ..
+        '"messages":[{"role":"user","content":"Hi"}]}')
+      assert.equal('{"model":"claude-sonnet-4-5","max_tokens":12345678901234567,' ..
+        '"messages":[{"role":"user","content":"Hi"}],"stream":true}', rewritten(b))
+    end)
+
+    it("passes gpt- models through to OpenAI: only the route header and the route cache", function()
+      local stream <close>, b = request('{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hi"}],"tools":[]}')
+      assert.header_set(b, "x-model-route", "openai")
+      assert.is_true(common(b, "request_body").clear_route_cache)
+      assert.is_nil(common(b, "request_body").body_mutation)
+      local hm = common(b, "request_body").header_mutation
+      assert.equal(1, #hm.set_headers)
+      assert.same({}, hm.remove_headers or {})
+    end)
+
+    it("refuses an unknown model with OpenAI's error, before any backend is asked", function()
+      local stream <close>, b = request('{"model":"llama-3-70b","messages":[{"role":"user","content":"Hi"}]}')
+      assert.equal('{"error":{"message":"the model \'llama-3-70b\' is not served here",' ..
+        '"type":"invalid_request_error","param":"model","code":"model_not_found"}}', refused(b))
+      local s2 <close>, b2 = request('{"messages":[{"role":"user","content":"Hi"}]}')
+      assert.equal('{"error":{"message":"\'model\' is required","type":"invalid_request_error",' ..
+        '"param":"model","code":null}}', refused(b2))
+    end)
+
+    it("refuses what it cannot translate: bad JSON, unsupported parameters and roles", function()
+      local cases = {
+        { '{"model":"claude-sonnet-4-5",', "the request body must be a JSON object", nil },
+        { '["claude-sonnet-4-5"]', "the request body must be a JSON object", nil },
+        { '{"model":"claude-sonnet-4-5","messages":[]}', "'messages' must be a non-empty array", "messages" },
+        { '{"model":"claude-sonnet-4-5","messages":{}}', "'messages' must be a non-empty array", "messages" },
+        { '{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"x"}],"tools":[]}',
+          "parameter 'tools' is not supported for this model", "tools" },
+        { '{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"x"}],"n":2}',
+          "only n = 1 is supported", "n" },
+        { '{"model":"claude-sonnet-4-5","messages":[{"role":"tool","content":"x"}]}',
+          "messages[0]: role 'tool' is not supported for this model", "messages[0]" },
+        { '{"model":"claude-sonnet-4-5","messages":[{"role":"system","content":"x"}]}',
+          "'messages' must hold at least one user message", "messages" },
+      }
+      for _, c in ipairs(cases) do
+        local stream <close>, b = request(c[1])
+        local err = json.decode(refused(b)).error
+        assert.equal(c[2], err.message, c[1])
+        assert.equal(c[3] or json.null, err.param, c[1])
+      end
+      -- n = 1 is what Anthropic does anyway: accepted, not sent on
+      local stream <close>, b = request('{"model":"claude-sonnet-4-5","n":1,"messages":[{"role":"user","content":"x"}]}')
+      assert.equal('{"model":"claude-sonnet-4-5","max_tokens":4096,"messages":[{"role":"user","content":"x"}]}',
+                   rewritten(b))
+    end)
+
+    it("waits for the body: wait_for_body on chat completions", function()
+      -- the handler's own return value, as the server takes it: in BUFFERED mode the
+      -- headers answer goes out empty (checked in request()); without a body mode it is
+      -- refused, as Envoy would never send the body
+      local r = testing.call(script, testing.request_headers(CHAT))
+      assert.grpc_error(r, "INTERNAL", "wait_for_body")
+    end)
+
+    it("refuses a chat completion without a body or without JSON", function()
+      local stream <close> = testing.stream(script)
+      local r = stream:run(testing.request_headers(CHAT, { end_of_stream = true, protocol_config = BUFFERED }))
+      assert.equal("a chat completion request needs a JSON body",
+                   json.decode(refused(r)).error.message)
+      local plain = {}
+      for k, v in pairs(CHAT) do plain[k] = v end
+      plain["content-type"] = "text/plain"
+      r = testing.run(script, testing.request_headers(plain, { protocol_config = BUFFERED }))
+      assert.equal("Content-Type must be application/json", json.decode(refused(r)).error.message)
+    end)
+
+    it("lets other requests go at once, unchanged, with nothing more sent to the callout", function()
+      for _, h in ipairs {
+        { [":method"] = "GET", [":path"] = "/v1/models" },
+        { [":method"] = "GET", [":path"] = "/v1/chat/completions" },
+        { [":method"] = "POST", [":path"] = "/v1/embeddings", ["content-type"] = "application/json" },
+        { [":method"] = "POST", [":path"] = "/v1/chat/completions/x", ["content-type"] = "application/json" },
+      } do
+        local r = testing.run(script, testing.request_headers(h, { protocol_config = BUFFERED }))
+        assert.same(mode { request_body_mode = "NONE", response_header_mode = "SKIP",
+                           response_body_mode = "NONE" }, r.mode_override)
+        assert.is_nil(common(r, "request_headers").header_mutation)
+        assert.is_nil(common(r, "request_headers").body_mutation)
+        assert.is_falsy(common(r, "request_headers").clear_route_cache)
+      end
+      -- a query string does not hide a chat completion
+      local q = {}
+      for k, v in pairs(CHAT) do q[k] = v end
+      q[":path"] = "/v1/chat/completions?trace=1"
+      assert.unchanged(testing.run(script, testing.request_headers(q, { protocol_config = BUFFERED })))
+    end)
+
+    it("leaves a body alone when Envoy sent it despite the override", function()
+      local stream <close> = testing.stream(script)
+      stream:run(testing.request_headers({ [":method"] = "POST", [":path"] = "/upload" },
+                                         { protocol_config = BUFFERED }))
+      assert.unchanged(stream:run(testing.request_body("not json", { end_of_stream = true })))
+    end)
+  end)
+
+  -----------------------------------------------------------------------------------------
+  describe("answers", function()
+    local ASK = '{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"Hi"}]}'
+    local ASK_STREAM = '{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+    local ASK_USAGE = '{"model":"claude-sonnet-4-5","stream":true,"stream_options":{"include_usage":true},' ..
+                      '"messages":[{"role":"user","content":"Hi"}]}'
+
+    -- A stream that has gone through the request and the response headers; returns it
+    -- and the response headers' answer.
+    local function answered(ask, status, content_type)
+      local stream = request(ask)
+      local h = stream:run(testing.response_headers {
+        [":status"] = tostring(status), ["content-type"] = content_type, ["content-length"] = "999",
+        ["request-id"] = "req_1",
+      })
+      return stream, h
+    end
+
+    it("picks the response body mode from the stream flag (mode_override)", function()
+      local s1 <close>, h1 = answered(ASK, 200, "application/json")
+      assert.same(mode { response_body_mode = "BUFFERED" }, h1.mode_override)
+      assert.header_removed(h1, "content-length")
+      local s2 <close>, h2 = answered(ASK_STREAM, 200, "text/event-stream; charset=utf-8")
+      assert.same(mode { response_body_mode = "STREAMED" }, h2.mode_override)
+      assert.header_removed(h2, "content-length")
+      -- a streaming request the provider refused: the error is JSON, buffered
+      local s3 <close>, h3 = answered(ASK_STREAM, 429, "application/json")
+      assert.same(mode { response_body_mode = "BUFFERED" }, h3.mode_override)
+      -- neither JSON nor SSE: not translated, not even sent to the callout
+      local s4 <close>, h4 = answered(ASK, 502, "text/html")
+      assert.same(mode { response_body_mode = "NONE" }, h4.mode_override)
+      assert.is_nil(common(h4, "response_headers").header_mutation)
+    end)
+
+    it("does not translate OpenAI's answers: their bodies skip the callout", function()
+      local stream <close> = request('{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"Hi"}]}')
+      local h = stream:run(testing.response_headers { [":status"] = "200", ["content-type"] = "text/event-stream" })
+      assert.same(mode { response_body_mode = "NONE" }, h.mode_override)
+      assert.is_nil(common(h, "response_headers").header_mutation)
+      -- an Envoy that ignores the override sends the body anyway: it passes unchanged
+      assert.unchanged(stream:run(testing.response_body("data: {}\n\n", { end_of_stream = true })))
+    end)
+
+    it("translates a buffered answer into a chat.completion", function()
+      local stream <close> = answered(ASK, 200, "application/json")
+      local r = stream:run(testing.response_body(
+        '{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-5",' ..
+        '"content":[{"type":"text","text":"Hello"},{"type":"text","text":", you."}],' ..
+        '"stop_reason":"max_tokens","stop_sequence":null,' ..
+        '"usage":{"input_tokens":10,"cache_read_input_tokens":2,"output_tokens":5}}',
+        { end_of_stream = true }))
+      local body = common(r, "response_body").body_mutation.body
+      assert.equal('{"id":"msg_01","object":"chat.completion","created":0,"model":"claude-sonnet-4-5",' ..
+        '"choices":[{"index":0,"message":{"role":"assistant","content":"Hello, you."},' ..
+        '"logprobs":null,"finish_reason":"length"}],' ..
+        '"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}', uncreated(body))
+      assert.header_set(r, "content-length", tostring(#body))
+    end)
+
+    it("translates the provider's error into OpenAI's error", function()
+      local stream <close> = answered(ASK_STREAM, 400, "application/json")
+      local r = stream:run(testing.response_body(
+        '{"type":"error","error":{"type":"invalid_request_error",' ..
+        '"message":"temperature: range: 0..1"},"request_id":"req_1"}', { end_of_stream = true }))
+      assert.body_replaced(r, '{"error":{"message":"temperature: range: 0..1",' ..
+        '"type":"invalid_request_error","param":null,"code":null}}')
+      local s2 <close> = answered(ASK, 529, "application/json")
+      r = s2:run(testing.response_body(
+        '{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+        { end_of_stream = true }))
+      assert.body_replaced(r, '{"error":{"message":"Overloaded","type":"server_error",' ..
+        '"param":null,"code":null}}')
+    end)
+
+    it("passes an answer it cannot read as it is", function()
+      local stream <close> = answered(ASK, 200, "application/json")
+      assert.unchanged(stream:run(testing.response_body("{oops", { end_of_stream = true })))
+      local s2 <close> = answered(ASK, 500, "application/json")
+      assert.unchanged(s2:run(testing.response_body('{"detail":"x"}', { end_of_stream = true })))
+    end)
+
+    -------------------------------------------------------------------------------------
+    -- SSE
+    local EVENTS = {
+      'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",' ..
+        '"role":"assistant","content":[],"model":"claude-sonnet-4-5","stop_reason":null,' ..
+        '"stop_sequence":null,"usage":{"input_tokens":12,"output_tokens":1}}}\n\n',
+      'event: content_block_start\ndata: {"type":"content_block_start","index":0,' ..
+        '"content_block":{"type":"text","text":""}}\n\n',
+      'event: ping\ndata: {"type": "ping"}\n\n',
+      'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' ..
+        '"delta":{"type":"text_delta","text":"Hel"}}\n\n',
+      'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,' ..
+        '"delta":{"type":"text_delta","text":"lo \\"you\\""}}\n\n',
+      'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+      'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",' ..
+        '"stop_sequence":null},"usage":{"output_tokens":5}}\n\n',
+      'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    }
+    local STREAM = table.concat(EVENTS)
+
+    local function out_chunk(delta, finish)
+      return 'data: {"id":"msg_1","object":"chat.completion.chunk","created":0,' ..
+        '"model":"claude-sonnet-4-5","choices":[{"index":0,"delta":' .. delta ..
+        ',"logprobs":null,"finish_reason":' .. (finish and '"' .. finish .. '"' or "null") .. '}]}\n\n'
+    end
+    local ROLE = out_chunk('{"role":"assistant","content":""}')
+    local HEL = out_chunk('{"content":"Hel"}')
+    local LO = out_chunk('{"content":"lo \\"you\\""}')
+    local STOP = out_chunk("{}", "stop")
+    local USAGE = 'data: {"id":"msg_1","object":"chat.completion.chunk","created":0,' ..
+      '"model":"claude-sonnet-4-5","choices":[],' ..
+      '"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17}}\n\n'
+    local DONE = "data: [DONE]\n\n"
+
+    -- Feeds the chunks as response body chunks (STREAMED: one answer each); returns what
+    -- each answer sends, `created` zeroed.
+    local function feed(stream, chunks)
+      local out = {}
+      for i, c in ipairs(chunks) do
+        local r = stream:run(testing.response_body(c, { end_of_stream = i == #chunks }))
+        local m = common(r, "response_body").body_mutation
+        assert.is_not_nil(m, "chunk " .. i .. " got no body mutation")
+        out[i] = uncreated(m.body)
+      end
+      return out
+    end
+
+    it("translates the stream event by event, an event split across chunks", function()
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local cut = #EVENTS[1] + #EVENTS[2] + #EVENTS[3] + 30   -- inside the first delta
+      local out = feed(stream, { STREAM:sub(1, cut), STREAM:sub(cut + 1, #STREAM - 10),
+                                 STREAM:sub(#STREAM - 9), "" })
+      assert.same({ ROLE, HEL .. LO .. STOP, "", DONE }, out)
+    end)
+
+    it("sends usage last when the client asked for it, then [DONE]", function()
+      local stream <close> = answered(ASK_USAGE, 200, "text/event-stream")
+      local out = feed(stream, { STREAM })
+      assert.same({ ROLE .. HEL .. LO .. STOP .. USAGE .. DONE }, out)
+    end)
+
+    it("gives the same stream whatever the chunking, one byte at a time included", function()
+      local want = ROLE .. HEL .. LO .. STOP .. DONE
+      for _, size in ipairs { 1, 2, 7, 64, 333 } do
+        local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+        local chunks = {}
+        for i = 1, #STREAM, size do chunks[#chunks + 1] = STREAM:sub(i, i + size - 1) end
+        local out = feed(stream, chunks)
+        for i, o in ipairs(out) do
+          -- each answer holds whole events only
+          assert.is_truthy(o == "" or o:match("^data: .-\n\n$"), ("size %d, chunk %d: %q"):format(size, i, o))
+        end
+        assert.equal(want, table.concat(out), "size " .. size)
+      end
+    end)
+
+    it("reads CRLF line ends, a CRLF split across chunks too", function()
+      local crlf = STREAM:gsub("\n", "\r\n")
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local cut = crlf:find("\r\n\r\n", 1, true)   -- between \r and \n
+      local out = feed(stream, { crlf:sub(1, cut), crlf:sub(cut + 1) })
+      assert.same({ "", ROLE .. HEL .. LO .. STOP .. DONE }, out)
+    end)
+
+    it("flushes an event the stream ended without its blank line", function()
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local out = feed(stream, { EVENTS[1], EVENTS[4]:sub(1, -3) })
+      assert.same({ ROLE, HEL .. DONE }, out)
+    end)
+
+    it("turns an error event into OpenAI's error chunk", function()
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local out = feed(stream, { EVENTS[1] .. EVENTS[4],
+        'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n' })
+      assert.same({ ROLE .. HEL,
+        'data: {"error":{"message":"Overloaded","type":"server_error","param":null,"code":null}}\n\n' .. DONE },
+        out)
+    end)
+
+    it("drops an event that is not JSON, with a warning, and goes on", function()
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local r = stream:run(testing.response_body("data: {broken\n\n" .. EVENTS[1], { end_of_stream = false }))
+      assert.equal(ROLE, uncreated(common(r, "response_body").body_mutation.body))
+      local warned = false
+      for _, line in ipairs(testing.logs()) do
+        if line:find("SSE event is not JSON, dropped: {broken", 1, true) then warned = true end
+      end
+      assert.is_true(warned)
+      -- a comment line is no event
+      assert.same({ DONE }, feed(stream, { ": a comment\n\n" }))
+    end)
+  end)
+end)
