@@ -11,8 +11,8 @@ One deliberate difference: where a Python handler returns None, the Python serve
 empty ProcessingResponse (no oneof set), which Envoy rejects as spurious; luacallout sends
 the empty response of the phase's type (docs/lua-api.md). The cases concerned say so.
 
-The three scripts beyond the Python set (stream_state, json_body, ab_routing) have their
-own tests at the end."""
+The scripts beyond the Python set (stream_state, json_body, ab_routing, ai_gateway) have
+their own tests at the end."""
 
 import base64
 import json
@@ -584,3 +584,140 @@ def test_ab_routing_without_cookie_and_spoofing(example_server):
     s = next(s for s in (f"u{i}" for i in range(100)) if variant(s) == "b")
     check(run_one(stub, req_headers([("cookie", "a=1"), ("cookie", f"ab_session={s}")])),
           on_req_headers(add=[("x-ab-variant", "b")], clear_route_cache=True))
+
+
+# --- ai_gateway: Envoy's message order for its filter config (BUFFERED both ways, the
+# response body switched to STREAMED by mode_override for an SSE answer) ---------------------
+
+PM = h.processing_mode_pb2.ProcessingMode
+GATEWAY_CONFIG = pb.ProtocolConfiguration(request_body_mode=PM.BUFFERED,
+                                          response_body_mode=PM.BUFFERED)
+CHAT_HEADERS = [(":method", "POST"), (":path", "/v1/chat/completions"),
+                ("content-type", "application/json"), ("content-length", "111"),
+                ("authorization", "Bearer sk-ant-e2e")]
+
+
+def gateway_headers(pairs):
+    """The stream's first message: request headers with the filter config's body modes."""
+    return h.headers_req("request_headers", pairs, protocol_config=GATEWAY_CONFIG)
+
+
+def gateway_mode(**changes):
+    """The mode_override the example sends: the filter config's modes with some changed."""
+    modes = dict(request_header_mode=PM.SEND, response_header_mode=PM.SEND,
+                 request_body_mode=PM.BUFFERED, response_body_mode=PM.BUFFERED,
+                 request_trailer_mode=PM.SKIP, response_trailer_mode=PM.SKIP)
+    modes.update(changes)
+    return PM(**modes)
+
+
+def zero_created(data):
+    text = data.decode()
+    for t in re.findall(r'"created":(\d+)', text):
+        assert abs(int(t) - time.time()) < 60, text
+    return re.sub(r'"created":\d+', '"created":0', text)
+
+
+def test_ai_gateway_streamed_answer(example_server):
+    """request headers, the whole request body, response headers, the SSE answer in three
+    chunks (an event split between the first two): each message answered in order."""
+    ask = (b'{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"system",'
+           b'"content":"Be brief."},{"role":"user","content":"Hi"}],"temperature":0.5}')
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_e2e",'
+        b'"type":"message","role":"assistant","content":[],"model":"claude-sonnet-4-5",'
+        b'"usage":{"input_tokens":9,"output_tokens":1}}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"Hello"}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":'
+        b'"end_turn"},"usage":{"output_tokens":2}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    cut = events.index(b'"Hello"')
+    chunks = [events[:cut], events[cut:-20], events[-20:]]
+    requests = [gateway_headers(CHAT_HEADERS),
+                req_body(ask, eos=True),
+                resp_headers([(":status", "200"), ("content-type", "text/event-stream"),
+                              ("content-length", "500")])]
+    requests += [resp_body(c, eos=i == len(chunks) - 1) for i, c in enumerate(chunks)]
+    responses, code, details = h.process(example_server("ai_gateway").stub(), requests)
+    assert code == OK, details
+    assert len(responses) == len(requests), responses
+
+    h.assert_empty_response(responses[0], "request_headers")   # BUFFERED: headers go now
+
+    body = responses[1].request_body.response
+    want = (b'{"model":"claude-sonnet-4-5","max_tokens":4096,"system":"Be brief.",'
+            b'"messages":[{"role":"user","content":"Hi"}],"stream":true,"temperature":0.5}')
+    assert body.body_mutation.body == want
+    assert body.clear_route_cache
+    assert h.header_map(body.header_mutation) == [
+        (":path", b"/v1/messages"), ("x-model-route", b"anthropic"),
+        ("anthropic-version", b"2023-06-01"), ("accept-encoding", b"identity"),
+        ("x-api-key", b"sk-ant-e2e"), ("content-length", str(len(want)).encode())]
+    assert list(body.header_mutation.remove_headers) == ["authorization"]
+
+    rh = responses[2]
+    assert rh.mode_override == gateway_mode(response_body_mode=PM.STREAMED)
+    assert list(rh.response_headers.response.header_mutation.remove_headers) == ["content-length"]
+
+    def chunk(delta, finish="null"):
+        return ('data: {"id":"msg_e2e","object":"chat.completion.chunk","created":0,'
+                '"model":"claude-sonnet-4-5","choices":[{"index":0,"delta":%s,'
+                '"logprobs":null,"finish_reason":%s}]}\n\n' % (delta, finish))
+    sent = [zero_created(r.response_body.response.body_mutation.body) for r in responses[3:]]
+    assert sent == [chunk('{"role":"assistant","content":""}'),
+                    chunk('{"content":"Hello"}') + chunk("{}", '"stop"'),
+                    "data: [DONE]\n\n"]
+
+
+def test_ai_gateway_buffered_answer_and_refusals(example_server):
+    stub = example_server("ai_gateway").stub()
+    ask = b'{"model":"claude-haiku-4-5","messages":[{"role":"user","content":"Hi"}]}'
+    answer = (b'{"id":"msg_b","type":"message","role":"assistant","model":"claude-haiku-4-5",'
+              b'"content":[{"type":"text","text":"Hi there"}],"stop_reason":"end_turn",'
+              b'"usage":{"input_tokens":3,"output_tokens":2}}')
+    responses, code, details = h.process(stub, [
+        gateway_headers(CHAT_HEADERS), req_body(ask, eos=True),
+        resp_headers([(":status", "200"), ("content-type", "application/json")]),
+        resp_body(answer, eos=True)])
+    assert code == OK, details
+    assert responses[2].mode_override == gateway_mode(response_body_mode=PM.BUFFERED)
+    out = responses[3].response_body.response
+    assert zero_created(out.body_mutation.body) == (
+        '{"id":"msg_b","object":"chat.completion","created":0,"model":"claude-haiku-4-5",'
+        '"choices":[{"index":0,"message":{"role":"assistant","content":"Hi there"},'
+        '"logprobs":null,"finish_reason":"stop"}],'
+        '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}')
+    assert h.header_map(out.header_mutation) == [
+        ("content-length", str(len(out.body_mutation.body)).encode())]
+
+    # the provider's error, to a streaming request: buffered and translated
+    responses, code, details = h.process(stub, [
+        gateway_headers(CHAT_HEADERS),
+        req_body(ask.replace(b'"messages"', b'"stream":true,"messages"'), eos=True),
+        resp_headers([(":status", "401"), ("content-type", "application/json")]),
+        resp_body(b'{"type":"error","error":{"type":"authentication_error",'
+                  b'"message":"invalid x-api-key"}}', eos=True)])
+    assert code == OK, details
+    assert responses[2].mode_override == gateway_mode(response_body_mode=PM.BUFFERED)
+    assert responses[3].response_body.response.body_mutation.body == (
+        b'{"error":{"message":"invalid x-api-key","type":"authentication_error",'
+        b'"param":null,"code":null}}')
+
+    # an unknown model: OpenAI's error at once
+    responses, code, details = h.process(stub, [
+        gateway_headers(CHAT_HEADERS),
+        req_body(b'{"model":"mistral-large","messages":[]}', eos=True)])
+    assert code == OK, details
+    assert responses[1] == h.immediate(
+        400, headers=[("content-type", "application/json")],
+        body='{"error":{"message":"the model \'mistral-large\' is not served here",'
+             '"type":"invalid_request_error","param":"model","code":"model_not_found"}}')
+
+    # not a chat completion: let go, nothing changed
+    responses, code, details = h.process(stub, [
+        gateway_headers([(":method", "GET"), (":path", "/v1/models")])])
+    assert code == OK, details
+    assert responses[0].mode_override == gateway_mode(
+        request_body_mode=PM.NONE, response_header_mode=PM.SKIP, response_body_mode=PM.NONE)
+    assert not responses[0].request_headers.HasField("response")
