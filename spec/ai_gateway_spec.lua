@@ -3,7 +3,7 @@
 
 local testing = require "callout.testing"
 -- the server's callout.json, as scripts have it (busted reaches it through callout.native)
-local json = require("callout.native").json
+local json = require "callout.json"
 
 -- What Envoy announces with the first message for the filter config of the example.
 local BUFFERED = { request_body_mode = "BUFFERED", response_body_mode = "BUFFERED" }

@@ -2,7 +2,7 @@
 -- but for the change.
 
 local testing = require "callout.testing"
-local json = require("callout.native").json
+local json = require "callout.json"
 
 local JSON = { [":method"] = "POST", ["content-type"] = "application/json", ["content-length"] = "9" }
 

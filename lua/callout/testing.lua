@@ -18,7 +18,11 @@ local format, lower, concat = string.format, string.lower, table.concat
 local type, pairs, ipairs, tostring, error, pcall = type, pairs, ipairs, tostring, error, pcall
 local setmetatable, getmetatable = setmetatable, getmetatable
 
-local M = { null = native.null }
+local M = { null = native.null, json = native.json }
+
+-- A spec reads like a script: require "callout.json" gives the server's own callout.json
+-- (the same C code, through callout.native) once callout.testing is loaded.
+package.loaded["callout.json"] = package.loaded["callout.json"] or native.json
 
 -- The level (for error) of the first caller outside this file, seen from the function
 -- that calls outside(): the spec's line.
