@@ -87,6 +87,23 @@ describe("callout.json", function()
     end
   end)
 
+  it("keeps order and refuses a repeated key in containers of any size", function()
+    -- members are placed in batches of 32 (src/json.c): across and inside a batch
+    local keys, items = {}, {}
+    for i = 1, 100 do
+      keys[#keys + 1] = ('"k%d":%d'):format(101 - i, i)
+      items[#items + 1] = i % 3 == 0 and "{}" or tostring(i)
+    end
+    local obj, arr = "{" .. table.concat(keys, ",") .. "}", "[" .. table.concat(items, ",") .. "]"
+    assert.equal(obj, json.encode(json.decode(obj)))
+    assert.equal(arr, json.encode(json.decode(arr)))
+    assert.equal('[' .. arr .. ',' .. obj .. ']', json.encode(json.decode('[' .. arr .. ',' .. obj .. ']')))
+    assert.error_matches(function() json.decode(obj:sub(1, -2) .. ',"k100":0}') end,
+      'duplicate object key "k100" at line 1, column ' .. (#obj + 6), 1, true)
+    assert.error_matches(function() json.decode(obj:sub(1, -2) .. ',"k2":0}') end,
+      'duplicate object key "k2" at line 1, column ' .. (#obj + 4), 1, true)
+  end)
+
   it("keeps decoded key order; new keys go last, in assignment order; nil removes", function()
     local o = json.decode('{"b":1,"a":2,"c":3}')
     o.z = 4

@@ -5,19 +5,21 @@
  *   body.model = "other"                 -- a new key goes last, obj.k = nil removes k
  *   return json.encode(body)             -- compact; a compact document comes back byte for byte
  *
- * jansson parses (a JSON library from Debian, not a parser of ours); this file converts its
- * tree to Lua and writes Lua values back as text. Decoded objects and arrays carry one of
- * two shared metatables, the marker json.kind reads and json.object / json.array set. An
- * object's key order lives in a weak-keyed side table (object -> order); the object
- * metatable's __newindex appends each new key there and its __pairs walks it.
+ * yajl parses (a JSON library from Debian, not a parser of ours): its callbacks build the
+ * Lua values as it reads, with no tree in between; this file also writes Lua values back
+ * as text. Decoded objects and arrays carry one of two shared metatables, the marker
+ * json.kind reads and json.object / json.array set. An object's key order lives in a
+ * weak-keyed side table (object -> order; an empty decoded object has none until its first
+ * key); the object metatable's __newindex appends each new key there and its __pairs walks
+ * it.
  *
  * Bounds: the C calls run outside the script's instruction budget, so their cost must be
  * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
- * LJSON_MAX_DEPTH levels of nesting, and jansson's own heap (outside the VM's memory
- * ceiling) is capped per thread at JSON_HEAP_MAX; encode writes into a buffer taken from
- * the VM's allocator, so its output counts against the ceiling, and stops at the same depth
- * (a cycle is named as such). The parse tree and the output buffer are to-be-closed values,
- * freed on every path, a Lua memory error included. */
+ * LJSON_MAX_DEPTH levels of nesting, and everything it makes (the values and yajl's own
+ * buffers) comes from the VM's allocator, so it counts against the VM's memory ceiling;
+ * encode writes into a buffer taken from the same allocator and stops at the same depth (a
+ * cycle is named as such). yajl's buffers and the output buffer are freed on every path, a
+ * Lua memory error included. */
 #include "json.h"
 
 #include <float.h>
@@ -263,9 +265,19 @@ struct dec {
     int depth;                          /* containers open */
     size_t at;                          /* a refusal of ours: its byte offset ... */
     char why[120];                      /* ... and its text ("" for none) */
-    lua_Integer count[LJSON_MAX_DEPTH + 1];     /* members so far, per open container */
-    bool object[LJSON_MAX_DEPTH + 1];
+    struct level {                      /* an open container */
+        int slot;                       /* its table's stack index (its order's is next) */
+        bool object;
+        bool made;                      /* its table exists (else false in its slot) */
+        int pending;                    /* members on the stack above it, not yet placed */
+        lua_Integer count;              /* members placed */
+    } level[LJSON_MAX_DEPTH + 1];
 };
+
+/* Members wait on the stack (a value, or a key and its value) until PENDING_MAX of them or
+ * the container's end, then go into its table: most containers are small, and a table
+ * made at its final size is never rehashed (that was a third of the decode). */
+#define PENDING_MAX 32
 
 static void block_link(struct dec *d, union block *b, size_t size)
 {
@@ -355,35 +367,83 @@ static size_t token_end(struct dec *d)
     return d->final ? d->n : yajl_get_bytes_consumed(d->h);
 }
 
+/* Places the pending members of the innermost container in its table, making the table
+ * (and an object's order) first: at its final size when `last`. */
+static void flush(struct dec *d, bool last)
+{
+    lua_State *L = d->L;
+    struct level *l = &d->level[d->depth];
+    int p = l->pending, t = l->slot, o = t + 1;
+    if (!l->made) {
+        int size = last ? p : 2 * PENDING_MAX;
+        lua_createtable(L, l->object ? 0 : size, l->object ? size : 0);
+        lua_replace(L, t);
+        if (l->object && (p > 0 || !last)) {
+            lua_createtable(L, size, size);
+            lua_replace(L, o);
+        }
+        l->made = true;
+    }
+    if (!l->object) {
+        for (int j = p; j >= 1; j--)
+            lua_rawseti(L, t, l->count + j);    /* pops the top, the last one */
+    } else {
+        int first = lua_gettop(L) - 2 * p + 1;
+        for (int j = 0; j < p; j++) {
+            int k = first + 2 * j;
+            lua_Integer i = l->count + j + 1;
+            lua_pushvalue(L, k);
+            lua_pushvalue(L, k + 1);
+            lua_rawset(L, t);                   /* obj[key] = val */
+            lua_pushvalue(L, k);
+            lua_rawseti(L, o, i);               /* order[i] = key */
+            lua_pushvalue(L, k);
+            lua_pushinteger(L, i);
+            lua_rawset(L, o);                   /* order[key] = i */
+        }
+        lua_settop(L, first - 1);
+    }
+    l->count += p;
+    l->pending = 0;
+}
+
+/* Whether the key on top of the stack is already a member of the innermost object. */
+static bool seen_key(struct dec *d)
+{
+    lua_State *L = d->L;
+    struct level *l = &d->level[d->depth];
+    if (l->made) {
+        lua_pushvalue(L, -1);
+        bool seen = lua_rawget(L, l->slot) != LUA_TNIL;
+        lua_pop(L, 1);
+        if (seen)
+            return true;
+    }
+    int first = lua_gettop(L) - 2 * l->pending;
+    for (int j = 0; j < l->pending; j++)
+        if (lua_rawequal(L, first + 2 * j, -1))
+            return true;
+    return false;
+}
+
 /* A value on top of the stack goes into the open container (or is the document). */
 static int put_member(struct dec *d)
 {
     lua_State *L = d->L;
     if (d->depth == 0)
         return 1;
-    lua_Integer i = ++d->count[d->depth];
-    if (!d->object[d->depth]) {
-        lua_rawseti(L, -2, i);
-        return 1;
-    }
-    /* obj order key val */
-    if (d->duplicates) {
+    struct level *l = &d->level[d->depth];
+    if (l->object && d->duplicates && l->made) {
         lua_pushvalue(L, -2);
-        bool seen = lua_rawget(L, -5) != LUA_TNIL;
+        bool seen = lua_rawget(L, l->slot) != LUA_TNIL;
         lua_pop(L, 1);
         if (seen) {                             /* first place, last value */
-            d->count[d->depth]--;
-            lua_rawset(L, -4);
+            lua_rawset(L, l->slot);
             return 1;
         }
     }
-    lua_pushvalue(L, -2);
-    lua_insert(L, -2);
-    lua_rawset(L, -5);                          /* obj[key] = val */
-    lua_pushvalue(L, -1);
-    lua_rawseti(L, -3, i);                      /* order[i] = key */
-    lua_pushinteger(L, i);
-    lua_rawset(L, -3);                          /* order[key] = i */
+    if (++l->pending == PENDING_MAX)
+        flush(d, false);
     return 1;
 }
 
@@ -523,18 +583,16 @@ static int on_key(void *ctx, const unsigned char *p, size_t len)
     lua_State *L = d->L;
     if (!check_token_string(d, p, len))
         return 0;
-    if (d->count[d->depth] == 0) {
-        lua_newtable(L);
-        lua_replace(L, -2);
-    }
-    lua_pushlstring(L, (const char *)p, len);   /* obj order key */
-    if (!d->duplicates) {
-        lua_pushvalue(L, -1);
-        bool seen = lua_rawget(L, -4) != LUA_TNIL;
-        lua_pop(L, 1);
-        if (seen)
+    lua_pushlstring(L, (const char *)p, len);
+    if (seen_key(d)) {
+        if (!d->duplicates)
             return refuse(d, yajl_get_bytes_consumed(d->h) - 1,
                           "duplicate object key \"%.*s\"", len < 40 ? (int)len : 40, p);
+        /* its value replaces the first one's in the table (put_member), so the
+         * first one goes there now */
+        lua_pop(L, 1);
+        flush(d, false);
+        lua_pushlstring(L, (const char *)p, len);
     }
     return 1;
 }
@@ -545,13 +603,12 @@ static int open_container(struct dec *d, bool object)
     if (d->depth >= LJSON_MAX_DEPTH)
         return refuse(d, yajl_get_bytes_consumed(d->h) - 1, "nested deeper than %d",
                       LJSON_MAX_DEPTH);
-    luaL_checkstack(d->L, 6, "callout.json: nested too deeply");
-    d->depth++;
-    d->count[d->depth] = 0;
-    d->object[d->depth] = object;
-    lua_newtable(d->L);
+    luaL_checkstack(d->L, 2 * PENDING_MAX + 8, "callout.json: nested too deeply");
+    struct level *l = &d->level[++d->depth];
+    *l = (struct level){.slot = lua_gettop(d->L) + 1, .object = object};
+    lua_pushboolean(d->L, 0);                   /* the table, made by flush */
     if (object)
-        lua_pushboolean(d->L, 0);               /* its order, made at the first key */
+        lua_pushboolean(d->L, 0);               /* its order */
     return 1;
 }
 
@@ -562,7 +619,8 @@ static int on_end_map(void *ctx)
 {
     struct dec *d = ctx;
     lua_State *L = d->L;
-    if (d->count[d->depth] > 0) {
+    flush(d, true);
+    if (d->level[d->depth].count > 0) {
         lua_pushvalue(L, -2);
         lua_insert(L, -2);
         lua_rawset(L, d->order);                /* side[obj] = order */
@@ -578,6 +636,7 @@ static int on_end_map(void *ctx)
 static int on_end_array(void *ctx)
 {
     struct dec *d = ctx;
+    flush(d, true);
     lua_pushvalue(d->L, d->array_mt);
     lua_setmetatable(d->L, -2);
     d->depth--;
@@ -651,7 +710,7 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
     int base = lua_gettop(L) - 2;
     /* the decoder's state (2 KiB of it) in a userdata rather than on the C stack */
     struct dec *d = lua_newuserdatauv(L, sizeof *d, 0);
-    memset(d, 0, offsetof(struct dec, count));
+    memset(d, 0, offsetof(struct dec, level));
     if (luaL_newmetatable(L, DEC_MT)) {
         lua_pushcfunction(L, dec_close);
         lua_setfield(L, -2, "__close");
