@@ -497,7 +497,7 @@ static int check_token_string(struct dec *d, const unsigned char *p, size_t len)
 {
     const unsigned char *s = (const unsigned char *)d->s;
     size_t close = yajl_get_bytes_consumed(d->h) - 1;   /* the closing quote */
-    if (p >= s && p < s + d->n) {
+    if ((uintptr_t)p >= (uintptr_t)s && (uintptr_t)p < (uintptr_t)(s + d->n)) {
         for (size_t i = 0; i < len; i++)
             if (p[i] >= 0x80)
                 return check_string(d, p, len, (size_t)(p - s));
