@@ -65,6 +65,19 @@ describe("callout.jwt", function()
     assert.matches("RSA, 2048 bits", r.key, 1, true)
   end)
 
+  it("keeps a repeated key's first place and last value in a large payload too", function()
+    -- src/json.c places members in batches of 32: "a" is placed when repeated, "k35" waits
+    local parts = { '"a":[]' }
+    for i = 1, 40 do parts[#parts + 1] = ('"k%02d":%s'):format(i, i == 35 and "[]" or i) end
+    parts[#parts + 1] = '"k35":{}'
+    parts[#parts + 1] = '"a":{}'
+    local r = decode(sign("{" .. table.concat(parts, ",") .. "}"))
+    assert.equal(41, #r.order)
+    assert.equal("a", r.order[1])
+    assert.equal("k35", r.order[36])
+    assert.same({ a = false, k35 = false }, r.arrays)
+  end)
+
   it("walks keys a script added after the token's, and skips removed ones", function()
     local r = decode(sign('{"sub":"s","x":1,"y":2}'), nil, { ["x-edit"] = "1" })
     assert.same({ "x", "y", "added" }, r.order)

@@ -5,89 +5,47 @@
  *   body.model = "other"                 -- a new key goes last, obj.k = nil removes k
  *   return json.encode(body)             -- compact; a compact document comes back byte for byte
  *
- * jansson parses (a JSON library from Debian, not a parser of ours); this file converts its
- * tree to Lua and writes Lua values back as text. Decoded objects and arrays carry one of
- * two shared metatables, the marker json.kind reads and json.object / json.array set. An
- * object's key order lives in a weak-keyed side table (object -> order); the object
- * metatable's __newindex appends each new key there and its __pairs walks it.
+ * yajl parses (a JSON library from Debian, not a parser of ours): its callbacks build the
+ * Lua values as it reads, with no tree in between; this file also writes Lua values back
+ * as text. Decoded objects and arrays carry one of two shared metatables, the marker
+ * json.kind reads and json.object / json.array set. An object's key order lives in a
+ * weak-keyed side table (object -> order; an empty decoded object has none until its first
+ * key); the object metatable's __newindex appends each new key there and its __pairs walks
+ * it.
  *
  * Bounds: the C calls run outside the script's instruction budget, so their cost must be
  * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
- * LJSON_MAX_DEPTH levels of nesting, and jansson's own heap (outside the VM's memory
- * ceiling) is capped per thread at JSON_HEAP_MAX; encode writes into a buffer taken from
- * the VM's allocator, so its output counts against the ceiling, and stops at the same depth
- * (a cycle is named as such). The parse tree and the output buffer are to-be-closed values,
- * freed on every path, a Lua memory error included. */
+ * LJSON_MAX_DEPTH levels of nesting, and everything it makes (the values and yajl's own
+ * buffers) comes from the VM's allocator, so it counts against the VM's memory ceiling;
+ * encode writes into a buffer taken from the same allocator and stops at the same depth (a
+ * cycle is named as such). yajl's buffers and the output buffer are freed on every path, a
+ * Lua memory error included. */
 #include "json.h"
 
 #include <float.h>
 #include <math.h>
-#include <pthread.h>
+#include <stdarg.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <jansson.h>
 #include <lauxlib.h>
+#include <yajl/yajl_parse.h>
 
 #include "pbstruct.h"
 
 #define OBJECT_MT "callout.json.object"
 #define ARRAY_MT "callout.json.array"
-#define TREE_MT "callout.json.tree"
+#define DEC_MT "callout.json.decoder"
 #define BUF_MT "callout.json.buffer"
-/* jansson's tree of a typical document is a few times its size; 4 MiB of "[0,0,0,..."
- * (40 bytes a value) needs more than this and is refused. */
-#define JSON_HEAP_MAX ((size_t)64 << 20)
 
 /* Registry key (by address) of the weak-keyed table object -> its key order. An order
  * table holds [i] = key for i = 1..n and [key] = i, the latest place of key: a key whose
  * [key] is not i at place i was removed and assigned again later. */
 static const char order_key = 0;
-
-/* ------------------------------------------------------------------------------------ */
-/* jansson's heap, counted per thread                                                   */
-/* ------------------------------------------------------------------------------------ */
-
-/* jansson allocates with malloc, outside the VM's ceiling. Every VM of a thread shares this
- * count of what jansson holds now; past JSON_HEAP_MAX the allocation fails and jansson
- * reports "out of memory" as a parse error. The header keeps the size for the free. */
-static _Thread_local size_t heap_used;
-
-union heap_header {
-    size_t size;
-    max_align_t align;
-};
-
-static void *heap_malloc(size_t n)
-{
-    if (n > JSON_HEAP_MAX - heap_used)
-        return NULL;
-    union heap_header *h = malloc(sizeof *h + n);
-    if (h == NULL)
-        return NULL;
-    h->size = n;
-    heap_used += n;
-    return h + 1;
-}
-
-static void heap_free(void *p)
-{
-    if (p == NULL)
-        return;
-    union heap_header *h = (union heap_header *)p - 1;
-    heap_used -= h->size < heap_used ? h->size : heap_used;
-    free(h);
-}
-
-static pthread_once_t heap_once = PTHREAD_ONCE_INIT;
-
-static void heap_install(void)
-{
-    json_set_alloc_funcs(heap_malloc, heap_free);
-}
 
 /* ------------------------------------------------------------------------------------ */
 /* The markers and the key order                                                        */
@@ -243,99 +201,459 @@ enum ljson_kind ljson_kind(lua_State *L, int idx)
     return k;
 }
 
+/* Length of the well-formed UTF-8 sequence at s (of n bytes left), 0 if there is none:
+ * what RFC 8259 allows, so no overlong forms, no surrogates and nothing past U+10FFFF. */
+static size_t utf8_len(const unsigned char *s, size_t n)
+{
+    unsigned char c = s[0];
+    size_t k;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (c < 0x80)
+        return 1;
+    if (c >= 0xc2 && c <= 0xdf)
+        k = 2;
+    else if (c >= 0xe0 && c <= 0xef) {
+        k = 3;
+        if (c == 0xe0) lo = 0xa0;
+        if (c == 0xed) hi = 0x9f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+        k = 4;
+        if (c == 0xf0) lo = 0x90;
+        if (c == 0xf4) hi = 0x8f;
+    } else
+        return 0;
+    if (n < k || s[1] < lo || s[1] > hi)
+        return 0;
+    for (size_t j = 2; j < k; j++)
+        if (s[j] < 0x80 || s[j] > 0xbf)
+            return 0;
+    return k;
+}
+
 /* ------------------------------------------------------------------------------------ */
-/* decode: jansson's tree -> Lua                                                        */
+/* decode: yajl's events -> Lua                                                         */
 /* ------------------------------------------------------------------------------------ */
 
-/* The tree as a to-be-closed value: freed when decode returns or raises. */
-static int tree_close(lua_State *L)
+/* yajl parses and calls back per token; the callbacks build the Lua values in place, on
+ * the Lua stack: an open array is [arr], an open object [obj, order] and [obj, order, key]
+ * once its key is read. No tree outside the VM: every value counts against its ceiling.
+ *
+ * A Lua error in a callback (memory, the stack) longjmps through yajl. yajl's own buffers
+ * come from the VM's allocator through the functions below, which keep every block in a
+ * list: the decoder, a to-be-closed userdata, frees what is left on every path, whatever
+ * state the longjmp left yajl's handle in. */
+
+union block {
+    struct {
+        union block *prev, *next;
+        size_t size;
+    } h;
+    max_align_t align;
+};
+
+struct dec {
+    lua_State *L;
+    lua_Alloc alloc;
+    void *ud;
+    union block *blocks;                /* yajl's live allocations */
+    yajl_handle h;
+    const char *s;                      /* the document, s[0..n) */
+    size_t n;
+    bool final;                         /* in yajl_complete_parse: no token in s any more */
+    bool duplicates;                    /* LJSON_DUPLICATES */
+    int order, object_mt, array_mt;     /* absolute stack indices */
+    int depth;                          /* containers open */
+    size_t at;                          /* a refusal of ours: its byte offset ... */
+    char why[120];                      /* ... and its text ("" for none) */
+    struct level {                      /* an open container */
+        int slot;                       /* its table's stack index (its order's is next) */
+        bool object;
+        bool made;                      /* its table exists (else false in its slot) */
+        int pending;                    /* members on the stack above it, not yet placed */
+        lua_Integer count;              /* members placed */
+    } level[LJSON_MAX_DEPTH + 1];
+};
+
+/* Members wait on the stack (a value, or a key and its value) until PENDING_MAX of them or
+ * the container's end, then go into its table: most containers are small, and a table
+ * made at its final size is never rehashed (that was a third of the decode). */
+#define PENDING_MAX 32
+
+static void block_link(struct dec *d, union block *b, size_t size)
 {
-    json_t **t = luaL_checkudata(L, 1, TREE_MT);
-    json_decref(*t);
-    *t = NULL;
+    b->h.size = size;
+    b->h.prev = NULL;
+    b->h.next = d->blocks;
+    if (d->blocks != NULL)
+        d->blocks->h.prev = b;
+    d->blocks = b;
+}
+
+static void block_unlink(struct dec *d, union block *b)
+{
+    if (b->h.prev != NULL)
+        b->h.prev->h.next = b->h.next;
+    else
+        d->blocks = b->h.next;
+    if (b->h.next != NULL)
+        b->h.next->h.prev = b->h.prev;
+}
+
+/* Past the ceiling yajl gets no NULL (it does not check): the decode raises instead. */
+static void *yajl_malloc_vm(void *ctx, size_t n)
+{
+    struct dec *d = ctx;
+    if (n > SIZE_MAX - sizeof(union block))
+        luaL_error(d->L, "callout.json: not enough memory");
+    union block *b = d->alloc(d->ud, NULL, 0, sizeof *b + n);
+    if (b == NULL)
+        luaL_error(d->L, "callout.json: not enough memory");
+    block_link(d, b, n);
+    return b + 1;
+}
+
+static void yajl_free_vm(void *ctx, void *p)
+{
+    struct dec *d = ctx;
+    if (p == NULL)
+        return;
+    union block *b = (union block *)p - 1;
+    block_unlink(d, b);
+    d->alloc(d->ud, b, sizeof *b + b->h.size, 0);
+}
+
+static void *yajl_realloc_vm(void *ctx, void *p, size_t n)
+{
+    struct dec *d = ctx;
+    if (p == NULL)
+        return yajl_malloc_vm(ctx, n);
+    union block *b = (union block *)p - 1;
+    if (n > SIZE_MAX - sizeof *b)
+        luaL_error(d->L, "callout.json: not enough memory");
+    block_unlink(d, b);
+    union block *nb = d->alloc(d->ud, b, sizeof *b + b->h.size, sizeof *b + n);
+    if (nb == NULL) {
+        block_link(d, b, b->h.size);            /* still valid, freed by the close */
+        luaL_error(d->L, "callout.json: not enough memory");
+    }
+    block_link(d, nb, n);
+    return nb + 1;
+}
+
+/* The decoder as a to-be-closed value: whatever yajl still holds is freed on close. */
+static int dec_close(lua_State *L)
+{
+    struct dec *d = luaL_checkudata(L, 1, DEC_MT);
+    d->h = NULL;
+    while (d->blocks != NULL)
+        yajl_free_vm(d, d->blocks + 1);
     return 0;
 }
 
-struct conv {
-    lua_State *L;
-    int order, object_mt, array_mt;     /* absolute stack indices */
-};
-
-/* Pushes v; false when nested deeper than LJSON_MAX_DEPTH (nothing pushed). */
-static bool to_lua(struct conv *c, json_t *v, int depth)
+/* Records a refusal at byte `at` and cancels the parse (a callback returns this). */
+static int refuse(struct dec *d, size_t at, const char *fmt, ...)
 {
-    lua_State *L = c->L;
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: {
-        if (depth >= LJSON_MAX_DEPTH)
-            return false;
-        luaL_checkstack(L, 6, "callout.json: nested too deeply");
-        int n = (int)json_object_size(v);
-        lua_createtable(L, 0, n);               /* obj */
-        lua_createtable(L, n, n);               /* its order */
-        lua_Integer i = 0;
-        const char *key;
-        json_t *val;
-        json_object_foreach(v, key, val) {
-            size_t klen = json_object_iter_key_len(json_object_key_to_iter(key));
-            lua_pushlstring(L, key, klen);
-            if (!to_lua(c, val, depth + 1)) {
-                lua_pop(L, 3);
-                return false;
-            }
-            /* stack: obj order key val */
-            lua_pushvalue(L, -2);
-            lua_insert(L, -2);
-            lua_rawset(L, -5);                  /* obj[key] = val */
-            lua_pushvalue(L, -1);
-            lua_rawseti(L, -3, ++i);            /* order[i] = key */
-            lua_pushinteger(L, i);
-            lua_rawset(L, -3);                  /* order[key] = i */
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(d->why, sizeof d->why, fmt, ap);
+    va_end(ap);
+    d->at = at < d->n ? at : d->n;
+    return 0;
+}
+
+/* Offset in s just past the token yajl has read; at the end (complete_parse) the end. */
+static size_t token_end(struct dec *d)
+{
+    return d->final ? d->n : yajl_get_bytes_consumed(d->h);
+}
+
+/* Places the pending members of the innermost container in its table, making the table
+ * (and an object's order) first: at its final size when `last`. */
+static void flush(struct dec *d, bool last)
+{
+    lua_State *L = d->L;
+    struct level *l = &d->level[d->depth];
+    int p = l->pending, t = l->slot, o = t + 1;
+    if (!l->made) {
+        int size = last ? p : 2 * PENDING_MAX;
+        lua_createtable(L, l->object ? 0 : size, l->object ? size : 0);
+        lua_replace(L, t);
+        if (l->object && (p > 0 || !last)) {
+            lua_createtable(L, size, size);
+            lua_replace(L, o);
         }
+        l->made = true;
+    }
+    if (!l->object) {
+        for (int j = p; j >= 1; j--)
+            lua_rawseti(L, t, l->count + j);    /* pops the top, the last one */
+    } else {
+        int first = lua_gettop(L) - 2 * p + 1;
+        for (int j = 0; j < p; j++) {
+            int k = first + 2 * j;
+            lua_Integer i = l->count + j + 1;
+            lua_pushvalue(L, k);
+            lua_pushvalue(L, k + 1);
+            lua_rawset(L, t);                   /* obj[key] = val */
+            lua_pushvalue(L, k);
+            lua_rawseti(L, o, i);               /* order[i] = key */
+            lua_pushvalue(L, k);
+            lua_pushinteger(L, i);
+            lua_rawset(L, o);                   /* order[key] = i */
+        }
+        lua_settop(L, first - 1);
+    }
+    l->count += p;
+    l->pending = 0;
+}
+
+/* Whether the key on top of the stack is already a member of the innermost object. */
+static bool seen_key(struct dec *d)
+{
+    lua_State *L = d->L;
+    struct level *l = &d->level[d->depth];
+    if (l->made) {
+        lua_pushvalue(L, -1);
+        bool seen = lua_rawget(L, l->slot) != LUA_TNIL;
+        lua_pop(L, 1);
+        if (seen)
+            return true;
+    }
+    int first = lua_gettop(L) - 2 * l->pending;
+    for (int j = 0; j < l->pending; j++)
+        if (lua_rawequal(L, first + 2 * j, -1))
+            return true;
+    return false;
+}
+
+/* A value on top of the stack goes into the open container (or is the document). */
+static int put_member(struct dec *d)
+{
+    lua_State *L = d->L;
+    if (d->depth == 0)
+        return 1;
+    struct level *l = &d->level[d->depth];
+    if (l->object && d->duplicates && l->made) {
+        lua_pushvalue(L, -2);
+        bool seen = lua_rawget(L, l->slot) != LUA_TNIL;
+        lua_pop(L, 1);
+        if (seen) {                             /* first place, last value */
+            lua_rawset(L, l->slot);
+            return 1;
+        }
+    }
+    if (++l->pending == PENDING_MAX)
+        flush(d, false);
+    return 1;
+}
+
+/* The value of the 4 hex digits at p (yajl checked they are hex). */
+static unsigned hex4(const unsigned char *p)
+{
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        unsigned c = p[i];
+        v = v * 16 + (c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10);
+    }
+    return v;
+}
+
+/* What yajl lets through that RFC 8259 does not (yajl checks only the shape of UTF-8 and
+ * turns a lone \ud800 into '?'): overlong forms, surrogates, code points past U+10FFFF,
+ * unpaired \u surrogates. raw = the string's text between its quotes, at offset `off`. */
+static int check_string(struct dec *d, const unsigned char *raw, size_t len, size_t off)
+{
+    for (size_t i = 0; i < len; i++) {
+        unsigned char c = raw[i];
+        if (c >= 0x80) {
+            size_t k = utf8_len(raw + i, len - i);
+            if (k == 0)
+                return refuse(d, off + i, "invalid UTF-8");
+            i += k - 1;
+        } else if (c == '\\') {
+            if (raw[++i] != 'u')
+                continue;
+            unsigned u = hex4(raw + i + 1);
+            if (u >= 0xdc00 && u <= 0xdfff)
+                return refuse(d, off + i - 1, "invalid Unicode escape (a lone low surrogate)");
+            if (u >= 0xd800 && u <= 0xdbff) {
+                unsigned lo = 0;
+                if (i + 10 < len && raw[i + 5] == '\\' && raw[i + 6] == 'u')
+                    lo = hex4(raw + i + 7);
+                if (lo < 0xdc00 || lo > 0xdfff)
+                    return refuse(d, off + i - 1,
+                                  "invalid Unicode escape (a high surrogate without its pair)");
+                i += 6;
+            }
+            i += 4;
+        }
+    }
+    return 1;
+}
+
+/* Checks the string yajl just read (p[0..len): the text itself when it has no escape,
+ * else yajl's decoding of it, the text then found by scanning back from its end). */
+static int check_token_string(struct dec *d, const unsigned char *p, size_t len)
+{
+    const unsigned char *s = (const unsigned char *)d->s;
+    size_t close = yajl_get_bytes_consumed(d->h) - 1;   /* the closing quote */
+    if ((uintptr_t)p >= (uintptr_t)s && (uintptr_t)p < (uintptr_t)(s + d->n)) {
+        for (size_t i = 0; i < len; i++)
+            if (p[i] >= 0x80)
+                return check_string(d, p, len, (size_t)(p - s));
+        return 1;
+    }
+    size_t open = close;
+    for (;;) {                  /* the quote before which an even number of backslashes */
+        open--;
+        if (s[open] != '"')
+            continue;
+        size_t bs = 0;
+        while (open - bs > 0 && s[open - bs - 1] == '\\')
+            bs++;
+        if (bs % 2 == 0)
+            break;
+    }
+    return check_string(d, s + open + 1, close - open - 1, open + 1);
+}
+
+static int on_null(void *ctx)
+{
+    struct dec *d = ctx;
+    pbstruct_push_null(d->L);
+    return put_member(d);
+}
+
+static int on_boolean(void *ctx, int b)
+{
+    struct dec *d = ctx;
+    lua_pushboolean(d->L, b);
+    return put_member(d);
+}
+
+/* A number from its text (JSON's syntax, yajl checked it): an integer when it has no
+ * fraction and no exponent, exact or refused; else a float (strtod, the C locale). */
+static int on_number(void *ctx, const char *t, size_t len)
+{
+    struct dec *d = ctx;
+    size_t end = token_end(d), at = end >= len ? end - len : 0;
+    if (memchr(t, '.', len) == NULL && memchr(t, 'e', len) == NULL &&
+        memchr(t, 'E', len) == NULL) {
+        bool neg = t[0] == '-';
+        uint64_t u = 0, lim = neg ? (uint64_t)INT64_MAX + 1 : (uint64_t)INT64_MAX;
+        for (size_t i = neg; i < len; i++) {
+            unsigned dig = (unsigned)(t[i] - '0');
+            if (u > (lim - dig) / 10)
+                return refuse(d, at, neg ? "too big negative integer" : "too big integer");
+            u = u * 10 + dig;
+        }
+        lua_pushinteger(d->L, neg ? (lua_Integer)(0 - u) : (lua_Integer)u);
+        return put_member(d);
+    }
+    char tmp[64];
+    const char *z = tmp;
+    if (len < sizeof tmp) {
+        memcpy(tmp, t, len);
+        tmp[len] = '\0';
+    } else {
+        lua_pushlstring(d->L, t, len);          /* NUL-terminated; popped below */
+        z = lua_tostring(d->L, -1);
+    }
+    double v = strtod(z, NULL);
+    if (z != tmp)
+        lua_pop(d->L, 1);
+    if (isinf(v))
+        return refuse(d, at, "real number overflow");
+    lua_pushnumber(d->L, (lua_Number)v);
+    return put_member(d);
+}
+
+static int on_string(void *ctx, const unsigned char *p, size_t len)
+{
+    struct dec *d = ctx;
+    if (!check_token_string(d, p, len))
+        return 0;
+    lua_pushlstring(d->L, (const char *)p, len);
+    return put_member(d);
+}
+
+static int on_key(void *ctx, const unsigned char *p, size_t len)
+{
+    struct dec *d = ctx;
+    lua_State *L = d->L;
+    if (!check_token_string(d, p, len))
+        return 0;
+    lua_pushlstring(L, (const char *)p, len);
+    if (seen_key(d)) {
+        if (!d->duplicates)
+            return refuse(d, yajl_get_bytes_consumed(d->h) - 1,
+                          "duplicate object key \"%.*s\"", len < 40 ? (int)len : 40, p);
+        /* its value replaces the first one's in the table (put_member), so the
+         * first one goes there now */
+        lua_pop(L, 1);
+        flush(d, false);
+        lua_pushlstring(L, (const char *)p, len);
+    }
+    return 1;
+}
+
+/* Opens a container, or refuses the one past LJSON_MAX_DEPTH where its bracket is. */
+static int open_container(struct dec *d, bool object)
+{
+    if (d->depth >= LJSON_MAX_DEPTH)
+        return refuse(d, yajl_get_bytes_consumed(d->h) - 1, "nested deeper than %d",
+                      LJSON_MAX_DEPTH);
+    luaL_checkstack(d->L, 2 * PENDING_MAX + 8, "callout.json: nested too deeply");
+    struct level *l = &d->level[++d->depth];
+    *l = (struct level){.slot = lua_gettop(d->L) + 1, .object = object};
+    lua_pushboolean(d->L, 0);                   /* the table, made by flush */
+    if (object)
+        lua_pushboolean(d->L, 0);               /* its order */
+    return 1;
+}
+
+static int on_start_map(void *ctx) { return open_container(ctx, true); }
+static int on_start_array(void *ctx) { return open_container(ctx, false); }
+
+static int on_end_map(void *ctx)
+{
+    struct dec *d = ctx;
+    lua_State *L = d->L;
+    flush(d, true);
+    if (d->level[d->depth].count > 0) {
         lua_pushvalue(L, -2);
         lua_insert(L, -2);
-        lua_rawset(L, c->order);
-        lua_pushvalue(L, c->object_mt);
-        lua_setmetatable(L, -2);
-        return true;
+        lua_rawset(L, d->order);                /* side[obj] = order */
+    } else {
+        lua_pop(L, 1);                          /* {}: no order (encode needs none) */
     }
-    case JSON_ARRAY: {
-        if (depth >= LJSON_MAX_DEPTH)
-            return false;
-        luaL_checkstack(L, 4, "callout.json: nested too deeply");
-        size_t n = json_array_size(v);
-        lua_createtable(L, n < INT32_MAX ? (int)n : 0, 0);
-        for (size_t i = 0; i < n; i++) {
-            if (!to_lua(c, json_array_get(v, i), depth + 1)) {
-                lua_pop(L, 1);
-                return false;
-            }
-            lua_rawseti(L, -2, (lua_Integer)i + 1);
-        }
-        lua_pushvalue(L, c->array_mt);
-        lua_setmetatable(L, -2);
-        return true;
-    }
-    case JSON_STRING:
-        lua_pushlstring(L, json_string_value(v), json_string_length(v));
-        return true;
-    case JSON_INTEGER:
-        lua_pushinteger(L, (lua_Integer)json_integer_value(v));
-        return true;
-    case JSON_REAL:
-        lua_pushnumber(L, (lua_Number)json_real_value(v));
-        return true;
-    case JSON_TRUE:
-        lua_pushboolean(L, 1);
-        return true;
-    case JSON_FALSE:
-        lua_pushboolean(L, 0);
-        return true;
-    default:
-        pbstruct_push_null(L);
-        return true;
-    }
+    lua_pushvalue(L, d->object_mt);
+    lua_setmetatable(L, -2);
+    d->depth--;
+    return put_member(d);
 }
+
+static int on_end_array(void *ctx)
+{
+    struct dec *d = ctx;
+    flush(d, true);
+    lua_pushvalue(d->L, d->array_mt);
+    lua_setmetatable(d->L, -2);
+    d->depth--;
+    return put_member(d);
+}
+
+static const yajl_callbacks callbacks = {
+    .yajl_null = on_null,
+    .yajl_boolean = on_boolean,
+    .yajl_number = on_number,
+    .yajl_string = on_string,
+    .yajl_start_map = on_start_map,
+    .yajl_map_key = on_key,
+    .yajl_end_map = on_end_map,
+    .yajl_start_array = on_start_array,
+    .yajl_end_array = on_end_array,
+};
 
 /* Line and column (1-based, in bytes) of s[at]: only on the error paths, so the common path
  * scans nothing twice. */
@@ -352,35 +670,31 @@ static void position_of(const char *s, size_t at, int *line, int *col)
     *col = (int)(at - start) + 1;
 }
 
-/* Where the first container at depth LJSON_MAX_DEPTH + 1 opens (the text parsed, so it is
- * valid JSON: a bracket outside a string is structure). */
-static size_t too_deep_at(const char *s, size_t n)
+/* yajl's reason, in our words: "lexical error: invalid char in json text.\n" says
+ * "invalid char in json text". */
+static void yajl_reason(yajl_handle h, char *out, size_t outlen)
 {
-    int depth = 0;
-    bool in_str = false;
-    for (size_t i = 0; i < n; i++) {
-        char c = s[i];
-        if (in_str) {
-            if (c == '\\')
-                i++;
-            else if (c == '"')
-                in_str = false;
-        } else if (c == '"') {
-            in_str = true;
-        } else if (c == '[' || c == '{') {
-            if (++depth > LJSON_MAX_DEPTH)
-                return i;
-        } else if (c == ']' || c == '}') {
-            depth--;
-        }
-    }
-    return 0;
+    unsigned char *e = yajl_get_error(h, 0, NULL, 0);
+    const char *t = e != NULL ? (const char *)e : "invalid JSON";
+    const char *colon = strstr(t, "error: ");
+    if (colon != NULL)
+        t = colon + 7;
+    size_t len = strcspn(t, "\n");
+    while (len > 0 && t[len - 1] == '.')
+        len--;
+    if (strncmp(t, "invalid bytes in UTF8 string", len) == 0)
+        snprintf(out, outlen, "invalid UTF-8");
+    else if (strncmp(t, "premature EOF", len) == 0)
+        snprintf(out, outlen, "unexpected end of document");
+    else
+        snprintf(out, outlen, "%.*s", (int)len, t);
+    if (e != NULL)
+        yajl_free_error(h, e);
 }
 
 int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *err,
                  size_t errlen)
 {
-    pthread_once(&heap_once, heap_install);
     if ((flags & LJSON_SKIP_BOM) && n >= 3 && memcmp(s, "\xef\xbb\xbf", 3) == 0) {
         s += 3;
         n -= 3;
@@ -393,51 +707,69 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
         return -1;
     }
     push_env(L);
-    struct conv c = {L, lua_gettop(L) - 2, lua_gettop(L) - 1, lua_gettop(L)};
-    json_t **tree = lua_newuserdatauv(L, sizeof *tree, 0);
-    *tree = NULL;
-    if (luaL_newmetatable(L, TREE_MT)) {
-        lua_pushcfunction(L, tree_close);
+    int base = lua_gettop(L) - 2;
+    /* the decoder's state (2 KiB of it) in a userdata rather than on the C stack */
+    struct dec *d = lua_newuserdatauv(L, sizeof *d, 0);
+    memset(d, 0, offsetof(struct dec, level));
+    if (luaL_newmetatable(L, DEC_MT)) {
+        lua_pushcfunction(L, dec_close);
         lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, tree_close);
+        lua_pushcfunction(L, dec_close);
         lua_setfield(L, -2, "__gc");
     }
     lua_setmetatable(L, -2);
     lua_toclose(L, -1);
     int slot = lua_gettop(L);
+    d->L = L;
+    d->alloc = lua_getallocf(L, &d->ud);
+    d->s = s;
+    d->n = n;
+    d->duplicates = (flags & LJSON_DUPLICATES) != 0;
+    d->order = base;
+    d->object_mt = base + 1;
+    d->array_mt = base + 2;
 
-    json_error_t e;
-    size_t jflags = JSON_DECODE_ANY | JSON_ALLOW_NUL;
-    if (!(flags & LJSON_DUPLICATES))
-        jflags |= JSON_REJECT_DUPLICATES;
-    *tree = json_loadb(s, n, jflags, &e);
+    yajl_alloc_funcs afs = {yajl_malloc_vm, yajl_realloc_vm, yajl_free_vm, d};
+    d->h = yajl_alloc(&callbacks, &afs, d);
+    if (d->h == NULL)
+        return luaL_error(L, "callout.json: not enough memory");
+    yajl_config(d->h, yajl_allow_comments, 0);
+    yajl_config(d->h, yajl_dont_validate_strings, 0);
+    yajl_config(d->h, yajl_allow_trailing_garbage, 0);
+    yajl_config(d->h, yajl_allow_multiple_values, 0);
+    yajl_config(d->h, yajl_allow_partial_values, 0);
+    /* stack: order object_mt array_mt dec [open containers] */
+    yajl_status st = yajl_parse(d->h, (const unsigned char *)s, n);
+    size_t at = yajl_get_bytes_consumed(d->h);
+    at = at > 0 ? at - 1 : 0;                   /* the byte yajl stopped at */
+    if (st == yajl_status_ok) {
+        d->final = true;
+        st = yajl_complete_parse(d->h);
+        at = n;
+    }
     int rc = 0;
-    if (*tree == NULL) {
-        const char *what = e.text;
-        if (json_error_code(&e) == json_error_invalid_utf8)
-            what = "invalid UTF-8";
-        else if (json_error_code(&e) == json_error_out_of_memory || what[0] == '\0')
-            what = "parse tree over the memory limit (64 MiB)";   /* jansson says nothing */
-        snprintf(err, errlen, "%s at line %d, column %d", what, e.line > 0 ? e.line : 1,
-                 e.column > 0 ? e.column : 1);
+    if (st == yajl_status_client_canceled) {
+        position_of(s, d->at, &line, &col);
+        snprintf(err, errlen, "%s at line %d, column %d", d->why, line, col);
         rc = -1;
-    } else if (!to_lua(&c, *tree, 0)) {
-        position_of(s, too_deep_at(s, n), &line, &col);
-        snprintf(err, errlen, "nested deeper than %d at line %d, column %d",
-                 LJSON_MAX_DEPTH, line, col);
+    } else if (st != yajl_status_ok) {
+        char why[120];
+        yajl_reason(d->h, why, sizeof why);
+        position_of(s, at, &line, &col);
+        snprintf(err, errlen, "%s at line %d, column %d", why, line, col);
         rc = -1;
     }
-    /* stack: order object_mt array_mt tree [value] */
-    lua_closeslot(L, slot);
+    yajl_free(d->h);
     if (rc == 0) {
-        lua_replace(L, c.order);
-        lua_settop(L, c.order);
+        lua_replace(L, base);                   /* the value, over the order side table */
+        lua_closeslot(L, slot);
+        lua_settop(L, base);
     } else {
-        lua_settop(L, c.order - 1);
+        lua_closeslot(L, slot);
+        lua_settop(L, base - 1);
     }
     return rc;
 }
-
 /* ------------------------------------------------------------------------------------ */
 /* encode: Lua -> text                                                                  */
 /* ------------------------------------------------------------------------------------ */
@@ -498,35 +830,6 @@ static void putc_(struct enc *e, char c)
 {
     grow(e, 1);
     e->b->p[e->b->n++] = c;
-}
-
-/* Length of the well-formed UTF-8 sequence at s (of n bytes left), 0 if there is none:
- * what jansson accepts, so no surrogates and nothing past U+10FFFF. */
-static size_t utf8_len(const unsigned char *s, size_t n)
-{
-    unsigned char c = s[0];
-    size_t k;
-    unsigned char lo = 0x80, hi = 0xbf;
-    if (c < 0x80)
-        return 1;
-    if (c >= 0xc2 && c <= 0xdf)
-        k = 2;
-    else if (c >= 0xe0 && c <= 0xef) {
-        k = 3;
-        if (c == 0xe0) lo = 0xa0;
-        if (c == 0xed) hi = 0x9f;
-    } else if (c >= 0xf0 && c <= 0xf4) {
-        k = 4;
-        if (c == 0xf0) lo = 0x90;
-        if (c == 0xf4) hi = 0x8f;
-    } else
-        return 0;
-    if (n < k || s[1] < lo || s[1] > hi)
-        return 0;
-    for (size_t j = 2; j < k; j++)
-        if (s[j] < 0x80 || s[j] > 0xbf)
-            return 0;
-    return k;
 }
 
 /* A string, escaped the minimal way (JSON.stringify's): '"', '\\' and the control
@@ -1036,7 +1339,6 @@ static int l_kind(lua_State *L)
 
 int ljson_open(lua_State *L)
 {
-    pthread_once(&heap_once, heap_install);
     push_env(L);
     lua_pop(L, 3);
     static const luaL_Reg fns[] = {

@@ -1,4 +1,4 @@
-/* json.h — `callout.json`: JSON text <-> Lua values that round-trip (jansson parses), see
+/* json.h — `callout.json`: JSON text <-> Lua values that round-trip (yajl parses), see
  * docs/lua-api.md. Also the decoder callout.jwt reads its tokens with. */
 #ifndef LUACALLOUT_JSON_H
 #define LUACALLOUT_JSON_H

@@ -10,13 +10,13 @@
  * Python's int() coercion), aud (refused when no audience is expected), sub and jti (must
  * be strings). A valid token gives its claims; an invalid one nil and PyJWT's reason.
  *
- * Claims come back as callout.json values (src/json.c parses them, with jansson): objects
+ * Claims come back as callout.json values (src/json.c parses them, with yajl): objects
  * keep the token's key order for pairs() and json.encode, arrays are sequences marked as
  * such (callout.jwt.is_array, like json.kind(v) == "array", tells an empty one from an
  * empty object), integers are Lua integers, other numbers floats, null is callout.null. As
  * Python's json does, a repeated key keeps its first place and takes the last value, and a
  * UTF-8 byte order mark is skipped; unlike it, NaN, Infinity and unpaired \uD800-style
- * surrogates are refused (jansson follows RFC 8259): such a token is invalid ("Invalid
+ * surrogates are refused (src/json.c follows RFC 8259): such a token is invalid ("Invalid
  * payload string: ..."). The base64url reader accepts what Python's binascii (non-strict)
  * accepts, which OpenSSL's strict decoders do not (they refuse what PyJWT skips), so it
  * stays ours. PyJWT is the reference. */
