@@ -51,11 +51,21 @@ struct dispatch_stream {
      * until the body handler has spoken. */
     int body_mode[2];      /* request, response BodySendMode */
     bool send_body_early;  /* send_body_without_waiting_for_header_response */
-    int held_phase;        /* PBCONV_REQUEST_HEADERS or PBCONV_RESPONSE_HEADERS, -1: none */
-    uint8_t *held;         /* that response, packed (malloc) */
-    size_t held_len;
+    /* per direction (request, response): its headers response while held, packed
+     * (malloc; NULL: none). Both can be held at once (FULL_DUPLEX_STREAMED both ways: the
+     * upstream answers while the request body still streams); only a body or trailers
+     * message of the same direction releases one. */
+    uint8_t *held[2];
+    size_t held_len[2];
     bool ctx_held;         /* the value of ctx.headers_held */
 };
+
+/* The direction of a phase: 0 request, 1 response (the index of held[] and body_mode[]). */
+static int dir_of(enum pbconv_phase phase)
+{
+    return phase == PBCONV_RESPONSE_HEADERS || phase == PBCONV_RESPONSE_BODY ||
+           phase == PBCONV_RESPONSE_TRAILERS;
+}
 
 /* Registry key (by address) of the metatable shared by every ctx of a VM. */
 static const char ctx_mt_key = 0;
@@ -125,28 +135,27 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->observing = false;
     st->body_mode[0] = st->body_mode[1] = -1;
     st->send_body_early = false;
-    st->held_phase = -1;
-    st->held = NULL;
-    st->held_len = 0;
+    st->held[0] = st->held[1] = NULL;
+    st->held_len[0] = st->held_len[1] = 0;
     st->ctx_held = false;
     return st;
 }
 
-/* Forgets a held headers response: an immediate response or a failure replaces it, and at
- * the stream's end nothing is left to answer. */
-static void drop_held(struct dispatch_stream *st)
+/* Forgets the held headers response of direction d: it went, an immediate response or a
+ * failure replaces it, or the stream ended with nothing left to answer. */
+static void drop_held(struct dispatch_stream *st, int d)
 {
-    free(st->held);
-    st->held = NULL;
-    st->held_len = 0;
-    st->held_phase = -1;
+    free(st->held[d]);
+    st->held[d] = NULL;
+    st->held_len[d] = 0;
 }
 
 void dispatch_stream_close(struct dispatch_stream *st)
 {
     if (st == NULL)
         return;
-    drop_held(st);
+    drop_held(st, 0);
+    drop_held(st, 1);
     luaL_unref(st->vm->L, LUA_REGISTRYINDEX, st->ctx_ref);
     free(st);
 }
@@ -168,16 +177,6 @@ struct call {
 };
 
 #define BODY_MODE(x) ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__##x
-
-/* The headers phase whose response a body (or trailers) phase may release. */
-static int held_by(enum pbconv_phase phase)
-{
-    switch (phase) {
-    case PBCONV_REQUEST_BODY: case PBCONV_REQUEST_TRAILERS: return PBCONV_REQUEST_HEADERS;
-    case PBCONV_RESPONSE_BODY: case PBCONV_RESPONSE_TRAILERS: return PBCONV_RESPONSE_HEADERS;
-    default: return -1;
-    }
-}
 
 /* wait_for_body from a headers handler: 1 hold the answer (Envoy sends body chunks before
  * it has the headers answer: STREAMED with send_body_without_waiting_for_header_response,
@@ -393,8 +392,10 @@ static int run_handler(lua_State *L)
         lua_rawset(L, 1);
     }
 
-    if ((st->held != NULL) != st->ctx_held) {
-        st->ctx_held = st->held != NULL;
+    /* true only in the handlers of the direction whose headers response is held */
+    bool held_here = st->held[dir_of(c->phase)] != NULL;
+    if (held_here != st->ctx_held) {
+        st->ctx_held = held_here;
         lua_pushliteral(L, "headers_held");
         lua_pushboolean(L, st->ctx_held);
         lua_rawset(L, 1);
@@ -414,7 +415,7 @@ static int run_handler(lua_State *L)
             in.chunk_compressed = b->grpc_message_compressed;
             in.chunk_eos_without_message = b->end_of_stream_without_message;
         }
-        in.headers_held = st->held != NULL && st->held_phase == held_by(c->phase);
+        in.headers_held = held_here;
         in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
                                  (st->body_mode[dir] == BODY_MODE(BUFFERED) ||
                                   (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
@@ -594,16 +595,17 @@ static int pack(struct vm *s, const pbconv_response *resps, size_t n,
     }
 }
 
-/* The held headers response, unpacked into the arena. NULL when out of memory. */
-static pbconv_response *unpack_held(struct dispatch_stream *st)
+/* The held headers response of direction d, unpacked into the arena. NULL when out of
+ * memory. */
+static pbconv_response *unpack_held(struct dispatch_stream *st, int d)
 {
     ProtobufCAllocator alloc = arena_pb_allocator(&st->vm->arena);
-    return envoy__service__ext_proc__v3__processing_response__unpack(&alloc, st->held_len,
-                                                                      st->held);
+    return envoy__service__ext_proc__v3__processing_response__unpack(&alloc, st->held_len[d],
+                                                                      st->held[d]);
 }
 
-/* Keeps resp, packed, as the held headers response of phase. -1 when out of memory. */
-static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, int phase)
+/* Keeps resp, packed, as the held headers response of direction d. -1 when out of memory. */
+static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, int d)
 {
     struct dispatch_reply tmp;
     if (pack(st->vm, resp, 1, &tmp) != 0)
@@ -612,10 +614,9 @@ static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, in
     if (p == NULL)
         return -1;
     memcpy(p, tmp.data, tmp.len);
-    free(st->held);
-    st->held = p;
-    st->held_len = tmp.len;
-    st->held_phase = phase;
+    free(st->held[d]);
+    st->held[d] = p;
+    st->held_len[d] = tmp.len;
     return 0;
 }
 
@@ -675,41 +676,42 @@ static void follow_mode_override(struct dispatch_stream *st, enum pbconv_phase p
     st->body_mode[1] = (int)mo->response_body_mode;
 }
 
-/* Sends (or holds) a handler's answer: a headers answer to hold is kept (and one held
- * before it, which a well-behaved Envoy never leaves, is sent); while one is held, a body
- * handler's header changes join it, and the first answer that sends anything sends it
- * first, in the same reply; an immediate response replaces it. -1 when out of memory. */
+/* Sends (or holds) a handler's answer. Held responses are kept per direction: a headers
+ * answer to hold is kept (and one held before it in that direction, which a well-behaved
+ * Envoy never leaves, is sent); while one is held, the same direction's body handler's
+ * header changes join it, and the first answer of that direction that sends anything
+ * sends it first, in the same reply. The other direction's answers are sent as they are.
+ * An immediate response replaces both. -1 when out of memory. */
 static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_reply *reply)
 {
     struct vm *s = st->vm;
     bool headers = c->phase == PBCONV_REQUEST_HEADERS || c->phase == PBCONV_RESPONSE_HEADERS;
+    int d = dir_of(c->phase);
     if (headers && c->n > 0 && c->resps[0].mode_override != NULL &&
         c->res.answer != PBCONV_ANSWER_IMMEDIATE)
         follow_mode_override(st, c->phase, c->resps[0].mode_override);
-    if (st->held != NULL && c->res.answer == PBCONV_ANSWER_IMMEDIATE)
-        drop_held(st);
+    if (c->res.answer == PBCONV_ANSWER_IMMEDIATE) {
+        drop_held(st, 0);
+        drop_held(st, 1);
+    }
     pbconv_response *held = NULL;
-    if (st->held != NULL) {
-        if ((held = unpack_held(st)) == NULL)
+    if (st->held[d] != NULL) {
+        if ((held = unpack_held(st, d)) == NULL)
             return -1;
-        if (held_by(c->phase) == st->held_phase && merge_held(&s->arena, held, &c->res) != 0)
+        if (!headers && merge_held(&s->arena, held, &c->res) != 0)
             return -1;
     }
     if (c->hold) {
-        if (held != NULL) {   /* the earlier one goes now */
-            pbconv_response *prev = held;
-            if (keep_held(st, c->resps, (int)c->phase) != 0)
-                return -1;
-            return pack(s, prev, 1, reply);
-        }
-        if (keep_held(st, c->resps, (int)c->phase) != 0)
+        if (keep_held(st, c->resps, d) != 0)
             return -1;
+        if (held != NULL)   /* the earlier one goes now */
+            return pack(s, held, 1, reply);
         reply->outcome = DISPATCH_NO_RESPONSE;
         return 0;
     }
     if (c->n == 0) {   /* a FULL_DUPLEX_STREAMED chunk held back */
         if (held != NULL && (c->res.held_mutation != NULL || c->res.held_clear_route_cache) &&
-            keep_held(st, held, st->held_phase) != 0)
+            keep_held(st, held, d) != 0)
             return -1;
         reply->outcome = DISPATCH_NO_RESPONSE;
         return 0;
@@ -723,7 +725,7 @@ static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_r
     memcpy(all + 1, c->resps, c->n * sizeof *all);
     if (pack(s, all, c->n + 1, reply) != 0)
         return -1;
-    drop_held(st);
+    drop_held(st, d);
     return 0;
 }
 
@@ -928,8 +930,10 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     }
     if (observe)
         reply->outcome = DISPATCH_NO_RESPONSE;
-    if (reply->outcome == DISPATCH_FAIL)
-        drop_held(st);
+    if (reply->outcome == DISPATCH_FAIL) {
+        drop_held(st, 0);
+        drop_held(st, 1);
+    }
     lua_pop(L, 1);  /* the handler's result, or the error */
 
 done:

@@ -207,3 +207,84 @@ def test_stream_ending_while_held_sends_nothing(routing):
     response is freed (the servers fixture fails on a sanitizer's leak report)."""
     responses, code, details = h.process(routing, [headers("FULL_DUPLEX_STREAMED"), body("hold", False)])
     assert (responses, code) == ([], OK), details
+
+
+BOTH_WAYS_LUA = r'''
+function on_request_headers(headers, ctx)
+  if headers:get("x-hold") then return { wait_for_body = true, add = { { "x-req-h", "1" } } } end
+end
+
+function on_response_headers(headers, ctx)
+  return { wait_for_body = true, add = { { "x-resp-h", "1" } } }
+end
+
+-- each chunk comes back with what the handler saw in ctx.headers_held
+local function body(b, ctx)
+  return { chunks = { b.body .. ":" .. tostring(ctx.headers_held) } }
+end
+on_request_body = body
+on_response_body = body
+'''
+
+
+@pytest.fixture(scope="module")
+def both_ways(module_servers):
+    return module_servers.start(module_servers.script(BOTH_WAYS_LUA, "both_ways.lua")).stub()
+
+
+def full_duplex_both_ways(hold_request=False):
+    cfg = pb.ProtocolConfiguration(request_body_mode=PM.FULL_DUPLEX_STREAMED,
+                                   response_body_mode=PM.FULL_DUPLEX_STREAMED)
+    pairs = [(":path", "/")] + ([("x-hold", "1")] if hold_request else [])
+    return h.headers_req("request_headers", pairs, protocol_config=cfg)
+
+
+def shape(responses):
+    """[(response type, streamed body or the headers response's set names)]"""
+    out = []
+    for r in responses:
+        kind = r.WhichOneof("response")
+        msg = getattr(r, kind)
+        if kind.endswith("_body"):
+            out.append((kind, msg.response.body_mutation.streamed_response.body.decode()))
+        elif kind.endswith("_headers"):
+            out.append((kind, [k for k, _ in sets(msg.response)]))
+        else:
+            out.append((kind, None))
+    return out
+
+
+def test_held_response_headers_stay_held_over_request_body_and_trailers(both_ways):
+    """Bidi gRPC in FULL_DUPLEX_STREAMED both ways: the upstream answers while the request
+    body still streams. Request chunks and trailers are answered as they come; the held
+    response headers go only with the response body's answer, and ctx.headers_held is true
+    only in the response direction's handler."""
+    responses, code, details = h.process(both_ways, [
+        full_duplex_both_ways(),
+        h.headers_req("response_headers", [(":status", "200")]),
+        h.body_req("request_body", b"r1"),
+        h.trailers_req("request_trailers", [("x-t", "1")]),
+        h.body_req("response_body", b"s1", end_of_stream=True)])
+    assert code == OK, details
+    assert shape(responses) == [
+        ("request_headers", []),
+        ("request_body", "r1:false"),
+        ("request_trailers", None),
+        ("response_headers", ["x-resp-h"]),
+        ("response_body", "s1:true"),
+    ]
+
+
+def test_both_directions_held_at_once_each_released_by_its_own_body(both_ways):
+    responses, code, details = h.process(both_ways, [
+        full_duplex_both_ways(hold_request=True),
+        h.headers_req("response_headers", [(":status", "200")]),
+        h.body_req("response_body", b"s1", end_of_stream=True),
+        h.body_req("request_body", b"r1", end_of_stream=True)])
+    assert code == OK, details
+    assert shape(responses) == [
+        ("response_headers", ["x-resp-h"]),
+        ("response_body", "s1:true"),
+        ("request_headers", ["x-req-h"]),
+        ("request_body", "r1:true"),
+    ]
