@@ -46,9 +46,12 @@ struct dispatch_stream {
     bool drained;          /* request_drain was sent: later streamed chunks are echoed */
     bool local_reply;      /* a streamed immediate response began and has not ended */
     bool observing;        /* the value of ctx.observability_mode */
-    /* Routing on the body (docs/streaming.md): the body modes Envoy uses (protocol_config,
-     * then mode_override of a headers response; -1: unknown), and a headers response held
-     * until the body handler has spoken. */
+    /* Routing on the body (docs/streaming.md): the body modes of protocol_config (-1:
+     * unknown), and a headers response held until the body handler has spoken. A headers
+     * response's mode_override does not change them: Envoy ignores it unless
+     * allow_mode_override is set (false by default) and always with
+     * send_body_without_waiting_for_header_response, and in STREAMED it strips
+     * content-length at headers time, so the configured mode is the one that decides. */
     int body_mode[2];      /* request, response BodySendMode */
     bool send_body_early;  /* send_body_without_waiting_for_header_response */
     /* per direction (request, response): its headers response while held, packed
@@ -663,19 +666,6 @@ static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_r
     return 0;
 }
 
-/* The body modes Envoy uses from here on, after a headers response with mode_override
- * (assuming Envoy's allow_mode_override lets it through): a request headers response sets
- * both directions, as Envoy takes the whole ProcessingMode; a response headers one the
- * response's. FULL_DUPLEX_STREAMED stays as it was: Envoy refuses to switch into or out
- * of it. */
-static void follow_mode_override(struct dispatch_stream *st, enum pbconv_phase phase,
-                                 const Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode *mo)
-{
-    if (phase == PBCONV_REQUEST_HEADERS)
-        st->body_mode[0] = (int)mo->request_body_mode;
-    st->body_mode[1] = (int)mo->response_body_mode;
-}
-
 /* Sends (or holds) a handler's answer. Held responses are kept per direction: a headers
  * answer to hold is kept (and one held before it in that direction, which a well-behaved
  * Envoy never leaves, is sent); while one is held, the same direction's body handler's
@@ -687,9 +677,6 @@ static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_r
     struct vm *s = st->vm;
     bool headers = c->phase == PBCONV_REQUEST_HEADERS || c->phase == PBCONV_RESPONSE_HEADERS;
     int d = dir_of(c->phase);
-    if (headers && c->n > 0 && c->resps[0].mode_override != NULL &&
-        c->res.answer != PBCONV_ANSWER_IMMEDIATE)
-        follow_mode_override(st, c->phase, c->resps[0].mode_override);
     if (c->res.answer == PBCONV_ANSWER_IMMEDIATE) {
         drop_held(st, 0);
         drop_held(st, 1);

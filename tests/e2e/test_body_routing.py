@@ -37,6 +37,11 @@ end
 '''
 
 LENGTH_LUA = r'''
+function on_request_headers(headers, ctx)
+  local mode = headers:get("x-mode-override")
+  if mode then return { mode_override = { request_body_mode = mode } } end
+end
+
 function on_request_body(body, ctx)
   if body.body == "clear" then return { clear_body = true } end
   if body.body == "own" then return { body = "abc", add = { { "Content-Length", "99" } } } end
@@ -288,3 +293,19 @@ def test_both_directions_held_at_once_each_released_by_its_own_body(both_ways):
         ("request_headers", ["x-req-h"]),
         ("request_body", "r1:true"),
     ]
+
+
+def test_content_length_follows_protocol_config_not_mode_override(lengths):
+    """Envoy ignores mode_override by default (allow_mode_override false) and always with
+    send_body_without_waiting_for_header_response: a configured BUFFERED body stays
+    BUFFERED, so a replaced one still needs its content-length; a configured STREAMED one
+    had content-length stripped by Envoy at headers time, so none is added."""
+    for configured, override, want in [("BUFFERED", "STREAMED", [("content-length", "5")]),
+                                       ("STREAMED", "BUFFERED", [])]:
+        responses, code, details = h.process(lengths, [
+            h.headers_req("request_headers", [(":path", "/"), ("x-mode-override", override)],
+                          protocol_config=config(configured)),
+            body("x", True)])
+        assert code == OK, details
+        assert responses[0].mode_override.request_body_mode == PM.BodySendMode.Value(override)
+        assert sets(responses[-1].request_body.response) == want, (configured, override)
