@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <grpc/status.h>
 #include <lauxlib.h>
@@ -623,8 +624,21 @@ static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, in
     return 0;
 }
 
+/* Whether the body handler's remove list names key (header names compare without case). */
+static bool removed_later(const Envoy__Service__ExtProc__V3__HeaderMutation *add, const char *key)
+{
+    for (size_t i = 0; i < add->n_remove_headers; i++)
+        if (strcasecmp(add->remove_headers[i], key) == 0)
+            return true;
+    return false;
+}
+
 /* Adds a body handler's header changes to the held headers response h: its set and remove
- * lists after the headers handler's, and clear_route_cache. -1 when out of memory. */
+ * lists after the headers handler's, and clear_route_cache. Envoy applies all removes of
+ * one HeaderMutation before all its sets, so a held set of a name the body handler removes
+ * is dropped here (the remove stays, for the header Envoy has): the later word wins, as it
+ * would in two responses. The body handler's own sets stay (remove then add replaces).
+ * -1 when out of memory. */
 static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_result *res)
 {
     Envoy__Service__ExtProc__V3__HeadersResponse *hr = h->request_headers; /* same union */
@@ -651,10 +665,15 @@ static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_r
     char **rm = arena_alloc(a, (nr ? nr : 1) * sizeof *rm);
     if (set == NULL || rm == NULL)
         return -1;
-    if (hm->n_set_headers)
-        memcpy(set, hm->set_headers, hm->n_set_headers * sizeof *set);
+    size_t kept = 0;
+    for (size_t i = 0; i < hm->n_set_headers; i++) {
+        const Envoy__Config__Core__V3__HeaderValue *hv = hm->set_headers[i]->header;
+        if (hv == NULL || hv->key == NULL || !removed_later(add, hv->key))
+            set[kept++] = hm->set_headers[i];
+    }
     if (add->n_set_headers)
-        memcpy(set + hm->n_set_headers, add->set_headers, add->n_set_headers * sizeof *set);
+        memcpy(set + kept, add->set_headers, add->n_set_headers * sizeof *set);
+    ns = kept + add->n_set_headers;
     if (hm->n_remove_headers)
         memcpy(rm, hm->remove_headers, hm->n_remove_headers * sizeof *rm);
     if (add->n_remove_headers)

@@ -21,6 +21,9 @@ end
 function on_request_body(body, ctx)
   if body.body == "hold" then return { chunks = {}, add = { { "x-early", "1" } } } end
   if body.body == "boom" then error("no model in the body") end
+  if body.body == "unsee" then
+    return { remove = { "X-Seen", "x-early" }, add = { { "x-early", "2" } } }
+  end
   local model = body.body:match('"model":"([^"]*)"')
   if model == nil then return nil end
   local out = { add = { { "x-model-route", model } }, clear_route_cache = true,
@@ -309,3 +312,16 @@ def test_content_length_follows_protocol_config_not_mode_override(lengths):
         assert code == OK, details
         assert responses[0].mode_override.request_body_mode == PM.BodySendMode.Value(override)
         assert sets(responses[-1].request_body.response) == want, (configured, override)
+
+
+def test_body_handler_remove_drops_the_held_add_of_that_name(routing):
+    """Envoy applies all removes of one HeaderMutation before all its sets: the body
+    handler's remove of a header the headers handler (or an earlier chunk) added must drop
+    that held add, or the header would stay. Its own add of the name stays (remove, then
+    add: a replacement)."""
+    responses, code, details = h.process(routing, [
+        headers("FULL_DUPLEX_STREAMED"), body("hold", False), body("unsee", True)])
+    assert code == OK, details
+    hm = responses[0].request_headers.response.header_mutation
+    assert sets(responses[0].request_headers.response) == [("x-early", "2")]
+    assert list(hm.remove_headers) == ["X-Seen", "x-early"]
