@@ -62,6 +62,8 @@ struct dispatch_stream {
     uint8_t *held[2];
     size_t held_len[2];
     bool ctx_held;         /* the value of ctx.headers_held */
+    unsigned chunks[2];    /* body chunks received, per direction */
+    unsigned went[2];      /* the chunk whose answer carried the held headers (0: none) */
 };
 
 /* The direction of a phase: 0 request, 1 response (the index of held[] and body_mode[]). */
@@ -142,6 +144,8 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->held[0] = st->held[1] = NULL;
     st->held_len[0] = st->held_len[1] = 0;
     st->ctx_held = false;
+    st->chunks[0] = st->chunks[1] = 0;
+    st->went[0] = st->went[1] = 0;
     return st;
 }
 
@@ -420,6 +424,7 @@ static int run_handler(lua_State *L)
             in.chunk_eos_without_message = b->end_of_stream_without_message;
         }
         in.headers_held = held_here;
+        in.headers_went = st->went[dir];
         in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
                                  (st->body_mode[dir] == BODY_MODE(BUFFERED) ||
                                   (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
@@ -732,6 +737,8 @@ static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_r
     if (pack(s, all, c->n + 1, reply) != 0)
         return -1;
     drop_held(st, d);
+    if (c->phase == PBCONV_REQUEST_BODY || c->phase == PBCONV_RESPONSE_BODY)
+        st->went[d] = st->chunks[d] ? st->chunks[d] : 1;   /* later chunks: too late */
     return 0;
 }
 
@@ -851,6 +858,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         st->grpc[1] = pbconv_grpc_mode(req->protocol_config, PBCONV_RESPONSE_BODY);
     }
 
+    if (phase == PBCONV_REQUEST_BODY || phase == PBCONV_RESPONSE_BODY)
+        st->chunks[dir_of(phase)]++;
     struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
     lua_pushcfunction(L, run_handler);
     lua_pushlightuserdata(L, &c);

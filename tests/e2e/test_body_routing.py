@@ -325,3 +325,49 @@ def test_body_handler_remove_drops_the_held_add_of_that_name(routing):
     hm = responses[0].request_headers.response.header_mutation
     assert sets(responses[0].request_headers.response) == [("x-early", "2")]
     assert list(hm.remove_headers) == ["X-Seen", "x-early"]
+
+
+@pytest.mark.parametrize("mode, early, how", [
+    ("FULL_DUPLEX_STREAMED", False, "to hold it longer, return chunks = {}"),
+    ("GRPC", False, "to hold it longer, return chunks = {}"),
+    ("STREAMED", True, "in STREAMED every chunk is answered, so decide on the first chunk"),
+])
+def test_header_changes_after_the_held_headers_went_are_an_error(routing, mode, early, how):
+    """Chunk 1's nil sends the held headers; chunk 2's add would reach no headers response
+    (Envoy ignores a streamed body response's header changes): an error that says so."""
+    responses, code, details = h.process(routing, [
+        headers(mode, early), body('{"messages":[],', False), body('"model":"m"}', True)])
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers", "request_body"]
+    assert code == INTERNAL
+    assert ("on_request_body (defined here) returned a bad table: 'add': the request headers "
+            "response (held by wait_for_body) already went with chunk 1's answer") in details, details
+    assert how in details, details
+
+
+def docs_routing_example():
+    """The Lua of docs/streaming.md's "Routing on the body" example."""
+    text = (h.SRC / "docs" / "streaming.md").read_text()
+    section = text[text.index("## Routing on the body"):]
+    return section[section.index("```lua\n") + 7:section.index("\n```", section.index("```lua"))]
+
+
+@pytest.mark.parametrize("mode", ["FULL_DUPLEX_STREAMED", "GRPC"])
+def test_docs_routing_example_routes_json_split_over_chunks(servers, mode):
+    stub = servers.start(servers.script(docs_routing_example(), "docs_routing.lua")).stub()
+    parts = [b'{"messages":[{"role":"user","content":"hi"}],', b'"model":', b'"gpt-4"}']
+    responses, code, details = h.process(stub, [headers(mode)] + [
+        body(p.decode(), i == len(parts) - 1) for i, p in enumerate(parts)])
+    assert code == OK, details
+    assert [r.WhichOneof("response") for r in responses] == ["request_headers"] + ["request_body"] * 3
+    hr = responses[0].request_headers.response
+    assert sets(hr) == [("x-model-route", "gpt-4")]
+    assert hr.clear_route_cache
+    sent = [r.request_body.response.body_mutation.streamed_response for r in responses[1:]]
+    assert [(s.body, s.end_of_stream) for s in sent] == [(p, i == 2) for i, p in enumerate(parts)]
+    # decided before the end: the headers go with the chunk that decided, the rest passes
+    responses, code, details = h.process(stub, [
+        headers(mode), body('{"model":"m1",', False), body('"x":1}', True)])
+    assert code == OK, details
+    assert sets(responses[0].request_headers.response) == [("x-model-route", "m1")]
+    assert [r.request_body.response.body_mutation.streamed_response.body for r in responses[1:]] == [
+        b'{"model":"m1",', b'"x":1}']
