@@ -430,6 +430,8 @@ static int run_handler(lua_State *L)
                                   (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
                                    in.end_of_stream));
     }
+    if (c->phase == PBCONV_REQUEST_HEADERS && req->request_headers != NULL)
+        in.end_of_stream = req->request_headers->end_of_stream;   /* no body follows */
     in.body_mode_known = st->have_config;
     in.request_body_mode = st->body_mode[0];
     in.local_reply_open = st->local_reply;

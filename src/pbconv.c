@@ -1037,6 +1037,9 @@ static int header_map(struct conv *c, int idx, const char *what, lua_Integer sta
         const char *k = set[i]->header->key;
         if (status >= 0 && strcmp(k, ":status") == 0)
             return bad(c, "'%s' names ':status'; set it with immediate.status", what);
+        if (status < 0 && k[0] == ':')   /* HTTP/2 forbids pseudo-headers in trailers */
+            return bad(c, "'%s' names the pseudo-header '%.64s' (trailers cannot carry one)",
+                       what, k);
         hvs[extra + i] = set[i]->header;
     }
     map->n_headers = nset + extra;
@@ -1207,6 +1210,11 @@ static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, s
             return bad(c, "'immediate.end_of_stream' = false keeps the local response open for "
                           "on_request_body, which needs request_body_mode FULL_DUPLEX_STREAMED "
                           "(Envoy sends no body to answer otherwise)");
+        if (in->end_of_stream)
+            return bad(c, "'immediate.end_of_stream' = false keeps the local response open for "
+                          "on_request_body, but these request headers end the request "
+                          "(end_of_stream): no body comes to answer, so the local response "
+                          "must end here");
         eos = false;
     }
     lua_Integer code = 200;

@@ -112,7 +112,7 @@ struct pbconv_in {
     bool full_duplex;
     const uint8_t *chunk;
     size_t chunk_len;
-    bool end_of_stream;
+    bool end_of_stream;   /* of the chunk; of the headers in PBCONV_REQUEST_HEADERS */
     /* A body phase whose headers response is still held: header changes go to res. */
     bool headers_held;
     /* A body phase whose direction held its headers response (wait_for_body) and sent it
