@@ -61,7 +61,11 @@ struct dispatch_stream {
      * message of the same direction releases one. */
     uint8_t *held[2];
     size_t held_len[2];
-    bool ctx_held;         /* the value of ctx.headers_held */
+    /* a headers response was held on this stream: from then on ctx.headers_held is set on
+     * every message (a script's own write to it must not last); other streams leave the
+     * field alone */
+    bool ever_held;
+    bool obs_wait[2];      /* in observability mode, the headers handler asked wait_for_body */
     unsigned chunks[2];    /* body chunks received, per direction */
     unsigned went[2];      /* the chunk whose answer carried the held headers (0: none) */
 };
@@ -143,7 +147,8 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->send_body_early = false;
     st->held[0] = st->held[1] = NULL;
     st->held_len[0] = st->held_len[1] = 0;
-    st->ctx_held = false;
+    st->ever_held = false;
+    st->obs_wait[0] = st->obs_wait[1] = false;
     st->chunks[0] = st->chunks[1] = 0;
     st->went[0] = st->went[1] = 0;
     return st;
@@ -402,10 +407,9 @@ static int run_handler(lua_State *L)
 
     /* true only in the handlers of the direction whose headers response is held */
     bool held_here = st->held[dir_of(c->phase)] != NULL;
-    if (held_here != st->ctx_held) {
-        st->ctx_held = held_here;
+    if (st->ever_held) {
         lua_pushliteral(L, "headers_held");
-        lua_pushboolean(L, st->ctx_held);
+        lua_pushboolean(L, held_here);
         lua_rawset(L, 1);
     }
 
@@ -423,7 +427,9 @@ static int run_handler(lua_State *L)
             in.chunk_compressed = b->grpc_message_compressed;
             in.chunk_eos_without_message = b->end_of_stream_without_message;
         }
-        in.headers_held = held_here;
+        /* in observability mode nothing is held or sent: the body handler's header
+         * changes for the headers response are taken (and dropped) as if it were */
+        in.headers_held = held_here || (st->observing && st->obs_wait[dir]);
         in.headers_went = st->went[dir];
         in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
                                  (st->body_mode[dir] == BODY_MODE(BUFFERED) ||
@@ -717,6 +723,7 @@ static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_r
     if (c->hold) {
         if (keep_held(st, c->resps, d) != 0)
             return -1;
+        st->ever_held = true;
         if (held != NULL)   /* the earlier one goes now */
             return pack(s, held, 1, reply);
         reply->outcome = DISPATCH_NO_RESPONSE;
@@ -875,6 +882,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         if (c.res.request_drain)
             st->drained = true;
         st->local_reply = c.res.local_reply_open;
+        if (c.res.wait_for_body && req->observability_mode)
+            st->obs_wait[dir_of(phase)] = true;
     }
     bool observe = req->observability_mode;
     ran = true;

@@ -371,3 +371,43 @@ def test_docs_routing_example_routes_json_split_over_chunks(servers, mode):
     assert sets(responses[0].request_headers.response) == [("x-model-route", "m1")]
     assert [r.request_body.response.body_mutation.streamed_response.body for r in responses[1:]] == [
         b'{"model":"m1",', b'"x":1}']
+
+
+SCRIBBLE_LUA = r'''
+function on_request_headers(headers, ctx)
+  return { wait_for_body = true }
+end
+
+function on_request_body(body, ctx)
+  local was = ctx.headers_held
+  ctx.headers_held = "scribbled"
+  if body.body == "hold" then return { chunks = {} } end
+  if body.body == "route" then return { add = { { "x-model-route", "m" } } } end
+  return { chunks = { tostring(was) } }
+end
+'''
+
+
+@pytest.fixture(scope="module")
+def scribble(module_servers):
+    return module_servers.start(module_servers.script(SCRIBBLE_LUA, "scribble.lua")).stub()
+
+
+def test_ctx_headers_held_is_the_servers_word_on_every_message(scribble):
+    """A script's own write to ctx.headers_held does not last into the next call."""
+    responses, code, details = h.process(scribble, [
+        headers("FULL_DUPLEX_STREAMED"), body("hold", False), body("x", False), body("y", True)])
+    assert code == OK, details
+    assert [r.request_body.response.body_mutation.streamed_response.body
+            for r in responses[1:]] == [b"true", b"false"]
+
+
+def test_observability_mode_takes_the_body_handlers_header_changes_quietly(servers):
+    """wait_for_body is ignored in observability mode (nothing is sent), and a routing body
+    handler's add is no error there either."""
+    srv = servers.start(servers.script(SCRIBBLE_LUA, "scribble_obs.lua"))
+    responses, code, details = h.process(srv.stub(), [
+        headers("FULL_DUPLEX_STREAMED", observability_mode=True),
+        h.body_req("request_body", b"route", end_of_stream=True, observability_mode=True)])
+    assert (responses, code) == ([], OK), details
+    assert "ERROR" not in srv.log() and "bad table" not in srv.log(), srv.log()
