@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include <grpc/status.h>
 #include <lauxlib.h>
@@ -46,16 +47,35 @@ struct dispatch_stream {
     bool drained;          /* request_drain was sent: later streamed chunks are echoed */
     bool local_reply;      /* a streamed immediate response began and has not ended */
     bool observing;        /* the value of ctx.observability_mode */
-    /* Routing on the body (docs/streaming.md): the body modes Envoy uses (protocol_config,
-     * then mode_override of a headers response; -1: unknown), and a headers response held
-     * until the body handler has spoken. */
+    /* Routing on the body (docs/streaming.md): the body modes of protocol_config (-1:
+     * unknown), and a headers response held until the body handler has spoken. A headers
+     * response's mode_override does not change them: Envoy ignores it unless
+     * allow_mode_override is set (false by default) and always with
+     * send_body_without_waiting_for_header_response, and in STREAMED it strips
+     * content-length at headers time, so the configured mode is the one that decides. */
     int body_mode[2];      /* request, response BodySendMode */
     bool send_body_early;  /* send_body_without_waiting_for_header_response */
-    int held_phase;        /* PBCONV_REQUEST_HEADERS or PBCONV_RESPONSE_HEADERS, -1: none */
-    uint8_t *held;         /* that response, packed (malloc) */
-    size_t held_len;
-    bool ctx_held;         /* the value of ctx.headers_held */
+    /* per direction (request, response): its headers response while held, packed
+     * (malloc; NULL: none). Both can be held at once (FULL_DUPLEX_STREAMED both ways: the
+     * upstream answers while the request body still streams); only a body or trailers
+     * message of the same direction releases one. */
+    uint8_t *held[2];
+    size_t held_len[2];
+    /* a headers response was held on this stream: from then on ctx.headers_held is set on
+     * every message (a script's own write to it must not last); other streams leave the
+     * field alone */
+    bool ever_held;
+    bool obs_wait[2];      /* in observability mode, the headers handler asked wait_for_body */
+    unsigned chunks[2];    /* body chunks received, per direction */
+    unsigned went[2];      /* the chunk whose answer carried the held headers (0: none) */
 };
+
+/* The direction of a phase: 0 request, 1 response (the index of held[] and body_mode[]). */
+static int dir_of(enum pbconv_phase phase)
+{
+    return phase == PBCONV_RESPONSE_HEADERS || phase == PBCONV_RESPONSE_BODY ||
+           phase == PBCONV_RESPONSE_TRAILERS;
+}
 
 /* Registry key (by address) of the metatable shared by every ctx of a VM. */
 static const char ctx_mt_key = 0;
@@ -125,28 +145,30 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->observing = false;
     st->body_mode[0] = st->body_mode[1] = -1;
     st->send_body_early = false;
-    st->held_phase = -1;
-    st->held = NULL;
-    st->held_len = 0;
-    st->ctx_held = false;
+    st->held[0] = st->held[1] = NULL;
+    st->held_len[0] = st->held_len[1] = 0;
+    st->ever_held = false;
+    st->obs_wait[0] = st->obs_wait[1] = false;
+    st->chunks[0] = st->chunks[1] = 0;
+    st->went[0] = st->went[1] = 0;
     return st;
 }
 
-/* Forgets a held headers response: an immediate response or a failure replaces it, and at
- * the stream's end nothing is left to answer. */
-static void drop_held(struct dispatch_stream *st)
+/* Forgets the held headers response of direction d: it went, an immediate response or a
+ * failure replaces it, or the stream ended with nothing left to answer. */
+static void drop_held(struct dispatch_stream *st, int d)
 {
-    free(st->held);
-    st->held = NULL;
-    st->held_len = 0;
-    st->held_phase = -1;
+    free(st->held[d]);
+    st->held[d] = NULL;
+    st->held_len[d] = 0;
 }
 
 void dispatch_stream_close(struct dispatch_stream *st)
 {
     if (st == NULL)
         return;
-    drop_held(st);
+    drop_held(st, 0);
+    drop_held(st, 1);
     luaL_unref(st->vm->L, LUA_REGISTRYINDEX, st->ctx_ref);
     free(st);
 }
@@ -168,16 +190,6 @@ struct call {
 };
 
 #define BODY_MODE(x) ENVOY__EXTENSIONS__FILTERS__HTTP__EXT_PROC__V3__PROCESSING_MODE__BODY_SEND_MODE__##x
-
-/* The headers phase whose response a body (or trailers) phase may release. */
-static int held_by(enum pbconv_phase phase)
-{
-    switch (phase) {
-    case PBCONV_REQUEST_BODY: case PBCONV_REQUEST_TRAILERS: return PBCONV_REQUEST_HEADERS;
-    case PBCONV_RESPONSE_BODY: case PBCONV_RESPONSE_TRAILERS: return PBCONV_RESPONSE_HEADERS;
-    default: return -1;
-    }
-}
 
 /* wait_for_body from a headers handler: 1 hold the answer (Envoy sends body chunks before
  * it has the headers answer: STREAMED with send_body_without_waiting_for_header_response,
@@ -393,10 +405,11 @@ static int run_handler(lua_State *L)
         lua_rawset(L, 1);
     }
 
-    if ((st->held != NULL) != st->ctx_held) {
-        st->ctx_held = st->held != NULL;
+    /* true only in the handlers of the direction whose headers response is held */
+    bool held_here = st->held[dir_of(c->phase)] != NULL;
+    if (st->ever_held) {
         lua_pushliteral(L, "headers_held");
-        lua_pushboolean(L, st->ctx_held);
+        lua_pushboolean(L, held_here);
         lua_rawset(L, 1);
     }
 
@@ -414,12 +427,17 @@ static int run_handler(lua_State *L)
             in.chunk_compressed = b->grpc_message_compressed;
             in.chunk_eos_without_message = b->end_of_stream_without_message;
         }
-        in.headers_held = st->held != NULL && st->held_phase == held_by(c->phase);
+        /* in observability mode nothing is held or sent: the body handler's header
+         * changes for the headers response are taken (and dropped) as if it were */
+        in.headers_held = held_here || (st->observing && st->obs_wait[dir]);
+        in.headers_went = st->went[dir];
         in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
                                  (st->body_mode[dir] == BODY_MODE(BUFFERED) ||
                                   (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
                                    in.end_of_stream));
     }
+    if (c->phase == PBCONV_REQUEST_HEADERS && req->request_headers != NULL)
+        in.end_of_stream = req->request_headers->end_of_stream;   /* no body follows */
     in.body_mode_known = st->have_config;
     in.request_body_mode = st->body_mode[0];
     in.local_reply_open = st->local_reply;
@@ -594,16 +612,17 @@ static int pack(struct vm *s, const pbconv_response *resps, size_t n,
     }
 }
 
-/* The held headers response, unpacked into the arena. NULL when out of memory. */
-static pbconv_response *unpack_held(struct dispatch_stream *st)
+/* The held headers response of direction d, unpacked into the arena. NULL when out of
+ * memory. */
+static pbconv_response *unpack_held(struct dispatch_stream *st, int d)
 {
     ProtobufCAllocator alloc = arena_pb_allocator(&st->vm->arena);
-    return envoy__service__ext_proc__v3__processing_response__unpack(&alloc, st->held_len,
-                                                                      st->held);
+    return envoy__service__ext_proc__v3__processing_response__unpack(&alloc, st->held_len[d],
+                                                                      st->held[d]);
 }
 
-/* Keeps resp, packed, as the held headers response of phase. -1 when out of memory. */
-static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, int phase)
+/* Keeps resp, packed, as the held headers response of direction d. -1 when out of memory. */
+static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, int d)
 {
     struct dispatch_reply tmp;
     if (pack(st->vm, resp, 1, &tmp) != 0)
@@ -612,15 +631,27 @@ static int keep_held(struct dispatch_stream *st, const pbconv_response *resp, in
     if (p == NULL)
         return -1;
     memcpy(p, tmp.data, tmp.len);
-    free(st->held);
-    st->held = p;
-    st->held_len = tmp.len;
-    st->held_phase = phase;
+    free(st->held[d]);
+    st->held[d] = p;
+    st->held_len[d] = tmp.len;
     return 0;
 }
 
+/* Whether the body handler's remove list names key (header names compare without case). */
+static bool removed_later(const Envoy__Service__ExtProc__V3__HeaderMutation *add, const char *key)
+{
+    for (size_t i = 0; i < add->n_remove_headers; i++)
+        if (strcasecmp(add->remove_headers[i], key) == 0)
+            return true;
+    return false;
+}
+
 /* Adds a body handler's header changes to the held headers response h: its set and remove
- * lists after the headers handler's, and clear_route_cache. -1 when out of memory. */
+ * lists after the headers handler's, and clear_route_cache. Envoy applies all removes of
+ * one HeaderMutation before all its sets, so a held set of a name the body handler removes
+ * is dropped here (the remove stays, for the header Envoy has): the later word wins, as it
+ * would in two responses. The body handler's own sets stay (remove then add replaces).
+ * -1 when out of memory. */
 static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_result *res)
 {
     Envoy__Service__ExtProc__V3__HeadersResponse *hr = h->request_headers; /* same union */
@@ -647,10 +678,15 @@ static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_r
     char **rm = arena_alloc(a, (nr ? nr : 1) * sizeof *rm);
     if (set == NULL || rm == NULL)
         return -1;
-    if (hm->n_set_headers)
-        memcpy(set, hm->set_headers, hm->n_set_headers * sizeof *set);
+    size_t kept = 0;
+    for (size_t i = 0; i < hm->n_set_headers; i++) {
+        const Envoy__Config__Core__V3__HeaderValue *hv = hm->set_headers[i]->header;
+        if (hv == NULL || hv->key == NULL || !removed_later(add, hv->key))
+            set[kept++] = hm->set_headers[i];
+    }
     if (add->n_set_headers)
-        memcpy(set + hm->n_set_headers, add->set_headers, add->n_set_headers * sizeof *set);
+        memcpy(set + kept, add->set_headers, add->n_set_headers * sizeof *set);
+    ns = kept + add->n_set_headers;
     if (hm->n_remove_headers)
         memcpy(rm, hm->remove_headers, hm->n_remove_headers * sizeof *rm);
     if (add->n_remove_headers)
@@ -662,54 +698,40 @@ static int merge_held(struct arena *a, pbconv_response *h, const struct pbconv_r
     return 0;
 }
 
-/* The body modes Envoy uses from here on, after a headers response with mode_override
- * (assuming Envoy's allow_mode_override lets it through): a request headers response sets
- * both directions, as Envoy takes the whole ProcessingMode; a response headers one the
- * response's. FULL_DUPLEX_STREAMED stays as it was: Envoy refuses to switch into or out
- * of it. */
-static void follow_mode_override(struct dispatch_stream *st, enum pbconv_phase phase,
-                                 const Envoy__Extensions__Filters__Http__ExtProc__V3__ProcessingMode *mo)
-{
-    if (phase == PBCONV_REQUEST_HEADERS)
-        st->body_mode[0] = (int)mo->request_body_mode;
-    st->body_mode[1] = (int)mo->response_body_mode;
-}
-
-/* Sends (or holds) a handler's answer: a headers answer to hold is kept (and one held
- * before it, which a well-behaved Envoy never leaves, is sent); while one is held, a body
- * handler's header changes join it, and the first answer that sends anything sends it
- * first, in the same reply; an immediate response replaces it. -1 when out of memory. */
+/* Sends (or holds) a handler's answer. Held responses are kept per direction: a headers
+ * answer to hold is kept (and one held before it in that direction, which a well-behaved
+ * Envoy never leaves, is sent); while one is held, the same direction's body handler's
+ * header changes join it, and the first answer of that direction that sends anything
+ * sends it first, in the same reply. The other direction's answers are sent as they are.
+ * An immediate response replaces both. -1 when out of memory. */
 static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_reply *reply)
 {
     struct vm *s = st->vm;
     bool headers = c->phase == PBCONV_REQUEST_HEADERS || c->phase == PBCONV_RESPONSE_HEADERS;
-    if (headers && c->n > 0 && c->resps[0].mode_override != NULL &&
-        c->res.answer != PBCONV_ANSWER_IMMEDIATE)
-        follow_mode_override(st, c->phase, c->resps[0].mode_override);
-    if (st->held != NULL && c->res.answer == PBCONV_ANSWER_IMMEDIATE)
-        drop_held(st);
+    int d = dir_of(c->phase);
+    if (c->res.answer == PBCONV_ANSWER_IMMEDIATE) {
+        drop_held(st, 0);
+        drop_held(st, 1);
+    }
     pbconv_response *held = NULL;
-    if (st->held != NULL) {
-        if ((held = unpack_held(st)) == NULL)
+    if (st->held[d] != NULL) {
+        if ((held = unpack_held(st, d)) == NULL)
             return -1;
-        if (held_by(c->phase) == st->held_phase && merge_held(&s->arena, held, &c->res) != 0)
+        if (!headers && merge_held(&s->arena, held, &c->res) != 0)
             return -1;
     }
     if (c->hold) {
-        if (held != NULL) {   /* the earlier one goes now */
-            pbconv_response *prev = held;
-            if (keep_held(st, c->resps, (int)c->phase) != 0)
-                return -1;
-            return pack(s, prev, 1, reply);
-        }
-        if (keep_held(st, c->resps, (int)c->phase) != 0)
+        if (keep_held(st, c->resps, d) != 0)
             return -1;
+        st->ever_held = true;
+        if (held != NULL)   /* the earlier one goes now */
+            return pack(s, held, 1, reply);
         reply->outcome = DISPATCH_NO_RESPONSE;
         return 0;
     }
     if (c->n == 0) {   /* a FULL_DUPLEX_STREAMED chunk held back */
         if (held != NULL && (c->res.held_mutation != NULL || c->res.held_clear_route_cache) &&
-            keep_held(st, held, st->held_phase) != 0)
+            keep_held(st, held, d) != 0)
             return -1;
         reply->outcome = DISPATCH_NO_RESPONSE;
         return 0;
@@ -723,7 +745,9 @@ static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_r
     memcpy(all + 1, c->resps, c->n * sizeof *all);
     if (pack(s, all, c->n + 1, reply) != 0)
         return -1;
-    drop_held(st);
+    drop_held(st, d);
+    if (c->phase == PBCONV_REQUEST_BODY || c->phase == PBCONV_RESPONSE_BODY)
+        st->went[d] = st->chunks[d] ? st->chunks[d] : 1;   /* later chunks: too late */
     return 0;
 }
 
@@ -843,6 +867,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         st->grpc[1] = pbconv_grpc_mode(req->protocol_config, PBCONV_RESPONSE_BODY);
     }
 
+    if (phase == PBCONV_REQUEST_BODY || phase == PBCONV_RESPONSE_BODY)
+        st->chunks[dir_of(phase)]++;
     struct call c = {.st = st, .req = req, .phase = phase, .handler = pbconv_handler_name(phase)};
     lua_pushcfunction(L, run_handler);
     lua_pushlightuserdata(L, &c);
@@ -856,6 +882,8 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
         if (c.res.request_drain)
             st->drained = true;
         st->local_reply = c.res.local_reply_open;
+        if (c.res.wait_for_body && req->observability_mode)
+            st->obs_wait[dir_of(phase)] = true;
     }
     bool observe = req->observability_mode;
     ran = true;
@@ -928,8 +956,10 @@ void dispatch_handle(struct dispatch_stream *st, const uint8_t *msg, size_t len,
     }
     if (observe)
         reply->outcome = DISPATCH_NO_RESPONSE;
-    if (reply->outcome == DISPATCH_FAIL)
-        drop_held(st);
+    if (reply->outcome == DISPATCH_FAIL) {
+        drop_held(st, 0);
+        drop_held(st, 1);
+    }
     lua_pop(L, 1);  /* the handler's result, or the error */
 
 done:

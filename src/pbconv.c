@@ -1037,6 +1037,9 @@ static int header_map(struct conv *c, int idx, const char *what, lua_Integer sta
         const char *k = set[i]->header->key;
         if (status >= 0 && strcmp(k, ":status") == 0)
             return bad(c, "'%s' names ':status'; set it with immediate.status", what);
+        if (status < 0 && k[0] == ':')   /* HTTP/2 forbids pseudo-headers in trailers */
+            return bad(c, "'%s' names the pseudo-header '%.64s' (trailers cannot carry one)",
+                       what, k);
         hvs[extra + i] = set[i]->header;
     }
     map->n_headers = nset + extra;
@@ -1207,6 +1210,11 @@ static int streamed_immediate(struct conv *c, int slot, pbconv_response **out, s
             return bad(c, "'immediate.end_of_stream' = false keeps the local response open for "
                           "on_request_body, which needs request_body_mode FULL_DUPLEX_STREAMED "
                           "(Envoy sends no body to answer otherwise)");
+        if (in->end_of_stream)
+            return bad(c, "'immediate.end_of_stream' = false keeps the local response open for "
+                          "on_request_body, but these request headers end the request "
+                          "(end_of_stream): no body comes to answer, so the local response "
+                          "must end here");
         eos = false;
     }
     lua_Integer code = 200;
@@ -1602,10 +1610,39 @@ static int phase_answer(struct conv *c, int slot, const bool *on, pbconv_respons
 }
 
 /* Whether key k, which the answer's kind does not take, is taken anyway because the
- * headers response is held: a full duplex body handler's header changes then go there. */
+ * headers response is held: a full duplex body handler's header changes then go there
+ * (or, once it went, too_late says why they cannot). */
 static bool held_header_key(const struct conv *c, int k)
 {
-    return c->in->headers_held && (k == K_ADD || k == K_REMOVE || k == K_APPEND_ACTION);
+    return (c->in->headers_held || c->in->headers_went) &&
+           (k == K_ADD || k == K_REMOVE || k == K_APPEND_ACTION);
+}
+
+/* A body answer's header changes after the held headers response went with an earlier
+ * chunk's answer: Envoy applies a body response's header changes only in BUFFERED and
+ * BUFFERED_PARTIAL, so here they would be lost. The error says where the headers went and
+ * how to hold them longer. 0: none asked for. */
+static int too_late(struct conv *c, const bool *on)
+{
+    static const int keys[] = {K_ADD, K_REMOVE, K_APPEND_ACTION, K_CLEAR_ROUTE_CACHE};
+    for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+        if (!on[keys[i]])
+            continue;
+        const char *dir = c->phase == PBCONV_REQUEST_BODY ? "request" : "response";
+        if (c->in->full_duplex)
+            return bad(c, "'%s': the %s headers response (held by wait_for_body) already went "
+                          "with chunk %u's answer, and Envoy applies no header changes of a "
+                          "streamed body response; to hold it longer, return chunks = {} "
+                          "(keeping the chunks in ctx.state) until you have decided, then "
+                          "send them with the changes", top[keys[i]].name, dir,
+                       c->in->headers_went);
+        return bad(c, "'%s': the %s headers response (held by wait_for_body) already went "
+                      "with chunk %u's answer, and Envoy applies no header changes of a "
+                      "STREAMED body response; in STREAMED every chunk is answered, so decide "
+                      "on the first chunk (or use FULL_DUPLEX_STREAMED, where chunks = {} "
+                      "holds longer, or BUFFERED)", top[keys[i]].name, dir, c->in->headers_went);
+    }
+    return 0;
 }
 
 /* With the headers response held, a body handler's add/remove/append_action and
@@ -1699,6 +1736,9 @@ static int convert(struct conv *c, int t, int slot, pbconv_response **out, size_
     res->wait_for_body = on[K_WAIT_FOR_BODY];
 
     pbconv_response *resps = NULL;
+    if (!on[K_IMMEDIATE] && !c->in->headers_held && c->in->headers_went &&
+        (kind == KIND_BODY || kind == KIND_STREAM) && too_late(c, on) != 0)
+        return -1;
     if (!on[K_IMMEDIATE] && c->in->headers_held && (kind == KIND_BODY || kind == KIND_STREAM) &&
         take_held_changes(c, slot, on, res) != 0)
         return -1;

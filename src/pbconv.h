@@ -112,9 +112,14 @@ struct pbconv_in {
     bool full_duplex;
     const uint8_t *chunk;
     size_t chunk_len;
-    bool end_of_stream;
+    bool end_of_stream;   /* of the chunk; of the headers in PBCONV_REQUEST_HEADERS */
     /* A body phase whose headers response is still held: header changes go to res. */
     bool headers_held;
+    /* A body phase whose direction held its headers response (wait_for_body) and sent it
+     * with the answer to chunk headers_went (1-based; 0: not sent yet, or never held):
+     * header changes in this body answer would reach no headers response, and Envoy
+     * ignores them in a streamed body response, so they are an error. */
+    unsigned headers_went;
     /* A body answer that replaces or clears the body also sets content-length (BUFFERED,
      * BUFFERED_PARTIAL at end of stream), unless its add/remove name content-length. */
     bool length_follows_body;

@@ -223,6 +223,8 @@ function on_request_headers(hs, ctx)
     return { immediate = { stream = true, headers = { { ":status", "500" } } } }
   elseif case == "details" then
     return { immediate = { stream = true, details = "no" } }
+  elseif case == "pseudo_trailer" then
+    return { immediate = { trailers = { { ":status", "500" } } } }
   end
 end
 
@@ -280,6 +282,8 @@ def test_streamed_immediate_shapes(imm_stub):
     ("status", "'immediate.headers' names ':status'; set it with immediate.status"),
     ("details", "'immediate.details' cannot be combined with a streamed 'immediate' (stream, "
                 "chunks or trailers)"),
+    ("pseudo_trailer", "'immediate.trailers' names the pseudo-header ':status' (trailers "
+                       "cannot carry one)"),
 ])
 def test_streamed_immediate_refused_values(imm_stub, case, detail):
     details = refused(imm_stub, [h.headers_req("request_headers", [("x-case", case)])])
@@ -372,6 +376,17 @@ def test_open_local_response_refusals(open_stub, cmd, eos, detail):
     details = refused(open_stub, [h.headers_req("request_headers", protocol_config=config("FULL_DUPLEX_STREAMED")),
                                   h.body_req("request_body", cmd, end_of_stream=eos)])
     assert details.endswith("returned a bad table: " + detail), details
+
+
+def test_open_local_response_refused_on_headers_that_end_the_request(open_stub):
+    """Headers with end_of_stream: no body comes to continue the local response, which
+    would never end."""
+    details = refused(open_stub, [h.headers_req("request_headers", end_of_stream=True,
+                                                protocol_config=config("FULL_DUPLEX_STREAMED"))])
+    assert details.endswith("'immediate.end_of_stream' = false keeps the local response open "
+                            "for on_request_body, but these request headers end the request "
+                            "(end_of_stream): no body comes to answer, so the local response "
+                            "must end here"), details
 
 
 def test_open_local_response_needs_full_duplex(open_stub):
