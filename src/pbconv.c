@@ -1536,6 +1536,10 @@ static int length_follows(struct conv *c, int body, HeaderMutation **hm)
     hv->raw_value.len = (size_t)nd;
     envoy__config__core__v3__header_value_option__init(o);
     o->header = hv;
+    /* replace the length, never add a second one: `append` left unset is an overwrite for an
+     * Envoy that reads only that flag; append_action says it to one that reads the action
+     * (whose default, APPEND_IF_EXISTS_OR_ADD, would send two content-length headers) */
+    o->append_action = APPEND_ACTION(OVERWRITE_IF_EXISTS_OR_ADD);
     if (nset > 0)
         memcpy(set, m->set_headers, nset * sizeof *set);
     set[nset] = o;

@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 import harness as h
-from harness import pb
+from harness import base_pb2, pb
 
 OK = grpc.StatusCode.OK
 INTERNAL = grpc.StatusCode.INTERNAL
@@ -185,7 +185,13 @@ def length_of(stub, data, mode="BUFFERED", eos=True):
 
 
 def test_content_length_follows_a_replaced_or_cleared_body(lengths):
-    assert sets(length_of(lengths, "x")) == [("content-length", "5")]
+    replaced = length_of(lengths, "x")
+    assert sets(replaced) == [("content-length", "5")]
+    # an overwrite, never a second content-length: `append` unset, and the action said for an
+    # Envoy that reads it (its default, APPEND_IF_EXISTS_OR_ADD, would add one)
+    entry = replaced.header_mutation.set_headers[0]
+    assert entry.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    assert not entry.HasField("append")
     cleared = length_of(lengths, "clear")
     assert sets(cleared) == [("content-length", "0")]
     assert cleared.body_mutation.clear_body

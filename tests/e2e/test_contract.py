@@ -653,7 +653,8 @@ def test_metadata_attributes_protocol_config_served_normally(cases):
         # BUFFERED request body: a replaced body brings its content-length along (Envoy keeps
         # the header in that mode and refuses a body of another length); the STREAMED
         # response body is left alone
-        common("request_body", header_mutation=mutation(add=[("content-length", "8")]),
+        common("request_body", header_mutation=pb.HeaderMutation(set_headers=[h.hvo(
+            "content-length", "8", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]),
                body_mutation=pb.BodyMutation(body=b"new body")),
         common("response_headers", header_mutation=mutation(remove=["foo", "x-bar", "baz"])),
         h.wrap("response_body", h.add_body_mutation(clear_body=True)),
