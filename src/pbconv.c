@@ -312,7 +312,7 @@ void pbconv_push_headers(lua_State *L, const HeaderMap *map, int end_of_stream)
 
 void pbconv_push_body(lua_State *L, const HttpBody *body)
 {
-    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 2);
     if (body != NULL && body->body.len > 0)
         lua_pushlstring(L, (const char *)body->body.data, body->body.len);
     else
@@ -320,12 +320,16 @@ void pbconv_push_body(lua_State *L, const HttpBody *body)
     lua_setfield(L, -2, "body");
     lua_pushboolean(L, body != NULL && body->end_of_stream);
     lua_setfield(L, -2, "end_of_stream");
-    /* GRPC body mode's flags: always there (false in other modes), so a script reads them
-     * without a nil check */
-    lua_pushboolean(L, body != NULL && body->end_of_stream_without_message);
-    lua_setfield(L, -2, "end_of_stream_without_message");
-    lua_pushboolean(L, body != NULL && body->grpc_message_compressed);
-    lua_setfield(L, -2, "grpc_message_compressed");
+    /* GRPC body mode's flags, only when set: nil reads as false, and the body of every
+     * other mode is not made to carry two fields it never uses */
+    if (body != NULL && body->end_of_stream_without_message) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "end_of_stream_without_message");
+    }
+    if (body != NULL && body->grpc_message_compressed) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "grpc_message_compressed");
+    }
 }
 
 void pbconv_push_input(lua_State *L, const pbconv_request *req, enum pbconv_phase phase)

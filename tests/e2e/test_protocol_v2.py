@@ -114,8 +114,9 @@ def test_grpc_mode_flags_reach_the_script_and_echo_back(grpc_stub):
                               streamed("request_body", b"", True, without_message=True)]
     seen, mode = seen_header(responses[4])
     assert mode == "GRPC"
-    assert seen == ("[plain false false false][zipped false false true]"
-                    "[ true true false]")
+    # the flags are true when set and absent (nil) otherwise
+    assert seen == ("[plain false nil nil][zipped false nil true]"
+                    "[ true true nil]")
 
 
 def test_grpc_mode_chunk_tables(grpc_stub):
@@ -183,7 +184,7 @@ def test_request_drain_then_server_echoes(grpc_stub, mode):
                               streamed("request_body", "close", True)]
     # trailers still go to the handler, which saw only the chunks before the drain
     seen, _ = seen_header(responses[5])
-    assert seen == "[first false false false][drain false false false]"
+    assert seen == "[first false nil nil][drain false nil nil]"
 
 
 def test_request_drain_on_response_body(grpc_stub):
