@@ -59,6 +59,9 @@
 --   - match: { prefix: "/", headers: [{ name: x-model-route, string_match: { exact: openai } }] }
 --     route: { cluster: openai, host_rewrite_literal: api.openai.com, timeout: 300s }
 --
+-- The routes trust x-model-route, so the callout owns it (TRUSTED below): a client's own is
+-- removed from every request. Route only on headers the callout sets.
+--
 -- Credentials: the client's `Authorization: Bearer <key>` is the provider's key; for
 -- Anthropic it moves to `x-api-key` (a real gateway would swap a client token for its own
 -- key here). Tool calls, audio and the other parameters Anthropic has no counterpart for
@@ -473,10 +476,24 @@ local function is_json(content_type)
   return ct:find("^application/json") ~= nil
 end
 
+-- Headers the route table trusts. The callout owns them: every request loses the client's
+-- own at once, in the first answer, and only the body handler sets them. Otherwise a request
+-- the callout lets go (GET /v1/models, POST /v1/messages, /v1/chat/completions/ ...) would
+-- reach the provider its client named, past the model and parameter allow-lists.
+local TRUSTED = { "x-model-route" }
+
+-- A chat completion is exactly POST /v1/chat/completions, with or without a query string.
+-- No normalisation: /v1/chat/completions/, //v1/..., %2F, /V1/... are other paths, let go
+-- like any other, and with x-model-route removed no route sends them to a provider.
+local function is_chat(headers)
+  local path = headers:get(":path") or ""
+  return headers:get(":method") == "POST"
+         and (path == CHAT_PATH or path:sub(1, #CHAT_PATH + 1) == CHAT_PATH .. "?")
+end
+
 function on_request_headers(headers, ctx)
-  local path = (headers:get(":path") or ""):match("^[^?]*")
-  if headers:get(":method") ~= "POST" or path ~= CHAT_PATH then
-    return { mode_override = LET_GO }
+  if not is_chat(headers) then
+    return { mode_override = LET_GO, remove = TRUSTED }
   end
   if headers.end_of_stream then
     return openai_error(400, "a chat completion request needs a JSON body")
@@ -487,7 +504,9 @@ function on_request_headers(headers, ctx)
   -- the body handler sees only the body: keep what it needs from the headers
   ctx.state.chat = true
   ctx.state.authorization = headers:get("authorization")
-  return { wait_for_body = true }
+  -- removed now (BUFFERED: this answer goes at once), not only when the body handler sets
+  -- the route: a body phase that fails under failure_mode_allow leaves no client route
+  return { wait_for_body = true, remove = TRUSTED }
 end
 
 function on_request_body(body, ctx)

@@ -50,7 +50,7 @@ describe("examples/ai_gateway.lua", function()
   local function request(body, headers)
     local stream = testing.stream(script)
     local h = stream:run(testing.request_headers(headers or CHAT, { protocol_config = BUFFERED }))
-    assert.unchanged(h)
+    assert.same({ "x-model-route" }, common(h, "request_headers").header_mutation.remove_headers)
     return stream, stream:run(testing.request_body(body, { end_of_stream = true }))
   end
 
@@ -192,25 +192,57 @@ describe("examples/ai_gateway.lua", function()
       assert.equal("Content-Type must be application/json", json.decode(refused(r)).error.message)
     end)
 
-    it("lets other requests go at once, unchanged, with nothing more sent to the callout", function()
+    -- Only the route header is changed: the route table trusts x-model-route, so a client's
+    -- own goes, whatever the request.
+    local function only_route_removed(r)
+      local hm = common(r, "request_headers").header_mutation
+      assert.same({ "x-model-route" }, hm.remove_headers)
+      assert.same({}, hm.set_headers or {})
+      assert.is_nil(common(r, "request_headers").body_mutation)
+      assert.is_falsy(common(r, "request_headers").clear_route_cache)
+    end
+
+    it("lets other requests go at once, with nothing more sent to the callout, unroutable", function()
       for _, h in ipairs {
         { [":method"] = "GET", [":path"] = "/v1/models" },
         { [":method"] = "GET", [":path"] = "/v1/chat/completions" },
-        { [":method"] = "POST", [":path"] = "/v1/embeddings", ["content-type"] = "application/json" },
-        { [":method"] = "POST", [":path"] = "/v1/chat/completions/x", ["content-type"] = "application/json" },
+        { [":method"] = "PUT", [":path"] = "/v1/chat/completions" },
+        { [":method"] = "POST", [":path"] = "/v1/messages" },
+        { [":method"] = "POST", [":path"] = "/v1/embeddings" },
+        { [":method"] = "POST", [":path"] = "/v1/chat/completions/x" },
+        { [":method"] = "POST", [":path"] = "/v1/chat/completions/" },
+        { [":method"] = "POST", [":path"] = "//v1/chat/completions" },
+        { [":method"] = "POST", [":path"] = "/v1/chat/completions%2F" },
+        { [":method"] = "POST", [":path"] = "/V1/chat/completions" },
+        { [":method"] = "POST", [":path"] = "/v1/chat/completions#x" },
       } do
+        h["content-type"] = "application/json"
+        h["x-model-route"] = "anthropic"   -- the client's pick: must not reach the route table
         local r = testing.run(script, testing.request_headers(h, { protocol_config = BUFFERED }))
         assert.same(mode { request_body_mode = "NONE", response_header_mode = "SKIP",
-                           response_body_mode = "NONE" }, r.mode_override)
-        assert.is_nil(common(r, "request_headers").header_mutation)
-        assert.is_nil(common(r, "request_headers").body_mutation)
-        assert.is_falsy(common(r, "request_headers").clear_route_cache)
+                           response_body_mode = "NONE" }, r.mode_override, h[":method"] .. " " .. h[":path"])
+        only_route_removed(r)
       end
-      -- a query string does not hide a chat completion
+      -- a query string does not hide a chat completion: it waits for its body
       local q = {}
       for k, v in pairs(CHAT) do q[k] = v end
       q[":path"] = "/v1/chat/completions?trace=1"
-      assert.unchanged(testing.run(script, testing.request_headers(q, { protocol_config = BUFFERED })))
+      local r = testing.run(script, testing.request_headers(q, { protocol_config = BUFFERED }))
+      assert.is_nil(r.mode_override)
+      only_route_removed(r)
+    end)
+
+    it("drops a client's x-model-route on chat completions too, before the body decides", function()
+      local h = {}
+      for k, v in pairs(CHAT) do h[k] = v end
+      h["x-model-route"] = "anthropic"
+      local stream <close> = testing.stream(script)
+      -- the headers answer already removes it: a body phase that fails (failure_mode_allow)
+      -- leaves the request unroutable rather than routed by the client
+      only_route_removed(stream:run(testing.request_headers(h, { protocol_config = BUFFERED })))
+      local b = stream:run(testing.request_body('{"model":"gpt-4o","messages":[{"role":"user","content":"Hi"}]}',
+                                                { end_of_stream = true }))
+      assert.header_set(b, "x-model-route", "openai")
     end)
 
     it("leaves a body alone when Envoy sent it despite the override", function()

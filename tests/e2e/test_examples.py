@@ -643,7 +643,10 @@ def test_ai_gateway_streamed_answer(example_server):
     assert code == OK, details
     assert len(responses) == len(requests), responses
 
-    h.assert_empty_response(responses[0], "request_headers")   # BUFFERED: headers go now
+    # BUFFERED: headers go now, with only the client's route header removed
+    rq = responses[0].request_headers.response
+    assert list(rq.header_mutation.remove_headers) == ["x-model-route"], responses[0]
+    assert not rq.header_mutation.set_headers and not rq.HasField("body_mutation")
 
     body = responses[1].request_body.response
     want = (b'{"model":"claude-sonnet-4-5","max_tokens":4096,"system":"Be brief.",'
@@ -714,10 +717,18 @@ def test_ai_gateway_buffered_answer_and_refusals(example_server):
         body='{"error":{"message":"the model \'mistral-large\' is not served here",'
              '"type":"invalid_request_error","param":"model","code":"model_not_found"}}')
 
-    # not a chat completion: let go, nothing changed
-    responses, code, details = h.process(stub, [
-        gateway_headers([(":method", "GET"), (":path", "/v1/models")])])
-    assert code == OK, details
-    assert responses[0].mode_override == gateway_mode(
-        request_body_mode=PM.NONE, response_header_mode=PM.SKIP, response_body_mode=PM.NONE)
-    assert not responses[0].request_headers.HasField("response")
+    # not a chat completion: let go, and a client's x-model-route with it, so the route
+    # table (which trusts that header) cannot send it to a provider
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/messages"),
+                         ("POST", "/v1/chat/completions/"), ("POST", "//v1/chat/completions"),
+                         ("PUT", "/v1/chat/completions")]:
+        responses, code, details = h.process(stub, [
+            gateway_headers([(":method", method), (":path", path),
+                             ("content-type", "application/json"),
+                             ("x-model-route", "anthropic")])])
+        assert code == OK, details
+        assert responses[0].mode_override == gateway_mode(
+            request_body_mode=PM.NONE, response_header_mode=PM.SKIP, response_body_mode=PM.NONE)
+        hm = responses[0].request_headers.response.header_mutation
+        assert list(hm.remove_headers) == ["x-model-route"], (method, path, responses[0])
+        assert not hm.set_headers
