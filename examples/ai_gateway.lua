@@ -147,25 +147,50 @@ end
 ---------------------------------------------------------------------------------------------
 -- OpenAI request -> Anthropic request.
 
--- Text of a system message: a string, or a list of text parts.
-local function text_of(content)
-  if type(content) == "string" then return content end
-  if json.kind(content) == "array" then
-    local out = {}
-    for _, part in ipairs(content) do
-      if type(part) ~= "table" or part.type ~= "text" or type(part.text) ~= "string" then
-        return nil
-      end
-      out[#out + 1] = part.text
-    end
-    return table.concat(out, "\n")
+-- Inside messages the translation is an allow-list too: a key it does not carry (an
+-- assistant's tool_calls, a name, a part's cache_control, a new field of either API) is
+-- refused, naming it, rather than dropped. Each check returns nil, why, where.
+local function unsupported(where)
+  return nil, where .. " is not supported for this model", where
+end
+
+-- The first key of object `o` (a JSON null counts as absent) not in `allowed`, or nil.
+local function extra_key(o, allowed)
+  for k, v in pairs(o) do
+    if not allowed[k] and given(v) ~= nil then return k end
   end
 end
 
+local function is_object(v) return json.kind(v) == "object" end
+
+-- A text part -> its text.
+local TEXT_PART = { type = true, text = true }
+local function text_part(part, where)
+  local k = extra_key(part, TEXT_PART)
+  if k then return unsupported(where .. "." .. k) end
+  if type(part.text) ~= "string" then
+    return nil, where .. ".text must be a string", where .. ".text"
+  end
+  return part.text
+end
+
 -- OpenAI's image_url part -> Anthropic's image block (a data: URL becomes base64 source).
-local function image_block(part)
-  local url = type(part.image_url) == "table" and part.image_url.url
-  if type(url) ~= "string" then return nil end
+-- `detail` has no counterpart: "auto" (what Anthropic does anyway) is accepted, not sent.
+local IMAGE_PART = { type = true, image_url = true }
+local IMAGE_URL = { url = true, detail = true }
+local function image_block(part, where)
+  local k = extra_key(part, IMAGE_PART)
+  if k then return unsupported(where .. "." .. k) end
+  local iu = part.image_url
+  if not is_object(iu) or type(iu.url) ~= "string" then
+    return nil, where .. ".image_url.url must be a string", where .. ".image_url.url"
+  end
+  k = extra_key(iu, IMAGE_URL)
+  if k then return unsupported(where .. ".image_url." .. k) end
+  if given(iu.detail) ~= nil and iu.detail ~= "auto" then
+    return unsupported(where .. ".image_url.detail")
+  end
+  local url = iu.url
   local media_type, data = url:match("^data:([%w.+/-]+);base64,(.*)$")
   local source
   if media_type then
@@ -176,23 +201,51 @@ local function image_block(part)
   return ordered { { "type", "image" }, { "source", source } }
 end
 
--- Content of a user or assistant message: a string stays a string; a list of parts becomes
--- a list of Anthropic content blocks.
-local function content_of(content)
+-- Content: a string stays a string; a list of parts becomes, through `part_of(part,
+-- where)`, a list of what it returns. Anything else is refused at `where`.
+local function parts_of(content, where, part_of)
   if type(content) == "string" then return content end
-  if json.kind(content) ~= "array" then return nil end
-  local blocks = json.array()
-  for _, part in ipairs(content) do
-    local block
-    if type(part) == "table" and part.type == "text" and type(part.text) == "string" then
-      block = ordered { { "type", "text" }, { "text", part.text } }
-    elseif type(part) == "table" and part.type == "image_url" then
-      block = image_block(part)
-    end
-    if not block then return nil end
-    blocks[#blocks + 1] = block
+  if json.kind(content) ~= "array" then
+    return nil, where .. " must be a string or a list of parts", where
   end
-  return blocks
+  local out = {}
+  for i, part in ipairs(content) do
+    local pw = ("%s[%d]"):format(where, i - 1)
+    if not is_object(part) then return nil, pw .. " must be an object", pw end
+    local v, why, param = part_of(part, pw)
+    if v == nil then return nil, why, param end
+    out[i] = v
+  end
+  return out
+end
+
+-- Text of a system message: a string, or text parts joined by newlines.
+local function system_part(part, where)
+  if part.type ~= "text" then return unsupported(where .. ".type") end
+  return text_part(part, where)
+end
+local function text_of(content, where)
+  local parts, why, param = parts_of(content, where, system_part)
+  if type(parts) == "table" then return table.concat(parts, "\n") end
+  return parts, why, param
+end
+
+-- Content of a user or assistant message: text parts become text blocks, image_url parts
+-- image blocks.
+local function message_part(part, where)
+  if part.type == "text" then
+    local text, why, param = text_part(part, where)
+    if not text then return nil, why, param end
+    return ordered { { "type", "text" }, { "text", text } }
+  elseif part.type == "image_url" then
+    return image_block(part, where)
+  end
+  return unsupported(where .. ".type")
+end
+local function content_of(content, where)
+  local blocks, why, param = parts_of(content, where, message_part)
+  if type(blocks) == "table" then return json.array(blocks) end
+  return blocks, why, param
 end
 
 -- OpenAI parameters with an Anthropic counterpart, and how each is carried over. `model`,
@@ -209,6 +262,8 @@ local PARAMS = {
   n = function(_, v) if v ~= 1 then return "only n = 1 is supported" end end,
 }
 local HANDLED = { model = true, messages = true, max_tokens = true, max_completion_tokens = true }
+-- What a message may hold (a JSON null counts as absent).
+local MESSAGE_KEYS = { role = true, content = true }
 
 -- The Anthropic body for an OpenAI request, or nil, why, which parameter.
 -- Key order: model, max_tokens, system, messages (as in Anthropic's documentation), then
@@ -220,16 +275,19 @@ local function to_anthropic(req)
   local system, messages = {}, json.array()
   for i, m in ipairs(req.messages) do
     local where = ("messages[%d]"):format(i - 1)
-    local role = type(m) == "table" and m.role
+    if not is_object(m) then return nil, where .. " must be an object", where end
+    local role = m.role
+    if role == "system" or role == "developer" or role == "user" or role == "assistant" then
+      local k = extra_key(m, MESSAGE_KEYS)
+      if k then return unsupported(where .. "." .. k) end
+    end
     if role == "system" or role == "developer" then
-      local text = text_of(m.content)
-      if not text then return nil, where .. ": content must be text", where end
+      local text, why, param = text_of(m.content, where .. ".content")
+      if not text then return nil, why, param end
       system[#system + 1] = text
     elseif role == "user" or role == "assistant" then
-      local content = content_of(m.content)
-      if not content then
-        return nil, where .. ": only text and image_url content is supported for this model", where
-      end
+      local content, why, param = content_of(m.content, where .. ".content")
+      if not content then return nil, why, param end
       messages[#messages + 1] = ordered { { "role", role }, { "content", content } }
     else
       return nil, ("%s: role '%s' is not supported for this model"):format(where, tostring(role)),

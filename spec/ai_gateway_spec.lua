@@ -172,6 +172,50 @@ describe("examples/ai_gateway.lua", function()
                    rewritten(b))
     end)
 
+    it("refuses what inside messages it does not carry, naming the field", function()
+      local function ask(messages)
+        return '{"model":"claude-sonnet-4-5","messages":' .. messages .. '}'
+      end
+      local cases = {
+        { '[{"role":"user","content":"x"},{"role":"assistant","content":"calling",' ..
+          '"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}}]}]',
+          "messages[1].tool_calls" },
+        { '[{"role":"user","content":"x","name":"alice"}]', "messages[0].name" },
+        { '[{"role":"system","content":"x","name":"s"},{"role":"user","content":"x"}]', "messages[0].name" },
+        { '[{"role":"user","content":[{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}]}]',
+          "messages[0].content[0].cache_control" },
+        { '[{"role":"system","content":[{"type":"text","text":"x","cache_control":{"type":"ephemeral"}}]},' ..
+          '{"role":"user","content":"x"}]', "messages[0].content[0].cache_control" },
+        { '[{"role":"user","content":[{"type":"text","text":"x"},{"type":"input_audio","input_audio":{}}]}]',
+          "messages[0].content[1].type" },
+        { '[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.test/a.png","detail":"high"}}]}]',
+          "messages[0].content[0].image_url.detail" },
+        { '[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x.test/a.png","x":1}}]}]',
+          "messages[0].content[0].image_url.x" },
+        { '[{"role":"user","content":[{"type":"text"}]}]', "messages[0].content[0].text" },
+        { '[{"role":"user","content":[17]}]', "messages[0].content[0]" },
+        { '[{"role":"user","content":17}]', "messages[0].content" },
+        { '[{"role":"user"}]', "messages[0].content" },
+        { '[{"role":"assistant","content":"x","refusal":"no"},{"role":"user","content":"x"}]', "messages[0].refusal" },
+        { '[["user","x"]]', "messages[0]" },
+      }
+      for _, c in ipairs(cases) do
+        local stream <close>, b = request(ask(c[1]))
+        local err = json.decode(refused(b)).error
+        assert.equal(c[2], err.param, c[1])
+        assert.is_truthy(err.message:find(c[2], 1, true), err.message)
+        assert.equal("invalid_request_error", err.type)
+      end
+      -- a JSON null is "not given" here too, as SDKs echo assistant messages back with
+      -- "tool_calls": null, "refusal": null; detail "auto" is what Anthropic does
+      local stream <close>, b = request(ask('[{"role":"user","content":[{"type":"image_url",' ..
+        '"image_url":{"url":"https://x.test/a.png","detail":"auto"}}]},' ..
+        '{"role":"assistant","content":"ok","tool_calls":null,"refusal":null,"name":null}]'))
+      assert.equal('{"model":"claude-sonnet-4-5","max_tokens":4096,"messages":[{"role":"user",' ..
+        '"content":[{"type":"image","source":{"type":"url","url":"https://x.test/a.png"}}]},' ..
+        '{"role":"assistant","content":"ok"}]}', rewritten(b))
+    end)
+
     it("waits for the body: wait_for_body on chat completions", function()
       -- the handler's own return value, as the server takes it: in BUFFERED mode the
       -- headers answer goes out empty (checked in request()); without a body mode it is
