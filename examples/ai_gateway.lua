@@ -335,9 +335,19 @@ local function finish_reason(stop_reason)
   return FINISH[stop_reason] or "stop"
 end
 
+-- The provider's answers are read defensively: a value that is missing, null or of the
+-- wrong type counts as absent (a token count as 0, a text as none), never a Lua error,
+-- which would cut the client's answer with INTERNAL.
+
+-- A token count: a non-negative integer, else 0.
+local function count(v)
+  if math.type(v) == "integer" and v >= 0 then return v end
+  return 0
+end
+
 -- OpenAI's usage from Anthropic's: cached prompt tokens count as prompt tokens.
 local function usage_of(input_tokens, output_tokens)
-  local prompt, completion = input_tokens or 0, output_tokens or 0
+  local prompt, completion = count(input_tokens), count(output_tokens)
   return ordered {
     { "prompt_tokens", prompt },
     { "completion_tokens", completion },
@@ -346,21 +356,22 @@ local function usage_of(input_tokens, output_tokens)
 end
 
 local function prompt_tokens(u)
-  if type(u) ~= "table" then return nil end
-  local n = u.input_tokens or 0
-  for _, k in ipairs { "cache_creation_input_tokens", "cache_read_input_tokens" } do
-    if math.type(u[k]) == "integer" then n = n + u[k] end
-  end
-  return n
+  if not is_object(u) then return 0 end
+  return count(u.input_tokens) + count(u.cache_creation_input_tokens)
+         + count(u.cache_read_input_tokens)
 end
 
 -- A Messages API answer -> a chat.completion.
 local function completion_of(msg)
   local text = {}
-  for _, block in ipairs(type(msg.content) == "table" and msg.content or {}) do
-    if type(block) == "table" and block.type == "text" then text[#text + 1] = block.text end
+  if json.kind(msg.content) == "array" then
+    for _, block in ipairs(msg.content) do
+      if is_object(block) and block.type == "text" and type(block.text) == "string" then
+        text[#text + 1] = block.text
+      end
+    end
   end
-  local usage = type(msg.usage) == "table" and msg.usage or {}
+  local usage = is_object(msg.usage) and msg.usage or {}
   return ordered {
     { "id", msg.id },
     { "object", "chat.completion" },
@@ -455,7 +466,7 @@ local function translate_event(s, ev)
     end
   elseif t == "message_delta" then
     local d = type(ev.delta) == "table" and ev.delta or {}
-    if type(ev.usage) == "table" then s.completion_tokens = ev.usage.output_tokens end
+    if is_object(ev.usage) then s.completion_tokens = count(ev.usage.output_tokens) end
     return chunk(s, json.object(), finish_reason(d.stop_reason))
   elseif t == "message_stop" then
     -- OpenAI sends usage only when asked (stream_options.include_usage), in a last chunk

@@ -371,6 +371,26 @@ describe("examples/ai_gateway.lua", function()
         '"param":null,"code":null}}')
     end)
 
+    it("reads odd provider values as absent: null usage, null or non-string text", function()
+      for _, c in ipairs {
+        { '"content":[{"type":"text","text":null},{"type":"text","text":{"a":1}},{"type":"text","text":"ok"}],' ..
+          '"usage":{"input_tokens":null,"output_tokens":null}', "ok", 0, 0 },
+        { '"content":{"type":"text"},"usage":{"input_tokens":"7","output_tokens":2.5,' ..
+          '"cache_read_input_tokens":null}', "", 0, 0 },
+        { '"content":[null,{"type":"text","text":"a"}],"usage":[1,2]', "a", 0, 0 },
+        { '"content":[],"usage":{"input_tokens":4,"output_tokens":3}', "", 4, 3 },
+      } do
+        local stream <close> = answered(ASK, 200, "application/json")
+        local r = stream:run(testing.response_body('{"id":"m","type":"message","model":"c",' .. c[1] ..
+                                                   ',"stop_reason":{"x":1}}', { end_of_stream = true }))
+        local out = json.decode(common(r, "response_body").body_mutation.body)
+        assert.equal(c[2], out.choices[1].message.content, c[1])
+        assert.equal("stop", out.choices[1].finish_reason)
+        assert.same({ c[3], c[4], c[3] + c[4] },
+                    { out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens }, c[1])
+      end
+    end)
+
     it("passes an answer it cannot read as it is", function()
       local stream <close> = answered(ASK, 200, "application/json")
       assert.unchanged(stream:run(testing.response_body("{oops", { end_of_stream = true })))
@@ -448,6 +468,17 @@ describe("examples/ai_gateway.lua", function()
       local stream <close> = answered(ASK_USAGE, 200, "text/event-stream")
       local out = feed(stream, { STREAM })
       assert.same({ ROLE .. HEL .. LO .. STOP .. USAGE .. DONE }, out)
+    end)
+
+    it("reads null usage in a stream as 0", function()
+      local stream <close> = answered(ASK_USAGE, 200, "text/event-stream")
+      local out = feed(stream, {
+        'data: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-5",' ..
+        '"usage":{"input_tokens":null,"cache_read_input_tokens":2}}}\n\n',
+        'data: {"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens":null}}\n\n' ..
+        EVENTS[8] })
+      assert.same({ ROLE, STOP .. USAGE:gsub('"prompt_tokens":12,"completion_tokens":5,"total_tokens":17',
+        '"prompt_tokens":2,"completion_tokens":0,"total_tokens":2') .. DONE }, out)
     end)
 
     it("gives the same stream whatever the chunking, one byte at a time included", function()
