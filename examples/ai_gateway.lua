@@ -582,7 +582,12 @@ function on_request_body(body, ctx)
   -- not a chat completion (an Envoy without allow_mode_override still sends the body)
   if not ctx.state.chat then return nil end
   local ok, req = pcall(json.decode, body.body)
-  if not ok or json.kind(req) ~= "object" then
+  if not ok then
+    -- callout.json's reason says what and where (line, column): the client can fix it
+    local why = tostring(req):gsub("^callout%.json: ", "")
+    return openai_error(400, "the request body is not valid JSON: " .. why)
+  end
+  if json.kind(req) ~= "object" then
     return openai_error(400, "the request body must be a JSON object")
   end
   local model = given(req.model)

@@ -147,7 +147,13 @@ describe("examples/ai_gateway.lua", function()
 
     it("refuses what it cannot translate: bad JSON, unsupported parameters and roles", function()
       local cases = {
-        { '{"model":"claude-sonnet-4-5",', "the request body must be a JSON object", nil },
+        -- callout.json's reason, with its position
+        { '{"model":"claude-sonnet-4-5",',
+          "the request body is not valid JSON: unexpected end of document at line 1, column 30", nil },
+        { '{"model":"claude-sonnet-4-5","model":"gpt-4o"}',
+          'the request body is not valid JSON: duplicate object key "model" at line 1, column 36', nil },
+        { '{"model":"claude-sonnet-4-5","max_tokens":123456789012345678901}',
+          "the request body is not valid JSON: too big integer at line 1, column 43", nil },
         { '["claude-sonnet-4-5"]', "the request body must be a JSON object", nil },
         { '{"model":"claude-sonnet-4-5","messages":[]}', "'messages' must be a non-empty array", "messages" },
         { '{"model":"claude-sonnet-4-5","messages":{}}', "'messages' must be a non-empty array", "messages" },
