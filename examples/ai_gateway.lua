@@ -26,7 +26,8 @@
 --                    for what is not translated (OpenAI's answers, other content types).
 --   response body    Translates. SSE events may be split across chunks: the unfinished
 --                    tail waits in ctx.state for the next chunk; the end of the stream
---                    flushes it and adds OpenAI's `data: [DONE]`.
+--                    flushes it and adds OpenAI's `data: [DONE]`, or, when the provider's
+--                    stream was cut (no message_stop), an error event instead.
 --
 -- mode_override: Envoy honours it only on a headers response, only with
 -- `allow_mode_override: true`, never when a body mode is FULL_DUPLEX_STREAMED or with
@@ -469,6 +470,7 @@ local function translate_event(s, ev)
     if is_object(ev.usage) then s.completion_tokens = count(ev.usage.output_tokens) end
     return chunk(s, json.object(), finish_reason(d.stop_reason))
   elseif t == "message_stop" then
+    s.ended = true
     -- OpenAI sends usage only when asked (stream_options.include_usage), in a last chunk
     -- with no choices
     if s.include_usage then
@@ -482,6 +484,7 @@ local function translate_event(s, ev)
       })
     end
   elseif t == "error" then
+    s.ended = true   -- the provider's own end: its error is passed on, then [DONE]
     local e = error_of(ev)
     if e then return sse(e) end
   end
@@ -499,6 +502,22 @@ local function event_data(block)
   if #lines > 0 then return table.concat(lines, "\n") end
 end
 
+-- The provider's stream ended without its end (message_stop, or an error event): cut inside
+-- an event, or between events. The client must not take it for a whole answer. OpenAI's SDKs
+-- (Python, Node) raise APIError on a data event holding "error", so that is how it ends; and
+-- no [DONE], which clients that read the raw stream take for a clean end.
+local function stream_cut(where)
+  callout.log.warn("provider's SSE stream ended %s: the client gets an error event", where)
+  return sse(ordered {
+    { "error", ordered {
+      { "message", ("the provider's stream ended early (%s)"):format(where) },
+      { "type", "server_error" },
+      { "param", json.null },
+      { "code", json.null },
+    } },
+  })
+end
+
 local function translate_stream(body, ctx)
   local s = ctx.state
   local buf = s.sse_tail .. body.body
@@ -508,7 +527,7 @@ local function translate_stream(body, ctx)
   if not body.end_of_stream and buf:sub(-1) == "\r" then buf, cr = buf:sub(1, -2), "\r" end
   buf = buf:gsub("\r\n?", "\n")
 
-  local out, pos = {}, 1
+  local out, pos, cut = {}, 1, nil
   while true do
     local blank = buf:find("\n\n", pos, true)
     local block
@@ -526,13 +545,18 @@ local function translate_stream(body, ctx)
       local ok, ev = pcall(json.decode, data)
       if ok and type(ev) == "table" then
         out[#out + 1] = translate_event(s, ev)
+      elseif not blank then
+        cut = "in the middle of an event"
       else
         callout.log.warn("SSE event is not JSON, dropped: %s", data)
       end
     end
   end
   s.sse_tail = buf:sub(pos) .. cr
-  if body.end_of_stream then out[#out + 1] = "data: [DONE]\n\n" end
+  if body.end_of_stream then
+    if not cut and not s.ended then cut = "before message_stop" end
+    out[#out + 1] = cut and stream_cut(cut) or "data: [DONE]\n\n"
+  end
   -- one answer per chunk (STREAMED); "" when no event is complete yet
   return { body = table.concat(out) }
 end

@@ -512,8 +512,34 @@ describe("examples/ai_gateway.lua", function()
 
     it("flushes an event the stream ended without its blank line", function()
       local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
-      local out = feed(stream, { EVENTS[1], EVENTS[4]:sub(1, -3) })
+      local out = feed(stream, { EVENTS[1], EVENTS[4] .. EVENTS[8]:sub(1, -3) })
       assert.same({ ROLE, HEL .. DONE }, out)
+    end)
+
+    -- OpenAI's SDKs (Python, Node) raise on a data event with an "error" key; a stream that
+    -- just stops, or stops at [DONE], reads to them as a complete answer.
+    local CUT = 'data: {"error":{"message":"the provider\'s stream ended early (%s)",' ..
+                '"type":"server_error","param":null,"code":null}}\n\n'
+    local function warned(text)
+      for _, line in ipairs(testing.logs()) do
+        if line:find(text, 1, true) then return true end
+      end
+      return false
+    end
+
+    it("ends a stream cut inside an event with an error event, no [DONE], and a warning", function()
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local out = feed(stream, { EVENTS[1] .. EVENTS[4],
+        'data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"abc', "" })
+      assert.same({ ROLE .. HEL, "", CUT:format("in the middle of an event") }, out)
+      assert.is_true(warned("provider's SSE stream ended in the middle of an event"))
+    end)
+
+    it("ends a stream that stopped before message_stop with an error event, no [DONE]", function()
+      local stream <close> = answered(ASK_STREAM, 200, "text/event-stream")
+      local out = feed(stream, { EVENTS[1] .. EVENTS[4], "" })
+      assert.same({ ROLE .. HEL, CUT:format("before message_stop") }, out)
+      assert.is_true(warned("provider's SSE stream ended before message_stop"))
     end)
 
     it("turns an error event into OpenAI's error chunk", function()
@@ -535,7 +561,7 @@ describe("examples/ai_gateway.lua", function()
       end
       assert.is_true(warned)
       -- a comment line is no event
-      assert.same({ DONE }, feed(stream, { ": a comment\n\n" }))
+      assert.same({ DONE }, feed(stream, { ": a comment\n\n" .. EVENTS[8] }))
     end)
   end)
 end)
