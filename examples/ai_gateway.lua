@@ -673,8 +673,9 @@ function on_request_body(body, ctx)
     -- the answer is translated, so it must come uncompressed
     { "accept-encoding", "identity" },
   }
-  local key = (s.authorization or ""):match("^[Bb]earer%s+(.+)$")
-  if key then add[#add + 1] = { "x-api-key", key } end
+  -- the auth scheme is case-insensitive (RFC 9110 11.1)
+  local scheme, key = (s.authorization or ""):match("^(%S+)%s+(.+)$")
+  if scheme and scheme:lower() == "bearer" then add[#add + 1] = { "x-api-key", key } end
   return {
     add = add,
     remove = { "authorization" },

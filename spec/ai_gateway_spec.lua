@@ -77,6 +77,17 @@ describe("examples/ai_gateway.lua", function()
       assert.is_true(common(b, "request_body").clear_route_cache)
     end)
 
+    it("reads the Bearer scheme in any case (RFC 9110: schemes are case-insensitive)", function()
+      for _, auth in ipairs { "BEARER sk-ant-1", "bEaReR  sk-ant-1" } do
+        local h = {}
+        for k, v in pairs(CHAT) do h[k] = v end
+        h.authorization = auth
+        local stream <close>, b = request('{"model":"claude-sonnet-4-5","messages":[{"role":"user","content":"Hi"}]}', h)
+        assert.header_set(b, "x-api-key", "sk-ant-1")
+        assert.header_removed(b, "authorization")
+      end
+    end)
+
     it("rewrites the body into Messages format, keys in Anthropic's order", function()
       local stream <close>, b = request(
         '{"model":"claude-sonnet-4-5","messages":[{"role":"system","content":"Be brief."},' ..
