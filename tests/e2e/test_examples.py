@@ -643,7 +643,10 @@ def test_ai_gateway_streamed_answer(example_server):
     assert code == OK, details
     assert len(responses) == len(requests), responses
 
-    h.assert_empty_response(responses[0], "request_headers")   # BUFFERED: headers go now
+    # BUFFERED: headers go now, with only the client's route header removed
+    rq = responses[0].request_headers.response
+    assert list(rq.header_mutation.remove_headers) == ["x-model-route"], responses[0]
+    assert not rq.header_mutation.set_headers and not rq.HasField("body_mutation")
 
     body = responses[1].request_body.response
     want = (b'{"model":"claude-sonnet-4-5","max_tokens":4096,"system":"Be brief.",'
@@ -714,10 +717,46 @@ def test_ai_gateway_buffered_answer_and_refusals(example_server):
         body='{"error":{"message":"the model \'mistral-large\' is not served here",'
              '"type":"invalid_request_error","param":"model","code":"model_not_found"}}')
 
-    # not a chat completion: let go, nothing changed
-    responses, code, details = h.process(stub, [
-        gateway_headers([(":method", "GET"), (":path", "/v1/models")])])
+    # not a chat completion: let go, and a client's x-model-route with it, so the route
+    # table (which trusts that header) cannot send it to a provider
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/messages"),
+                         ("POST", "/v1/chat/completions/"), ("POST", "//v1/chat/completions"),
+                         ("PUT", "/v1/chat/completions")]:
+        responses, code, details = h.process(stub, [
+            gateway_headers([(":method", method), (":path", path),
+                             ("content-type", "application/json"),
+                             ("x-model-route", "anthropic")])])
+        assert code == OK, details
+        assert responses[0].mode_override == gateway_mode(
+            request_body_mode=PM.NONE, response_header_mode=PM.SKIP, response_body_mode=PM.NONE)
+        hm = responses[0].request_headers.response.header_mutation
+        assert list(hm.remove_headers) == ["x-model-route"], (method, path, responses[0])
+        assert not hm.set_headers
+
+
+def test_ai_gateway_buffered_sse_fallback_and_cut_stream(example_server):
+    """An Envoy that ignores the override sends the whole SSE answer in one body: 8,000 events
+    (~960 KiB) are translated within the server's default 200 ms budget. A stream that ends
+    before message_stop ends with OpenAI's error event, not [DONE]."""
+    stub = example_server("ai_gateway").stub()
+    ask = b'{"model":"claude-sonnet-4-5","stream":true,"messages":[{"role":"user","content":"Hi"}]}'
+    start = (b'data: {"type":"message_start","message":{"id":"msg_f","model":"claude-sonnet-4-5",'
+             b'"usage":{"input_tokens":1}}}\n\n')
+    deltas = b"".join(b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+                      b'"delta":{"type":"text_delta","text":"tok%d "}}\n\n' % i for i in range(8000))
+    end = b'data: {"type":"message_stop"}\n\n'
+    head = [gateway_headers(CHAT_HEADERS), req_body(ask, eos=True),
+            resp_headers([(":status", "200"), ("content-type", "text/event-stream")])]
+
+    responses, code, details = h.process(stub, head + [resp_body(start + deltas + end, eos=True)])
     assert code == OK, details
-    assert responses[0].mode_override == gateway_mode(
-        request_body_mode=PM.NONE, response_header_mode=PM.SKIP, response_body_mode=PM.NONE)
-    assert not responses[0].request_headers.HasField("response")
+    out = responses[3].response_body.response.body_mutation.body
+    assert out.count(b'"delta":{"content":"tok') == 8000
+    assert out.endswith(b"data: [DONE]\n\n")
+
+    responses, code, details = h.process(stub, head + [resp_body(start + deltas[:5000], eos=True)])
+    assert code == OK, details
+    out = responses[3].response_body.response.body_mutation.body
+    assert out.endswith(b'data: {"error":{"message":"the provider\'s stream ended early (in the middle '
+                        b'of an event)","type":"server_error","param":null,"code":null}}\n\n'), out[-300:]
+    assert b"[DONE]" not in out
