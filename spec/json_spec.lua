@@ -252,6 +252,31 @@ describe("callout.json", function()
     assert.equal("100001", r.request_body.response.body_mutation.body)
   end)
 
+  it("stops decode and encode at the script's time budget, naming the script's line", function()
+    -- one C call each, which the count hook never reaches: 2M values are some 0.3 s of
+    -- decode on the dev VM, and t = {t, t} 24 times over is 16M values to walk
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      local doc = "[" .. ("0,"):rep(2 * 1024 * 1024 - 2) .. "0]"
+      function on_request_body(body)
+        if body.body == "dag" then
+          local t = { 1 }
+          for _ = 1, 24 do t = { t, t } end
+          return { body = json.encode(t) }
+        elseif body.body == "pcall" then
+          return { body = tostring(pcall(json.decode, doc)) }
+        end
+        return { body = tostring(#json.decode(doc)) }
+      end]])
+    for body, line in pairs { dag = 7, decode = 11, pcall = 9 } do
+      local r = testing.call(script, testing.request_body(body))
+      assert.equal("DEADLINE_EXCEEDED", r.status_name, body .. ": " .. tostring(r.message))
+      assert.matches("execution budget of 200 ms exceeded", r.message, 1, true)
+      assert.is_nil(r.message:find("could not be interrupted", 1, true), r.message)
+      assert.equal(line, tonumber(r.message:match("^[^:]+:(%d+): ")), r.message)
+    end
+  end)
+
   it("decodes -0 and 1E2 by their text: integer 0, float 100.0; 1e-400 underflows to 0.0", function()
     local v = json.decode("[-0,1E2,1.0,1e-400]")
     assert.equal("integer", math.type(v[1]))

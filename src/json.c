@@ -13,7 +13,8 @@
  * key); the object metatable's __newindex appends each new key there and its __pairs walks
  * it.
  *
- * Bounds: the C calls run outside the script's instruction budget, so their cost must be
+ * Bounds: the C calls run outside the script's instruction budget, so both ask the host's
+ * budget check (ljson_set_budget) every LJSON_CHECK_VALUES values, and their memory is
  * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
  * LJSON_MAX_DEPTH levels of nesting, and everything it makes (the values and yajl's own
  * buffers) comes from the VM's allocator, so it counts against the VM's memory ceiling;
@@ -46,6 +47,24 @@
  * table holds [i] = key for i = 1..n and [key] = i, the latest place of key: a key whose
  * [key] is not i at place i was removed and assigned again later. */
 static const char order_key = 0;
+
+/* Registry key (by address) of the host's budget check (ljson_set_budget). */
+static const char budget_key = 0;
+
+void ljson_set_budget(lua_State *L, lua_CFunction check)
+{
+    lua_pushcfunction(L, check);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &budget_key);
+}
+
+/* The host's budget check, or NULL. */
+static lua_CFunction budget_of(lua_State *L)
+{
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &budget_key);
+    lua_CFunction check = lua_tocfunction(L, -1);
+    lua_pop(L, 1);
+    return check;
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* The markers and the key order                                                        */
@@ -261,6 +280,8 @@ struct dec {
     size_t n;
     bool final;                         /* in yajl_complete_parse: no token in s any more */
     bool duplicates;                    /* LJSON_DUPLICATES */
+    lua_CFunction check;                /* the host's budget check, or NULL */
+    unsigned values;                    /* values made, for the check */
     int order, object_mt, array_mt;     /* absolute stack indices */
     int depth;                          /* containers open */
     size_t at;                          /* a refusal of ours: its byte offset ... */
@@ -430,6 +451,8 @@ static bool seen_key(struct dec *d)
 static int put_member(struct dec *d)
 {
     lua_State *L = d->L;
+    if (d->check != NULL && ++d->values % LJSON_CHECK_VALUES == 0)
+        d->check(L);                            /* may raise: the decoder's close frees */
     if (d->depth == 0)
         return 1;
     struct level *l = &d->level[d->depth];
@@ -725,6 +748,7 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
     d->s = s;
     d->n = n;
     d->duplicates = (flags & LJSON_DUPLICATES) != 0;
+    d->check = budget_of(L);
     d->order = base;
     d->object_mt = base + 1;
     d->array_mt = base + 2;
@@ -798,8 +822,20 @@ struct enc {
     struct buf *b;
     int order, object_mt, array_mt;
     int depth;
+    lua_CFunction check;                    /* the host's budget check, or NULL */
+    unsigned values;                        /* values (and order places) walked, for it */
     const void *path[LJSON_MAX_DEPTH];      /* the tables being written, for cycles */
 };
+
+/* One more value walked: every LJSON_CHECK_VALUES, the host's budget check (which may
+ * raise: the output buffer is to-be-closed). A table shared by many others is walked once
+ * per place it appears (t = {t, t} twenty times over is a million values), so this, not
+ * the input's size, bounds encode's time. */
+static void tick(struct enc *e)
+{
+    if (e->check != NULL && ++e->values % LJSON_CHECK_VALUES == 0)
+        e->check(e->L);
+}
 
 static void grow(struct enc *e, size_t more)
 {
@@ -1115,6 +1151,7 @@ static void put_object(struct enc *e, int t)
         o = lua_gettop(L);
         lua_Integer n = (lua_Integer)lua_rawlen(L, o);
         for (lua_Integer i = 1; i <= n; i++) {
+            tick(e);                            /* removed keys' places too */
             lua_rawgeti(L, o, i);               /* key */
             int k = lua_gettop(L);
             if (order_live(L, o, k, i)) {
@@ -1173,6 +1210,7 @@ static void put_plain(struct enc *e, int t)
 static void put_value(struct enc *e, int idx)
 {
     lua_State *L = e->L;
+    tick(e);
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
         put(e, "null", 4);
@@ -1263,6 +1301,8 @@ static int l_encode(lua_State *L)
     e->object_mt = 3;
     e->array_mt = 4;
     e->depth = 0;
+    e->check = budget_of(L);
+    e->values = 0;
     put_value(e, 1);
     lua_pushlstring(L, b->p, b->n);
     lua_replace(L, 1);
