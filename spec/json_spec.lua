@@ -252,6 +252,20 @@ describe("callout.json", function()
     assert.equal("100001", r.request_body.response.body_mutation.body)
   end)
 
+  it("fails with the script's memory error when encode's output is past the ceiling", function()
+    -- 48 MiB of output: the buffer's step from 32 to 64 MiB is refused, with room left for
+    -- an error string (which is what encode raised instead: INTERNAL)
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      function on_request_body(body)
+        local s = string.rep("y", 12 * 1024 * 1024)
+        return { body = tostring(#json.encode { s, s, s, s }) }
+      end]])
+    local r = testing.call(script, testing.request_body("x"))
+    assert.equal("RESOURCE_EXHAUSTED", r.status_name, r.message)
+    assert.matches("script memory limit", r.message, 1, true)
+  end)
+
   it("stops decode and encode at the script's time budget, naming the script's line", function()
     -- one C call each, which the count hook never reaches: 2M values are some 0.3 s of
     -- decode on the dev VM, and t = {t, t} 24 times over is 16M values to walk

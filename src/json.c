@@ -320,6 +320,20 @@ static void block_unlink(struct dec *d, union block *b)
         b->h.next->h.prev = b->h.prev;
 }
 
+/* After the VM's allocator refused n bytes: raises Lua's own memory error (LUA_ERRMEM, what
+ * a script past its ceiling gets anywhere, RESOURCE_EXHAUSTED for the stream) rather than
+ * an error string a script may take for another failure. A C function can raise that only
+ * through an allocation of Lua's that fails: one of the same size, after which Lua collects
+ * and tries again. Should that succeed, the collection made room: the block is freed again
+ * and this returns, for the caller to try once more (and raise its own error if that fails
+ * too). */
+static void make_room(lua_State *L, size_t n)
+{
+    lua_newuserdatauv(L, n, 0);
+    lua_pop(L, 1);
+    lua_gc(L, LUA_GCCOLLECT);
+}
+
 /* Past the ceiling yajl gets no NULL (it does not check): the decode raises instead. */
 static void *yajl_malloc_vm(void *ctx, size_t n)
 {
@@ -327,6 +341,10 @@ static void *yajl_malloc_vm(void *ctx, size_t n)
     if (n > SIZE_MAX - sizeof(union block))
         luaL_error(d->L, "callout.json: not enough memory");
     union block *b = d->alloc(d->ud, NULL, 0, sizeof *b + n);
+    if (b == NULL) {
+        make_room(d->L, sizeof *b + n);
+        b = d->alloc(d->ud, NULL, 0, sizeof *b + n);
+    }
     if (b == NULL)
         luaL_error(d->L, "callout.json: not enough memory");
     block_link(d, b, n);
@@ -353,6 +371,12 @@ static void *yajl_realloc_vm(void *ctx, void *p, size_t n)
         luaL_error(d->L, "callout.json: not enough memory");
     block_unlink(d, b);
     union block *nb = d->alloc(d->ud, b, sizeof *b + b->h.size, sizeof *b + n);
+    if (nb == NULL) {
+        block_link(d, b, b->h.size);            /* make_room may raise */
+        make_room(d->L, sizeof *b + n);
+        block_unlink(d, b);
+        nb = d->alloc(d->ud, b, sizeof *b + b->h.size, sizeof *b + n);
+    }
     if (nb == NULL) {
         block_link(d, b, b->h.size);            /* still valid, freed by the close */
         luaL_error(d->L, "callout.json: not enough memory");
@@ -849,6 +873,10 @@ static void grow(struct enc *e, size_t more)
         cap *= 2;
     }
     char *p = b->alloc(b->ud, b->p, b->cap, cap);
+    if (p == NULL) {
+        make_room(e->L, cap);
+        p = b->alloc(b->ud, b->p, b->cap, cap);
+    }
     if (p == NULL)
         luaL_error(e->L, "callout.json: not enough memory");
     b->p = p;
