@@ -149,6 +149,18 @@ describe("callout.json", function()
     assert.error_matches(function() json.encode { [true] = 1 } end, "boolean key")
   end)
 
+  it("refuses an integer key and its decimal string both in one object", function()
+    local o = json.decode('{"1":"from the client"}')
+    o[1] = "set by the script"
+    assert.error_matches(function() json.encode(o) end,
+      'callout.json: key 1 and key "1" both encode as "1"', 1, true)
+    assert.error_matches(function() json.encode { [-7] = "a", ["-7"] = "b", x = 1 } end,
+      'callout.json: key -7 and key "-7" both encode as "-7"', 1, true)
+    o["1"] = nil
+    assert.equal('{"1":"set by the script"}', json.encode(o))
+    assert.equal('{"01":"b","1":"a"}', json.encode { [1] = "a", ["01"] = "b" })
+  end)
+
   it("maps null to callout.null both ways", function()
     assert.equal(native.null, json.null)
     assert.equal(json.null, json.decode("null"))

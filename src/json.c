@@ -1136,6 +1136,16 @@ static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, 
         lua_pushvalue(L, -1);
         lua_rawseti(L, keys, 2 * n + 1);
         push_key_text(e, lua_gettop(L));
+        if (lua_type(L, -2) == LUA_TNUMBER) {
+            /* 1 and "1" are two Lua keys but one JSON name: writing both makes a document
+             * that parsers read differently (first wins, last wins, refused) */
+            lua_pushvalue(L, -1);
+            if (lua_rawget(L, t) != LUA_TNIL) {
+                const char *k = lua_tostring(L, -2);
+                luaL_error(L, "callout.json: key %s and key \"%s\" both encode as \"%s\"", k, k, k);
+            }
+            lua_pop(L, 1);
+        }
         lua_rawseti(L, keys, 2 * n + 2);
         n++;
     }
