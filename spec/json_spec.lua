@@ -120,6 +120,30 @@ describe("callout.json", function()
     assert.equal('{"b":10,"c":3,"z":4,"y":5,"a":6,"r":1}', json.encode(o))
   end)
 
+  it("forgets removed keys' places while the object lives, keeping the order", function()
+    local o = json.decode('{"b":1,"a":2}')
+    o.gone = 0
+    o.gone = nil
+    collectgarbage()
+    collectgarbage()
+    local before = collectgarbage("count")
+    for i = 1, 100000 do
+      o["x" .. i] = i
+      o["x" .. i] = nil
+      if i == 50000 then o.c = 3 end
+    end
+    o.b = nil
+    o.b = 4                                   -- removed, assigned again: last
+    collectgarbage()
+    collectgarbage()
+    -- every place kept: some 10 MiB (the key strings and two slots each)
+    assert.is_true(collectgarbage("count") - before < 512, collectgarbage("count") - before)
+    assert.equal('{"a":2,"c":3,"b":4}', json.encode(o))
+    local keys = {}
+    for k in pairs(o) do keys[#keys + 1] = k end
+    assert.same({ "a", "c", "b" }, keys)
+  end)
+
   it("marks [] and {}: kind, object, array", function()
     assert.equal("array", json.kind(json.decode("[]")))
     assert.equal("object", json.kind(json.decode("{}")))

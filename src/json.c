@@ -141,6 +141,52 @@ static int object_next(lua_State *L)
     return 1;
 }
 
+/* Drops the places of removed keys from order o (of n places) of object t (stack indices)
+ * once they are more than the live ones, keeping the live ones' order: obj.k = nil leaves
+ * k's place (no hook sees it), and a key assigned again gets a new one, so an object that
+ * lives long (in ctx.state) and churns keys would hold every key it ever had. Run when an
+ * append makes n a power of two from 64 on: each count is paid for by the appends since the
+ * last one, or by the dead places it drops. */
+static void order_compact(lua_State *L, int o, int t, lua_Integer n)
+{
+    luaL_checkstack(L, 4, "callout.json");
+    lua_Integer live = 0;
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, o, i);
+        if (order_live(L, o, lua_gettop(L), i)) {
+            if (lua_rawget(L, t) != LUA_TNIL)
+                live++;
+        }
+        lua_pop(L, 1);
+    }
+    if (n - live <= live)
+        return;
+    lua_Integer j = 0;
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, o, i);                   /* key; its earlier places were dead */
+        int k = lua_gettop(L);
+        if (order_live(L, o, k, i)) {
+            lua_pushvalue(L, k);
+            bool present = lua_rawget(L, t) != LUA_TNIL;
+            lua_pop(L, 1);
+            lua_pushvalue(L, k);
+            if (present) {
+                lua_pushvalue(L, k);
+                lua_rawseti(L, o, ++j);         /* j <= i: a place already read */
+                lua_pushinteger(L, j);
+            } else {
+                lua_pushnil(L);                 /* removed: forgotten */
+            }
+            lua_rawset(L, o);
+        }
+        lua_pop(L, 1);
+    }
+    for (lua_Integer i = j + 1; i <= n; i++) {
+        lua_pushnil(L);
+        lua_rawseti(L, o, i);
+    }
+}
+
 /* Appends string key k to the order of object t (stack indices, as order_side, the side
  * table), creating the order on first use. */
 static void order_append(lua_State *L, int order_side, int t, int k)
@@ -159,6 +205,8 @@ static void order_append(lua_State *L, int order_side, int t, int k)
     lua_pushvalue(L, k);
     lua_pushinteger(L, n);
     lua_rawset(L, -3);
+    if (n >= 64 && (n & (n - 1)) == 0)
+        order_compact(L, lua_gettop(L), t, n);
     lua_pop(L, 1);
 }
 
