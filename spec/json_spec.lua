@@ -152,7 +152,6 @@ describe("callout.json", function()
     assert.equal("[]", json.encode(json.array()))
     assert.equal("{}", json.encode(json.object()))
     assert.equal('{"1":"a"}', json.encode(json.object { "a" }))
-    assert.equal('[]', json.encode(json.array { x = 1 }))  -- an array writes 1..#t only
     local t = { b = 1, a = 2 }
     assert.equal(t, json.object(t))
     t.c = 3
@@ -162,6 +161,32 @@ describe("callout.json", function()
     assert.equal("object", json.kind(arr))
     assert.equal('{"1":1}', json.encode(arr))
     assert.error_matches(function() json.object(setmetatable({}, {})) end, "metatable")
+  end)
+
+  it("refuses a marked array it cannot write whole: other keys, holes", function()
+    assert.error_matches(function() json.encode(json.array { x = 1 }) end,
+      'callout.json: cannot encode key "x" in an array', 1, true)
+    local o = json.decode('{"a":1}')
+    assert.error_matches(function() json.encode(json.array(o)) end,
+      'callout.json: cannot encode key "a" in an array', 1, true)
+    assert.error_matches(function() json.encode(json.array { [1] = 1, [0] = 0 }) end,
+      "callout.json: cannot encode key 0 in an array", 1, true)
+    assert.error_matches(function() json.encode(json.array { [1.5] = 1 }) end,
+      "callout.json: cannot encode key 1.5 in an array", 1, true)
+    local a = json.decode("[1,2,3]")
+    a[2] = nil
+    assert.error_matches(function() json.encode(a) end,
+      "callout.json: cannot encode an array with a hole: [2] is nil, [3] is not", 1, true)
+    a = json.decode("[1]")
+    a[100] = 1
+    assert.error_matches(function() json.encode(a) end,
+      "callout.json: cannot encode an array with a hole: [2] is nil, [100] is not", 1, true)
+    a[100] = nil
+    a[3] = nil                                -- the end may shrink
+    assert.equal("[1]", json.encode(a))
+    a[2] = json.null
+    assert.equal("[1,null]", json.encode(a))
+    assert.equal("[[],[1]]", json.encode(json.array { json.array(), json.array { 1 } }))
   end)
 
   it("writes plain tables: 1..n as an array, anything else as an object with sorted keys", function()

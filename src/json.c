@@ -1115,6 +1115,43 @@ static void put_array(struct enc *e, int t, lua_Integer n)
     putc_(e, ']');
 }
 
+/* A marked array: its keys must be 1..n, which it writes in order. Anything else raises
+ * rather than being dropped: a string key (json.array over an object), a hole (nil is no
+ * element: json.null is JSON's null). */
+static void put_marked_array(struct enc *e, int t)
+{
+    lua_State *L = e->L;
+    lua_Integer count = 0, max = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        count++;
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1) {
+            if (lua_type(L, -1) == LUA_TSTRING)
+                luaL_error(L, "callout.json: cannot encode key \"%s\" in an array",
+                           lua_tostring(L, -1));
+            else if (lua_type(L, -1) == LUA_TNUMBER)
+                luaL_error(L, "callout.json: cannot encode key %s in an array",
+                           lua_tostring(L, -1));
+            luaL_error(L, "callout.json: cannot encode a %s key in an array",
+                       luaL_typename(L, -1));
+        }
+        if (lua_tointeger(L, -1) > max)
+            max = lua_tointeger(L, -1);
+    }
+    if (count != max) {
+        /* count keys in 1..max: one of 1..count+1 is nil, so this loop is short */
+        lua_Integer hole = 1;
+        while (lua_rawgeti(L, t, hole) != LUA_TNIL) {
+            lua_pop(L, 1);
+            hole++;
+        }
+        luaL_error(L, "callout.json: cannot encode an array with a hole: [%I] is nil, [%I] "
+                   "is not (json.null is null)", (LUAI_UACINT)hole, (LUAI_UACINT)max);
+    }
+    put_array(e, t, count);
+}
+
 /* The string form of the key at k (a string, or an integer written in decimal), pushed;
  * raises for any other key. */
 static void push_key_text(struct enc *e, int k)
@@ -1341,7 +1378,7 @@ static void put_value(struct enc *e, int idx)
     if (kind == LJSON_OBJECT)
         put_object(e, idx);
     else if (kind == LJSON_ARRAY)
-        put_array(e, idx, (lua_Integer)lua_rawlen(L, idx));
+        put_marked_array(e, idx);
     else
         put_plain(e, idx);
     e->depth--;
