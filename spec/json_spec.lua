@@ -46,6 +46,12 @@ local NORMALISED = {
   { '"\\u2028"', '"\u{2028}"' },
   { '[1E300,1e300,1.0e0,0.5e1,-0]', '[1e+300,1e+300,1.0,5.0,0]' },
   { '[1e-07,100e-2,1e2,1E16,1.5e-6]', '[1e-7,1.0,100.0,10000000000000000.0,0.0000015]' },
+  -- what lua-api.md lists
+  { '[1E2,1e0,1e3,0.10,1.50,1e-6,1e21,1.7976931348623157e308]',
+    '[100.0,1.0,1000.0,0.1,1.5,0.000001,1e+21,1.7976931348623157e+308]' },
+  { '[-0,-0e5,9007199254740993.0,9007199254740993,2e-324,1e-400]',
+    '[0,-0.0,9007199254740992.0,9007199254740993,0.0,0.0]' },
+  { '"\\u00e9\\/\\ud83d\\ude00\\u001F"', '"é/😀\\u001f"' },
 }
 
 describe("callout.json", function()
@@ -118,6 +124,12 @@ describe("callout.json", function()
     assert.same({ "b", "c", "z", "y", "a" }, keys)
     rawset(o, "r", 1)                         -- set around the order: after it, sorted
     assert.equal('{"b":10,"c":3,"z":4,"y":5,"a":6,"r":1}', json.encode(o))
+    o.z = nil
+    rawset(o, "z", 7)                         -- its old place is still in the order
+    assert.equal('{"b":10,"c":3,"z":7,"y":5,"a":6,"r":1}', json.encode(o))
+    o[2], o[10] = "two", "ten"                -- integer keys have no place: after, sorted
+    assert.equal('{"b":10,"c":3,"z":7,"y":5,"a":6,"10":"ten","2":"two","r":1}', json.encode(o))
+    assert.equal('{"a":2,"z":1,"10":3,"2":4}', json.encode(json.object { z = 1, a = 2, [10] = 3, [2] = 4 }))
   end)
 
   it("forgets removed keys' places while the object lives, keeping the order", function()

@@ -3,7 +3,7 @@
  *   local json = require "callout.json"
  *   local body = json.decode(text)       -- objects keep their key order, [] and {} their kind
  *   body.model = "other"                 -- a new key goes last, obj.k = nil removes k
- *   return json.encode(body)             -- compact; a compact document comes back byte for byte
+ *   return json.encode(body)             -- compact; a canonical document comes back byte for byte
  *
  * yajl parses (a JSON library from Debian, not a parser of ours): its callbacks build the
  * Lua values as it reads, with no tree in between; this file also writes Lua values back
