@@ -46,6 +46,12 @@ local NORMALISED = {
   { '"\\u2028"', '"\u{2028}"' },
   { '[1E300,1e300,1.0e0,0.5e1,-0]', '[1e+300,1e+300,1.0,5.0,0]' },
   { '[1e-07,100e-2,1e2,1E16,1.5e-6]', '[1e-7,1.0,100.0,10000000000000000.0,0.0000015]' },
+  -- what lua-api.md lists
+  { '[1E2,1e0,1e3,0.10,1.50,1e-6,1e21,1.7976931348623157e308]',
+    '[100.0,1.0,1000.0,0.1,1.5,0.000001,1e+21,1.7976931348623157e+308]' },
+  { '[-0,-0e5,9007199254740993.0,9007199254740993,2e-324,1e-400]',
+    '[0,-0.0,9007199254740992.0,9007199254740993,0.0,0.0]' },
+  { '"\\u00e9\\/\\ud83d\\ude00\\u001F"', '"é/😀\\u001f"' },
 }
 
 describe("callout.json", function()
@@ -118,6 +124,36 @@ describe("callout.json", function()
     assert.same({ "b", "c", "z", "y", "a" }, keys)
     rawset(o, "r", 1)                         -- set around the order: after it, sorted
     assert.equal('{"b":10,"c":3,"z":4,"y":5,"a":6,"r":1}', json.encode(o))
+    o.z = nil
+    rawset(o, "z", 7)                         -- its old place is still in the order
+    assert.equal('{"b":10,"c":3,"z":7,"y":5,"a":6,"r":1}', json.encode(o))
+    o[2], o[10] = "two", "ten"                -- integer keys have no place: after, sorted
+    assert.equal('{"b":10,"c":3,"z":7,"y":5,"a":6,"10":"ten","2":"two","r":1}', json.encode(o))
+    assert.equal('{"a":2,"z":1,"10":3,"2":4}', json.encode(json.object { z = 1, a = 2, [10] = 3, [2] = 4 }))
+  end)
+
+  it("forgets removed keys' places while the object lives, keeping the order", function()
+    local o = json.decode('{"b":1,"a":2}')
+    o.gone = 0
+    o.gone = nil
+    collectgarbage()
+    collectgarbage()
+    local before = collectgarbage("count")
+    for i = 1, 100000 do
+      o["x" .. i] = i
+      o["x" .. i] = nil
+      if i == 50000 then o.c = 3 end
+    end
+    o.b = nil
+    o.b = 4                                   -- removed, assigned again: last
+    collectgarbage()
+    collectgarbage()
+    -- every place kept: some 10 MiB (the key strings and two slots each)
+    assert.is_true(collectgarbage("count") - before < 512, collectgarbage("count") - before)
+    assert.equal('{"a":2,"c":3,"b":4}', json.encode(o))
+    local keys = {}
+    for k in pairs(o) do keys[#keys + 1] = k end
+    assert.same({ "a", "c", "b" }, keys)
   end)
 
   it("marks [] and {}: kind, object, array", function()
@@ -128,7 +164,6 @@ describe("callout.json", function()
     assert.equal("[]", json.encode(json.array()))
     assert.equal("{}", json.encode(json.object()))
     assert.equal('{"1":"a"}', json.encode(json.object { "a" }))
-    assert.equal('[]', json.encode(json.array { x = 1 }))  -- an array writes 1..#t only
     local t = { b = 1, a = 2 }
     assert.equal(t, json.object(t))
     t.c = 3
@@ -140,6 +175,32 @@ describe("callout.json", function()
     assert.error_matches(function() json.object(setmetatable({}, {})) end, "metatable")
   end)
 
+  it("refuses a marked array it cannot write whole: other keys, holes", function()
+    assert.error_matches(function() json.encode(json.array { x = 1 }) end,
+      'callout.json: cannot encode key "x" in an array', 1, true)
+    local o = json.decode('{"a":1}')
+    assert.error_matches(function() json.encode(json.array(o)) end,
+      'callout.json: cannot encode key "a" in an array', 1, true)
+    assert.error_matches(function() json.encode(json.array { [1] = 1, [0] = 0 }) end,
+      "callout.json: cannot encode key 0 in an array", 1, true)
+    assert.error_matches(function() json.encode(json.array { [1.5] = 1 }) end,
+      "callout.json: cannot encode key 1.5 in an array", 1, true)
+    local a = json.decode("[1,2,3]")
+    a[2] = nil
+    assert.error_matches(function() json.encode(a) end,
+      "callout.json: cannot encode an array with a hole: [2] is nil, [3] is not", 1, true)
+    a = json.decode("[1]")
+    a[100] = 1
+    assert.error_matches(function() json.encode(a) end,
+      "callout.json: cannot encode an array with a hole: [2] is nil, [100] is not", 1, true)
+    a[100] = nil
+    a[3] = nil                                -- the end may shrink
+    assert.equal("[1]", json.encode(a))
+    a[2] = json.null
+    assert.equal("[1,null]", json.encode(a))
+    assert.equal("[[],[1]]", json.encode(json.array { json.array(), json.array { 1 } }))
+  end)
+
   it("writes plain tables: 1..n as an array, anything else as an object with sorted keys", function()
     assert.equal("[1,2,3]", json.encode { 1, 2, 3 })
     assert.equal("{}", json.encode {})
@@ -147,6 +208,18 @@ describe("callout.json", function()
     assert.equal('{"1":1,"3":3}', json.encode { [1] = 1, [3] = 3 })
     assert.equal('{"1":"x","k":"v"}', json.encode { "x", k = "v" })
     assert.error_matches(function() json.encode { [true] = 1 } end, "boolean key")
+  end)
+
+  it("refuses an integer key and its decimal string both in one object", function()
+    local o = json.decode('{"1":"from the client"}')
+    o[1] = "set by the script"
+    assert.error_matches(function() json.encode(o) end,
+      'callout.json: key 1 and key "1" both encode as "1"', 1, true)
+    assert.error_matches(function() json.encode { [-7] = "a", ["-7"] = "b", x = 1 } end,
+      'callout.json: key -7 and key "-7" both encode as "-7"', 1, true)
+    o["1"] = nil
+    assert.equal('{"1":"set by the script"}', json.encode(o))
+    assert.equal('{"01":"b","1":"a"}', json.encode { [1] = "a", ["01"] = "b" })
   end)
 
   it("maps null to callout.null both ways", function()
@@ -250,6 +323,47 @@ describe("callout.json", function()
       function on_request_body(body) return { body = tostring(#json.decode(body.body)) } end]])
     r = testing.run(fits, testing.request_body(doc))
     assert.equal("100001", r.request_body.response.body_mutation.body)
+  end)
+
+  it("fails with the script's memory error when encode's output is past the ceiling", function()
+    -- 48 MiB of output: the buffer's step from 32 to 64 MiB is refused, with room left for
+    -- an error string (which is what encode raised instead: INTERNAL)
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      function on_request_body(body)
+        local s = string.rep("y", 12 * 1024 * 1024)
+        return { body = tostring(#json.encode { s, s, s, s }) }
+      end]])
+    local r = testing.call(script, testing.request_body("x"))
+    assert.equal("RESOURCE_EXHAUSTED", r.status_name, r.message)
+    assert.matches("script memory limit", r.message, 1, true)
+  end)
+
+  it("stops decode and encode at the script's time budget, naming the script's line", function()
+    -- one C call each, which the count hook never reaches (nor a loop of a few of them:
+    -- it runs every 10 000 instructions): 10 decodes of 1M values are over a second on the
+    -- dev VM, and t = {t, t} 24 times over is 16M values to walk
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      local doc = "[" .. ("0,"):rep(1024 * 1024) .. "0]"
+      function on_request_body(body)
+        if body.body == "dag" then
+          local t = { 1 }
+          for _ = 1, 24 do t = { t, t } end
+          return { body = json.encode(t) }
+        elseif body.body == "pcall" then
+          for _ = 1, 10 do pcall(json.decode, doc) end
+        end
+        for _ = 1, 10 do json.decode(doc) end
+        return { body = "done" }
+      end]])
+    for body, line in pairs { dag = 7, decode = 11, pcall = 9 } do
+      local r = testing.call(script, testing.request_body(body))
+      assert.equal("DEADLINE_EXCEEDED", r.status_name, body .. ": " .. tostring(r.message))
+      assert.matches("execution budget of 200 ms exceeded", r.message, 1, true)
+      assert.is_nil(r.message:find("could not be interrupted", 1, true), r.message)
+      assert.equal(line, tonumber(r.message:match("^[^:]+:(%d+): ")), r.message)
+    end
   end)
 
   it("decodes -0 and 1E2 by their text: integer 0, float 100.0; 1e-400 underflows to 0.0", function()

@@ -3,7 +3,7 @@
  *   local json = require "callout.json"
  *   local body = json.decode(text)       -- objects keep their key order, [] and {} their kind
  *   body.model = "other"                 -- a new key goes last, obj.k = nil removes k
- *   return json.encode(body)             -- compact; a compact document comes back byte for byte
+ *   return json.encode(body)             -- compact; a canonical document comes back byte for byte
  *
  * yajl parses (a JSON library from Debian, not a parser of ours): its callbacks build the
  * Lua values as it reads, with no tree in between; this file also writes Lua values back
@@ -13,7 +13,8 @@
  * key); the object metatable's __newindex appends each new key there and its __pairs walks
  * it.
  *
- * Bounds: the C calls run outside the script's instruction budget, so their cost must be
+ * Bounds: the C calls run outside the script's instruction budget, so both ask the host's
+ * budget check (ljson_set_budget) every LJSON_CHECK_VALUES values, and their memory is
  * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
  * LJSON_MAX_DEPTH levels of nesting, and everything it makes (the values and yajl's own
  * buffers) comes from the VM's allocator, so it counts against the VM's memory ceiling;
@@ -46,6 +47,24 @@
  * table holds [i] = key for i = 1..n and [key] = i, the latest place of key: a key whose
  * [key] is not i at place i was removed and assigned again later. */
 static const char order_key = 0;
+
+/* Registry key (by address) of the host's budget check (ljson_set_budget). */
+static const char budget_key = 0;
+
+void ljson_set_budget(lua_State *L, lua_CFunction check)
+{
+    lua_pushcfunction(L, check);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &budget_key);
+}
+
+/* The host's budget check, or NULL. */
+static lua_CFunction budget_of(lua_State *L)
+{
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &budget_key);
+    lua_CFunction check = lua_tocfunction(L, -1);
+    lua_pop(L, 1);
+    return check;
+}
 
 /* ------------------------------------------------------------------------------------ */
 /* The markers and the key order                                                        */
@@ -122,6 +141,52 @@ static int object_next(lua_State *L)
     return 1;
 }
 
+/* Drops the places of removed keys from order o (of n places) of object t (stack indices)
+ * once they are more than the live ones, keeping the live ones' order: obj.k = nil leaves
+ * k's place (no hook sees it), and a key assigned again gets a new one, so an object that
+ * lives long (in ctx.state) and churns keys would hold every key it ever had. Run when an
+ * append makes n a power of two from 64 on: each count is paid for by the appends since the
+ * last one, or by the dead places it drops. */
+static void order_compact(lua_State *L, int o, int t, lua_Integer n)
+{
+    luaL_checkstack(L, 4, "callout.json");
+    lua_Integer live = 0;
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, o, i);
+        if (order_live(L, o, lua_gettop(L), i)) {
+            if (lua_rawget(L, t) != LUA_TNIL)
+                live++;
+        }
+        lua_pop(L, 1);
+    }
+    if (n - live <= live)
+        return;
+    lua_Integer j = 0;
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_rawgeti(L, o, i);                   /* key; its earlier places were dead */
+        int k = lua_gettop(L);
+        if (order_live(L, o, k, i)) {
+            lua_pushvalue(L, k);
+            bool present = lua_rawget(L, t) != LUA_TNIL;
+            lua_pop(L, 1);
+            lua_pushvalue(L, k);
+            if (present) {
+                lua_pushvalue(L, k);
+                lua_rawseti(L, o, ++j);         /* j <= i: a place already read */
+                lua_pushinteger(L, j);
+            } else {
+                lua_pushnil(L);                 /* removed: forgotten */
+            }
+            lua_rawset(L, o);
+        }
+        lua_pop(L, 1);
+    }
+    for (lua_Integer i = j + 1; i <= n; i++) {
+        lua_pushnil(L);
+        lua_rawseti(L, o, i);
+    }
+}
+
 /* Appends string key k to the order of object t (stack indices, as order_side, the side
  * table), creating the order on first use. */
 static void order_append(lua_State *L, int order_side, int t, int k)
@@ -140,6 +205,8 @@ static void order_append(lua_State *L, int order_side, int t, int k)
     lua_pushvalue(L, k);
     lua_pushinteger(L, n);
     lua_rawset(L, -3);
+    if (n >= 64 && (n & (n - 1)) == 0)
+        order_compact(L, lua_gettop(L), t, n);
     lua_pop(L, 1);
 }
 
@@ -261,6 +328,8 @@ struct dec {
     size_t n;
     bool final;                         /* in yajl_complete_parse: no token in s any more */
     bool duplicates;                    /* LJSON_DUPLICATES */
+    lua_CFunction check;                /* the host's budget check, or NULL */
+    unsigned values;                    /* values made, for the check */
     int order, object_mt, array_mt;     /* absolute stack indices */
     int depth;                          /* containers open */
     size_t at;                          /* a refusal of ours: its byte offset ... */
@@ -299,6 +368,20 @@ static void block_unlink(struct dec *d, union block *b)
         b->h.next->h.prev = b->h.prev;
 }
 
+/* After the VM's allocator refused n bytes: raises Lua's own memory error (LUA_ERRMEM, what
+ * a script past its ceiling gets anywhere, RESOURCE_EXHAUSTED for the stream) rather than
+ * an error string a script may take for another failure. A C function can raise that only
+ * through an allocation of Lua's that fails: one of the same size, after which Lua collects
+ * and tries again. Should that succeed, the collection made room: the block is freed again
+ * and this returns, for the caller to try once more (and raise its own error if that fails
+ * too). */
+static void make_room(lua_State *L, size_t n)
+{
+    lua_newuserdatauv(L, n, 0);
+    lua_pop(L, 1);
+    lua_gc(L, LUA_GCCOLLECT);
+}
+
 /* Past the ceiling yajl gets no NULL (it does not check): the decode raises instead. */
 static void *yajl_malloc_vm(void *ctx, size_t n)
 {
@@ -306,6 +389,10 @@ static void *yajl_malloc_vm(void *ctx, size_t n)
     if (n > SIZE_MAX - sizeof(union block))
         luaL_error(d->L, "callout.json: not enough memory");
     union block *b = d->alloc(d->ud, NULL, 0, sizeof *b + n);
+    if (b == NULL) {
+        make_room(d->L, sizeof *b + n);
+        b = d->alloc(d->ud, NULL, 0, sizeof *b + n);
+    }
     if (b == NULL)
         luaL_error(d->L, "callout.json: not enough memory");
     block_link(d, b, n);
@@ -332,6 +419,12 @@ static void *yajl_realloc_vm(void *ctx, void *p, size_t n)
         luaL_error(d->L, "callout.json: not enough memory");
     block_unlink(d, b);
     union block *nb = d->alloc(d->ud, b, sizeof *b + b->h.size, sizeof *b + n);
+    if (nb == NULL) {
+        block_link(d, b, b->h.size);            /* make_room may raise */
+        make_room(d->L, sizeof *b + n);
+        block_unlink(d, b);
+        nb = d->alloc(d->ud, b, sizeof *b + b->h.size, sizeof *b + n);
+    }
     if (nb == NULL) {
         block_link(d, b, b->h.size);            /* still valid, freed by the close */
         luaL_error(d->L, "callout.json: not enough memory");
@@ -430,6 +523,8 @@ static bool seen_key(struct dec *d)
 static int put_member(struct dec *d)
 {
     lua_State *L = d->L;
+    if (d->check != NULL && ++d->values % LJSON_CHECK_VALUES == 0)
+        d->check(L);                            /* may raise: the decoder's close frees */
     if (d->depth == 0)
         return 1;
     struct level *l = &d->level[d->depth];
@@ -725,6 +820,7 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
     d->s = s;
     d->n = n;
     d->duplicates = (flags & LJSON_DUPLICATES) != 0;
+    d->check = budget_of(L);
     d->order = base;
     d->object_mt = base + 1;
     d->array_mt = base + 2;
@@ -798,8 +894,20 @@ struct enc {
     struct buf *b;
     int order, object_mt, array_mt;
     int depth;
+    lua_CFunction check;                    /* the host's budget check, or NULL */
+    unsigned values;                        /* values (and order places) walked, for it */
     const void *path[LJSON_MAX_DEPTH];      /* the tables being written, for cycles */
 };
+
+/* One more value walked: every LJSON_CHECK_VALUES, the host's budget check (which may
+ * raise: the output buffer is to-be-closed). A table shared by many others is walked once
+ * per place it appears (t = {t, t} twenty times over is a million values), so this, not
+ * the input's size, bounds encode's time. */
+static void tick(struct enc *e)
+{
+    if (e->check != NULL && ++e->values % LJSON_CHECK_VALUES == 0)
+        e->check(e->L);
+}
 
 static void grow(struct enc *e, size_t more)
 {
@@ -813,6 +921,10 @@ static void grow(struct enc *e, size_t more)
         cap *= 2;
     }
     char *p = b->alloc(b->ud, b->p, b->cap, cap);
+    if (p == NULL) {
+        make_room(e->L, cap);
+        p = b->alloc(b->ud, b->p, b->cap, cap);
+    }
     if (p == NULL)
         luaL_error(e->L, "callout.json: not enough memory");
     b->p = p;
@@ -1003,6 +1115,43 @@ static void put_array(struct enc *e, int t, lua_Integer n)
     putc_(e, ']');
 }
 
+/* A marked array: its keys must be 1..n, which it writes in order. Anything else raises
+ * rather than being dropped: a string key (json.array over an object), a hole (nil is no
+ * element: json.null is JSON's null). */
+static void put_marked_array(struct enc *e, int t)
+{
+    lua_State *L = e->L;
+    lua_Integer count = 0, max = 0;
+    lua_pushnil(L);
+    while (lua_next(L, t) != 0) {
+        lua_pop(L, 1);
+        count++;
+        if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1) {
+            if (lua_type(L, -1) == LUA_TSTRING)
+                luaL_error(L, "callout.json: cannot encode key \"%s\" in an array",
+                           lua_tostring(L, -1));
+            else if (lua_type(L, -1) == LUA_TNUMBER)
+                luaL_error(L, "callout.json: cannot encode key %s in an array",
+                           lua_tostring(L, -1));
+            luaL_error(L, "callout.json: cannot encode a %s key in an array",
+                       luaL_typename(L, -1));
+        }
+        if (lua_tointeger(L, -1) > max)
+            max = lua_tointeger(L, -1);
+    }
+    if (count != max) {
+        /* count keys in 1..max: one of 1..count+1 is nil, so this loop is short */
+        lua_Integer hole = 1;
+        while (lua_rawgeti(L, t, hole) != LUA_TNIL) {
+            lua_pop(L, 1);
+            hole++;
+        }
+        luaL_error(L, "callout.json: cannot encode an array with a hole: [%I] is nil, [%I] "
+                   "is not (json.null is null)", (LUAI_UACINT)hole, (LUAI_UACINT)max);
+    }
+    put_array(e, t, count);
+}
+
 /* The string form of the key at k (a string, or an integer written in decimal), pushed;
  * raises for any other key. */
 static void push_key_text(struct enc *e, int k)
@@ -1072,6 +1221,16 @@ static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, 
         lua_pushvalue(L, -1);
         lua_rawseti(L, keys, 2 * n + 1);
         push_key_text(e, lua_gettop(L));
+        if (lua_type(L, -2) == LUA_TNUMBER) {
+            /* 1 and "1" are two Lua keys but one JSON name: writing both makes a document
+             * that parsers read differently (first wins, last wins, refused) */
+            lua_pushvalue(L, -1);
+            if (lua_rawget(L, t) != LUA_TNIL) {
+                const char *k = lua_tostring(L, -2);
+                luaL_error(L, "callout.json: key %s and key \"%s\" both encode as \"%s\"", k, k, k);
+            }
+            lua_pop(L, 1);
+        }
         lua_rawseti(L, keys, 2 * n + 2);
         n++;
     }
@@ -1115,6 +1274,7 @@ static void put_object(struct enc *e, int t)
         o = lua_gettop(L);
         lua_Integer n = (lua_Integer)lua_rawlen(L, o);
         for (lua_Integer i = 1; i <= n; i++) {
+            tick(e);                            /* removed keys' places too */
             lua_rawgeti(L, o, i);               /* key */
             int k = lua_gettop(L);
             if (order_live(L, o, k, i)) {
@@ -1173,6 +1333,7 @@ static void put_plain(struct enc *e, int t)
 static void put_value(struct enc *e, int idx)
 {
     lua_State *L = e->L;
+    tick(e);
     switch (lua_type(L, idx)) {
     case LUA_TNIL:
         put(e, "null", 4);
@@ -1217,7 +1378,7 @@ static void put_value(struct enc *e, int idx)
     if (kind == LJSON_OBJECT)
         put_object(e, idx);
     else if (kind == LJSON_ARRAY)
-        put_array(e, idx, (lua_Integer)lua_rawlen(L, idx));
+        put_marked_array(e, idx);
     else
         put_plain(e, idx);
     e->depth--;
@@ -1263,6 +1424,8 @@ static int l_encode(lua_State *L)
     e->object_mt = 3;
     e->array_mt = 4;
     e->depth = 0;
+    e->check = budget_of(L);
+    e->values = 0;
     put_value(e, 1);
     lua_pushlstring(L, b->p, b->n);
     lua_replace(L, 1);

@@ -26,6 +26,16 @@ int ljson_open(lua_State *L);
 int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *err,
                  size_t errlen);
 
+/* The host's time budget. decode and encode are one C call each, which the VM's count hook
+ * never interrupts: a document of millions of tiny values, or a table shared many times over,
+ * would hold the worker for as long as it takes. `check` is called every
+ * LJSON_CHECK_VALUES values, directly (a plain C call, not lua_call: it runs as part of the
+ * json function the script called, so the script's frame is level 1 of the stack); it
+ * returns to let the work go on, or raises (the budget error). Kept in L's registry, looked
+ * up once per call; a state without it (the fuzzer's) is never checked. */
+#define LJSON_CHECK_VALUES 1024
+void ljson_set_budget(lua_State *L, lua_CFunction check);
+
 /* What json.kind says of the value at idx. */
 enum ljson_kind { LJSON_PLAIN, LJSON_OBJECT, LJSON_ARRAY };
 enum ljson_kind ljson_kind(lua_State *L, int idx);

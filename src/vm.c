@@ -30,6 +30,7 @@
 #include "calloutlib.h"
 #include "checks.h"
 #include "generation.h"
+#include "json.h"
 #include "log.h"
 #include "pbconv.h"
 #include "strmatch.h"
@@ -245,6 +246,13 @@ static void check_deadline(lua_State *L)
     push_timeout(L, lua_getstack(L, 1, &ar) ? &ar : NULL, "");
     arm_kill(L);
     lua_error(L);
+}
+
+/* callout.json's budget check (ljson_set_budget): decode and encode are one C call each. */
+static int json_budget(lua_State *L)
+{
+    check_deadline(L);
+    return 0;
 }
 
 int vm_call(struct vm *vm, int narg, int nres, uint64_t stream, const char *where)
@@ -1051,6 +1059,7 @@ static int open_state(lua_State *L)
         lua_pop(L, 1);
     }
     strmatch_open(L, pattern_expired);
+    ljson_set_budget(L, json_budget);
     pbconv_open(L);
     calloutlib_open(L, &vm_of(L)->current_stream, &vm_of(L)->current_phase);
     if (!limits.unsafe_stdlib)
