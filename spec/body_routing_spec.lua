@@ -196,7 +196,7 @@ describe("content-length follows a replaced buffered body", function()
     assert.has_no.header_set(r, "content-length")
   end)
 
-  it("follows protocol_config, not mode_override of the headers response", function()
+  it("sets the length when protocol_config buffers, whatever mode_override said", function()
     -- Envoy ignores mode_override unless allow_mode_override is set (false by default):
     -- the body stays BUFFERED and needs its content-length
     local s2 = testing.load_string [[

@@ -54,6 +54,7 @@ struct dispatch_stream {
      * send_body_without_waiting_for_header_response, and in STREAMED it strips
      * content-length at headers time, so the configured mode is the one that decides. */
     int body_mode[2];      /* request, response BodySendMode */
+    int override_mode[2];  /* the body modes a mode_override this stream sent asked for, -1 none */
     bool send_body_early;  /* send_body_without_waiting_for_header_response */
     /* per direction (request, response): its headers response while held, packed
      * (malloc; NULL: none). Both can be held at once (FULL_DUPLEX_STREAMED both ways: the
@@ -144,6 +145,7 @@ struct dispatch_stream *dispatch_stream_open(struct vm *vm, uint64_t id)
     st->local_reply = false;
     st->observing = false;
     st->body_mode[0] = st->body_mode[1] = -1;
+    st->override_mode[0] = st->override_mode[1] = -1;
     st->send_body_early = false;
     st->held[0] = st->held[1] = NULL;
     st->held_len[0] = st->held_len[1] = 0;
@@ -378,6 +380,13 @@ static int check_raw_response(struct dispatch_stream *st, const pbconv_response 
     return -1;
 }
 
+/* Whether a body of `mode` arrives whole here (BUFFERED, or BUFFERED_PARTIAL at its end):
+ * Envoy then keeps content-length and refuses a replaced body of another length. */
+static bool buffered_whole(int mode, bool end_of_stream)
+{
+    return mode == BODY_MODE(BUFFERED) || (mode == BODY_MODE(BUFFERED_PARTIAL) && end_of_stream);
+}
+
 /* The protected part of dispatch_handle: updates ctx, calls process() or the phase's
  * handler, and converts its result into c->resps. The result is returned so it stays on
  * the stack, anchoring the strings c->resps point to, until the responses are packed.
@@ -432,9 +441,8 @@ static int run_handler(lua_State *L)
         in.headers_held = held_here || (st->observing && st->obs_wait[dir]);
         in.headers_went = st->went[dir];
         in.length_follows_body = vm_get_limits()->content_length_follows_body && !in.full_duplex &&
-                                 (st->body_mode[dir] == BODY_MODE(BUFFERED) ||
-                                  (st->body_mode[dir] == BODY_MODE(BUFFERED_PARTIAL) &&
-                                   in.end_of_stream));
+                                 (buffered_whole(st->body_mode[dir], in.end_of_stream) ||
+                                  buffered_whole(st->override_mode[dir], in.end_of_stream));
     }
     if (c->phase == PBCONV_REQUEST_HEADERS && req->request_headers != NULL)
         in.end_of_stream = req->request_headers->end_of_stream;   /* no body follows */
@@ -709,6 +717,17 @@ static int respond(struct dispatch_stream *st, struct call *c, struct dispatch_r
     struct vm *s = st->vm;
     bool headers = c->phase == PBCONV_REQUEST_HEADERS || c->phase == PBCONV_RESPONSE_HEADERS;
     int d = dir_of(c->phase);
+    /* A headers answer's mode_override: whether Envoy follows it depends on its
+     * allow_mode_override, which the server cannot see (it never does with
+     * send_body_without_waiting_for_header_response). For content-length the server takes
+     * either mode as buffered: a length Envoy does not need is ignored, a missing one is a
+     * local 500. */
+    if (headers && c->n > 0 && c->resps[0].mode_override != NULL && !st->send_body_early &&
+        c->res.answer != PBCONV_ANSWER_IMMEDIATE) {
+        if (c->phase == PBCONV_REQUEST_HEADERS)
+            st->override_mode[0] = (int)c->resps[0].mode_override->request_body_mode;
+        st->override_mode[1] = (int)c->resps[0].mode_override->response_body_mode;
+    }
     if (c->res.answer == PBCONV_ANSWER_IMMEDIATE) {
         drop_held(st, 0);
         drop_held(st, 1);

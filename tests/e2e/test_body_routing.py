@@ -304,13 +304,15 @@ def test_both_directions_held_at_once_each_released_by_its_own_body(both_ways):
     ]
 
 
-def test_content_length_follows_protocol_config_not_mode_override(lengths):
-    """Envoy ignores mode_override by default (allow_mode_override false) and always with
-    send_body_without_waiting_for_header_response: a configured BUFFERED body stays
-    BUFFERED, so a replaced one still needs its content-length; a configured STREAMED one
-    had content-length stripped by Envoy at headers time, so none is added."""
-    for configured, override, want in [("BUFFERED", "STREAMED", [("content-length", "5")]),
-                                       ("STREAMED", "BUFFERED", [])]:
+def test_content_length_when_protocol_config_or_mode_override_buffers(lengths):
+    """Whether Envoy follows a mode_override depends on its allow_mode_override, which the
+    server cannot see: it sets content-length when either mode buffers the body. A length
+    Envoy does not need (the body streams after all) is ignored; a missing one is a 500."""
+    for configured, override, want in [
+            ("BUFFERED", "STREAMED", [("content-length", "5")]),    # override ignored: needed
+            ("NONE", "BUFFERED", [("content-length", "5")]),        # override followed: needed
+            ("STREAMED", "BUFFERED", [("content-length", "5")]),    # followed (Envoy stripped it)
+            ("STREAMED", "STREAMED", [])]:                          # nothing buffers: none
         responses, code, details = h.process(lengths, [
             h.headers_req("request_headers", [(":path", "/"), ("x-mode-override", override)],
                           protocol_config=config(configured)),
@@ -318,6 +320,17 @@ def test_content_length_follows_protocol_config_not_mode_override(lengths):
         assert code == OK, details
         assert responses[0].mode_override.request_body_mode == PM.BodySendMode.Value(override)
         assert sets(responses[-1].request_body.response) == want, (configured, override)
+
+
+def test_content_length_ignores_mode_override_envoy_cannot_follow(lengths):
+    """With send_body_without_waiting_for_header_response Envoy never follows a
+    mode_override: a configured STREAMED body gets no length."""
+    responses, code, details = h.process(lengths, [
+        h.headers_req("request_headers", [(":path", "/"), ("x-mode-override", "BUFFERED")],
+                      protocol_config=config("STREAMED", early=True)),
+        body("x", True)])
+    assert code == OK, details
+    assert sets(responses[-1].request_body.response) == []
 
 
 def test_body_handler_remove_drops_the_held_add_of_that_name(routing):
