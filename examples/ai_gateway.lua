@@ -165,6 +165,13 @@ end
 
 local function is_object(v) return json.kind(v) == "object" end
 
+-- What a client's value is, in JSON's words, for an error message. The value itself is never
+-- formatted in: tostring of a table or of json.null (a light userdata) is an address.
+local function json_type(v)
+  if v == json.null then return "null" end
+  return json.kind(v) or type(v)   -- object, array, string, number, boolean
+end
+
 -- A text part -> its text.
 local TEXT_PART = { type = true, text = true }
 local function text_part(part, where)
@@ -275,10 +282,23 @@ local function to_anthropic(req)
     return nil, "'messages' must be a non-empty array", "messages"
   end
   local system, messages = {}, json.array()
+  local first_turn   -- where the conversation began: the first user or assistant message
   for i, m in ipairs(req.messages) do
     local where = ("messages[%d]"):format(i - 1)
     if not is_object(m) then return nil, where .. " must be an object", where end
     local role = m.role
+    if role == nil then return nil, where .. ".role is required", where .. ".role" end
+    if type(role) ~= "string" then
+      return nil, ("%s.role must be a string, got %s"):format(where, json_type(role)),
+             where .. ".role"
+    end
+    -- Anthropic's system text is top-level, read before every turn: a system message in the
+    -- middle moved there would change what the model reads, so it is refused, not moved
+    if first_turn and (role == "system" or role == "developer") then
+      return nil, ("%s.role: Anthropic takes system text only before the conversation, " ..
+                   "not after %s ('%s')"):format(where, first_turn, role), where .. ".role"
+    end
+    if role == "user" or role == "assistant" then first_turn = first_turn or where end
     if role == "system" or role == "developer" or role == "user" or role == "assistant" then
       local k = extra_key(m, MESSAGE_KEYS)
       if k then return unsupported(where .. "." .. k) end
@@ -292,8 +312,7 @@ local function to_anthropic(req)
       if not content then return nil, why, param end
       messages[#messages + 1] = ordered { { "role", role }, { "content", content } }
     else
-      return nil, ("%s: role '%s' is not supported for this model"):format(where, tostring(role)),
-             where
+      return nil, ("%s: role '%s' is not supported for this model"):format(where, role), where
     end
   end
   if #messages == 0 then
@@ -646,8 +665,9 @@ function on_request_body(body, ctx)
     return openai_error(400, "the request body must be a JSON object")
   end
   local model = given(req.model)
+  if model == nil then return openai_error(400, "'model' is required", "model") end
   if type(model) ~= "string" then
-    return openai_error(400, "'model' is required", "model")
+    return openai_error(400, "'model' must be a string, got " .. json_type(model), "model")
   end
   local route = route_of(model)
   if not route then

@@ -189,6 +189,61 @@ describe("examples/ai_gateway.lua", function()
                    rewritten(b))
     end)
 
+    it("refuses a system message after the conversation began, naming its role", function()
+      -- Anthropic's system text is top-level, before every turn: a late one moved there
+      -- would change what the model reads, silently
+      for _, role in ipairs { "system", "developer" } do
+        local stream <close>, b = request('{"model":"claude-sonnet-4-5","messages":[' ..
+          '{"role":"system","content":"early"},{"role":"user","content":"x"},' ..
+          '{"role":"assistant","content":"y"},{"role":"' .. role .. '","content":"late"},' ..
+          '{"role":"user","content":"z"}]}')
+        local err = json.decode(refused(b)).error
+        assert.equal("messages[3].role", err.param)
+        assert.equal("messages[3].role: Anthropic takes system text only before the " ..
+                     "conversation, not after messages[1] ('" .. role .. "')", err.message)
+        assert.equal("invalid_request_error", err.type)
+      end
+      -- leading ones, however many, still make the top-level system
+      local stream <close>, b = request('{"model":"claude-sonnet-4-5","messages":[' ..
+        '{"role":"system","content":"A"},{"role":"developer","content":"B"},' ..
+        '{"role":"user","content":"x"}]}')
+      assert.equal('{"model":"claude-sonnet-4-5","max_tokens":4096,"system":[{"type":"text",' ..
+        '"text":"A"},{"type":"text","text":"B"}],"messages":[{"role":"user","content":"x"}]}',
+        rewritten(b))
+    end)
+
+    it("says what type a value was, never Lua's name for it (no addresses to the client)", function()
+      local function ask(messages)
+        return '{"model":"claude-sonnet-4-5","messages":' .. messages .. '}'
+      end
+      local cases = {
+        { ask('[{"role":null,"content":"a"}]'), "messages[0].role must be a string, got null",
+          "messages[0].role" },
+        { ask('[{"role":{"r":"user"},"content":"a"}]'),
+          "messages[0].role must be a string, got object", "messages[0].role" },
+        { ask('[{"role":["user"],"content":"a"}]'),
+          "messages[0].role must be a string, got array", "messages[0].role" },
+        { ask('[{"role":5,"content":"a"}]'), "messages[0].role must be a string, got number",
+          "messages[0].role" },
+        { ask('[{"role":true,"content":"a"}]'), "messages[0].role must be a string, got boolean",
+          "messages[0].role" },
+        { ask('[{"content":"a"}]'), "messages[0].role is required", "messages[0].role" },
+        { '{"model":{"name":"claude-x"},"messages":[{"role":"user","content":"a"}]}',
+          "'model' must be a string, got object", "model" },
+        { '{"model":null,"messages":[{"role":"user","content":"a"}]}', "'model' is required", "model" },
+      }
+      for _, c in ipairs(cases) do
+        local stream <close>, b = request(c[1])
+        local body = refused(b)
+        assert.is_nil(body:find("0x", 1, true), body)
+        assert.is_nil(body:find("userdata", 1, true), body)
+        assert.is_nil(body:find("table:", 1, true), body)
+        local err = json.decode(body).error
+        assert.equal(c[2], err.message, c[1])
+        assert.equal(c[3], err.param, c[1])
+      end
+    end)
+
     it("refuses what inside messages it does not carry, naming the field", function()
       local function ask(messages)
         return '{"model":"claude-sonnet-4-5","messages":' .. messages .. '}'
