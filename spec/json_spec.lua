@@ -366,6 +366,35 @@ describe("callout.json", function()
     end
   end)
 
+  it("stops inside one long string and inside json.object's key sort at the time budget", function()
+    -- one string is one value, and json.object sorts keys without walking values: before
+    -- checks inside them, these loops of a few C calls each (the count hook never fires) ran
+    -- seconds in C
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      local ctrl = ("\1"):rep(1024 * 1024)                  -- 6 MiB of \u0001 out
+      local wide = '"' .. ("\u{e9}"):rep(1024 * 1024) .. '"' -- 2 MiB of UTF-8 to check
+      local keys = {}
+      for i = 1, 100000 do keys["k" .. i] = i end
+      function on_request_body(body)
+        if body.body == "escape" then
+          for _ = 1, 200 do json.encode(ctrl) end
+        elseif body.body == "utf8" then
+          for _ = 1, 400 do json.decode(wide) end
+        else
+          for _ = 1, 20 do json.object(keys); json.array(keys) end
+        end
+        return { body = "done" }
+      end]])
+    for body, line in pairs { escape = 8, utf8 = 10, object = 12 } do
+      local r = testing.call(script, testing.request_body(body))
+      assert.equal("DEADLINE_EXCEEDED", r.status_name, body .. ": " .. tostring(r.message))
+      assert.matches("execution budget of 200 ms exceeded", r.message, 1, true)
+      assert.is_nil(r.message:find("could not be interrupted", 1, true), r.message)
+      assert.equal(line, tonumber(r.message:match("^[^:]+:(%d+): ")), r.message)
+    end
+  end)
+
   it("decodes -0 and 1E2 by their text: integer 0, float 100.0; 1e-400 underflows to 0.0", function()
     local v = json.decode("[-0,1E2,1.0,1e-400]")
     assert.equal("integer", math.type(v[1]))
