@@ -1477,6 +1477,8 @@ static int l_encode(lua_State *L)
     e->check = budget_of(L);
     e->values = 0;
     put_value(e, 1);
+    if (e->check != NULL)
+        e->check(L);        /* once more before the copy, which costs as much again */
     lua_pushlstring(L, b->p, b->n);
     lua_replace(L, 1);
     lua_settop(L, 1);                           /* closes the buffer */
