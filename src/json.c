@@ -13,8 +13,10 @@
  * key); the object metatable's __newindex appends each new key there and its __pairs walks
  * it.
  *
- * Bounds: the C calls run outside the script's instruction budget, so both ask the host's
- * budget check (ljson_set_budget) every LJSON_CHECK_VALUES values, and their memory is
+ * Bounds: the C calls run outside the script's instruction budget, so they ask the host's
+ * budget check (ljson_set_budget) every LJSON_CHECK_VALUES values or key comparisons and
+ * every LJSON_CHECK_BYTES of a long string (keys sort in our own merge sort, not qsort,
+ * which a raise must not longjmp out of), and their memory is
  * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
  * LJSON_MAX_DEPTH levels of nesting, and everything it makes (the values and yajl's own
  * buffers) comes from the VM's allocator, so it counts against the VM's memory ceiling;
