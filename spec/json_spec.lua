@@ -326,13 +326,16 @@ describe("callout.json", function()
   end)
 
   it("fails with the script's memory error when encode's output is past the ceiling", function()
-    -- 48 MiB of output: the buffer's step from 32 to 64 MiB is refused, with room left for
-    -- an error string (which is what encode raised instead: INTERNAL)
+    -- 47 MiB of output: the buffer's step from 32 to 64 MiB is refused, with room left for
+    -- an error string (which is what encode raised instead: INTERNAL). Fewer values than a
+    -- budget check's 1024 and strings shorter than its 64 KiB, so that this machine's speed
+    -- cannot make the time budget the limit hit first.
     local script = testing.load_string([[
       local json = require "callout.json"
       function on_request_body(body)
-        local s = string.rep("y", 12 * 1024 * 1024)
-        return { body = tostring(#json.encode { s, s, s, s }) }
+        local s, t = string.rep("y", 60 * 1024), {}
+        for i = 1, 800 do t[i] = s end
+        return { body = tostring(#json.encode(t)) }
       end]])
     local r = testing.call(script, testing.request_body("x"))
     assert.equal("RESOURCE_EXHAUSTED", r.status_name, r.message)
@@ -358,6 +361,35 @@ describe("callout.json", function()
         return { body = "done" }
       end]])
     for body, line in pairs { dag = 7, decode = 11, pcall = 9 } do
+      local r = testing.call(script, testing.request_body(body))
+      assert.equal("DEADLINE_EXCEEDED", r.status_name, body .. ": " .. tostring(r.message))
+      assert.matches("execution budget of 200 ms exceeded", r.message, 1, true)
+      assert.is_nil(r.message:find("could not be interrupted", 1, true), r.message)
+      assert.equal(line, tonumber(r.message:match("^[^:]+:(%d+): ")), r.message)
+    end
+  end)
+
+  it("stops inside one long string and inside json.object's key sort at the time budget", function()
+    -- one string is one value, and json.object sorts keys without walking values: before
+    -- checks inside them, these loops of a few C calls each (the count hook never fires) ran
+    -- seconds in C
+    local script = testing.load_string([[
+      local json = require "callout.json"
+      local ctrl = ("\1"):rep(1024 * 1024)                  -- 6 MiB of \u0001 out
+      local wide = '"' .. ("\u{e9}"):rep(1024 * 1024) .. '"' -- 2 MiB of UTF-8 to check
+      local keys = {}
+      for i = 1, 20000 do keys["k" .. i] = i end
+      function on_request_body(body)
+        if body.body == "escape" then
+          for _ = 1, 200 do json.encode(ctrl) end
+        elseif body.body == "utf8" then
+          for _ = 1, 400 do json.decode(wide) end
+        else
+          for _ = 1, 200 do json.object(keys); json.array(keys) end
+        end
+        return { body = "done" }
+      end]])
+    for body, line in pairs { escape = 8, utf8 = 10, object = 12 } do
       local r = testing.call(script, testing.request_body(body))
       assert.equal("DEADLINE_EXCEEDED", r.status_name, body .. ": " .. tostring(r.message))
       assert.matches("execution budget of 200 ms exceeded", r.message, 1, true)

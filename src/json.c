@@ -13,8 +13,10 @@
  * key); the object metatable's __newindex appends each new key there and its __pairs walks
  * it.
  *
- * Bounds: the C calls run outside the script's instruction budget, so both ask the host's
- * budget check (ljson_set_budget) every LJSON_CHECK_VALUES values, and their memory is
+ * Bounds: the C calls run outside the script's instruction budget, so they ask the host's
+ * budget check (ljson_set_budget) every LJSON_CHECK_VALUES values or key comparisons and
+ * every LJSON_CHECK_BYTES of a long string (keys sort in our own merge sort, not qsort,
+ * which a raise must not longjmp out of), and their memory is
  * bounded by their input: decode refuses more than LJSON_MAX_BYTES of text and more than
  * LJSON_MAX_DEPTH levels of nesting, and everything it makes (the values and yajl's own
  * buffers) comes from the VM's allocator, so it counts against the VM's memory ceiling;
@@ -558,7 +560,13 @@ static unsigned hex4(const unsigned char *p)
  * unpaired \u surrogates. raw = the string's text between its quotes, at offset `off`. */
 static int check_string(struct dec *d, const unsigned char *raw, size_t len, size_t off)
 {
+    size_t next = LJSON_CHECK_BYTES;
     for (size_t i = 0; i < len; i++) {
+        if (i >= next) {        /* one string can be all of a 4 MiB document */
+            if (d->check != NULL)
+                d->check(d->L); /* may raise: the decoder's close frees */
+            next = i + LJSON_CHECK_BYTES;
+        }
         unsigned char c = raw[i];
         if (c >= 0x80) {
             size_t k = utf8_len(raw + i, len - i);
@@ -945,21 +953,29 @@ static void putc_(struct enc *e, char c)
 }
 
 /* A string, escaped the minimal way (JSON.stringify's): '"', '\\' and the control
- * characters; '/', U+2028 and every other character as they are. */
+ * characters; '/', U+2028 and every other character as they are. One string is one value
+ * to tick() but can be megabytes, each control byte six out: the budget check runs every
+ * LJSON_CHECK_BYTES of input too. */
 static void put_string(struct enc *e, const char *str, size_t len)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *s = (const unsigned char *)str;
     grow(e, len + 2);
     putc_(e, '"');
-    size_t i = 0;
+    size_t i = 0, next = LJSON_CHECK_BYTES;
     while (i < len) {
+        if (i >= next) {
+            if (e->check != NULL)
+                e->check(e->L);
+            next = i + LJSON_CHECK_BYTES;
+        }
+        size_t lim = len < next ? len : next;
         size_t run = i;
-        while (i < len && s[i] >= 0x20 && s[i] < 0x80 && s[i] != '"' && s[i] != '\\')
+        while (i < lim && s[i] >= 0x20 && s[i] < 0x80 && s[i] != '"' && s[i] != '\\')
             i++;
         put(e, (const char *)s + run, i - run);
-        if (i >= len)
-            break;
+        if (i == lim)
+            continue;
         unsigned char c = s[i];
         if (c >= 0x80) {
             size_t k = utf8_len(s + i, len - i);
@@ -1171,12 +1187,47 @@ struct key {
     int slot;           /* index in the keys table of the original key */
 };
 
-static int key_cmp(const void *a, const void *b)
+static int key_cmp(const struct key *x, const struct key *y)
 {
-    const struct key *x = a, *y = b;
     size_t n = x->n < y->n ? x->n : y->n;
     int c = memcmp(x->s, y->s, n);
     return c != 0 ? c : (x->n > y->n) - (x->n < y->n);
+}
+
+/* One more step of work outside the values (a key gathered, placed or compared): every
+ * LJSON_CHECK_VALUES, the host's budget check, which may raise. */
+static void step(lua_State *L, lua_CFunction check, unsigned *count)
+{
+    if (check != NULL && ++*count % LJSON_CHECK_VALUES == 0)
+        check(L);
+}
+
+/* Sorts k[0..n) by their text, k[n..2n) its scratch: a bottom-up merge sort of our own, not
+ * qsort, because the budget check between comparisons may raise and a longjmp out of qsort
+ * is undefined; k is a userdata, so a raise leaks nothing. */
+static void sort_keys(lua_State *L, lua_CFunction check, unsigned *count, struct key *k,
+                      size_t n)
+{
+    struct key *src = k, *dst = k + n;
+    for (size_t w = 1; w < n; w *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * w) {
+            size_t mid = n - lo > w ? lo + w : n;
+            size_t hi = n - mid > w ? mid + w : n;
+            size_t a = lo, b = mid, o = lo;
+            while (a < mid && b < hi) {
+                step(L, check, count);
+                dst[o++] = key_cmp(&src[b], &src[a]) < 0 ? src[b++] : src[a++];
+            }
+            memcpy(dst + o, src + a, (mid - a) * sizeof *src);
+            o += mid - a;
+            memcpy(dst + o, src + b, (hi - b) * sizeof *src);
+        }
+        struct key *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != k)
+        memcpy(k, src, n * sizeof *k);
 }
 
 /* Whether table t holds no more keys than the `placed` its order wrote: then no key was set
@@ -1209,6 +1260,7 @@ static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, 
     lua_pushnil(L);
     while (lua_next(L, t) != 0) {
         lua_pop(L, 1);
+        tick(e);
         if (o != 0 && lua_type(L, -1) == LUA_TSTRING) {
             lua_pushvalue(L, -1);
             bool placed = lua_rawget(L, o) == LUA_TNUMBER;
@@ -1238,14 +1290,14 @@ static void put_sorted_members(struct enc *e, int t, int o, lua_Integer placed, 
         lua_pop(L, 1);
         return;
     }
-    struct key *k = lua_newuserdatauv(L, sizeof *k * (size_t)n, 0);
+    struct key *k = lua_newuserdatauv(L, sizeof *k * 2 * (size_t)n, 0);   /* + scratch */
     for (int i = 0; i < n; i++) {
         lua_rawgeti(L, keys, 2 * i + 2);        /* anchored by keys */
         k[i].s = lua_tolstring(L, -1, &k[i].n);
         k[i].slot = 2 * i + 1;
         lua_pop(L, 1);
     }
-    qsort(k, (size_t)n, sizeof *k, key_cmp);
+    sort_keys(L, e->check, &e->values, k, (size_t)n);
     for (int i = 0; i < n; i++) {
         if (!*first)
             putc_(e, ',');
@@ -1427,6 +1479,8 @@ static int l_encode(lua_State *L)
     e->check = budget_of(L);
     e->values = 0;
     put_value(e, 1);
+    if (e->check != NULL)
+        e->check(L);        /* once more before the copy, which costs as much again */
     lua_pushlstring(L, b->p, b->n);
     lua_replace(L, 1);
     lua_settop(L, 1);                           /* closes the buffer */
@@ -1453,25 +1507,29 @@ static int mark(lua_State *L, enum ljson_kind kind)
     lua_pushnil(L);
     lua_rawset(L, 2);                           /* forget an old order */
     if (kind == LJSON_OBJECT) {
+        lua_CFunction check = budget_of(L);     /* a table can have millions of keys */
+        unsigned steps = 0;
         lua_newtable(L);                        /* 5: the string keys (anchored) */
         int n = 0;
         lua_pushnil(L);
         while (lua_next(L, 1) != 0) {
             lua_pop(L, 1);
-            if (lua_type(L, -1) == LUA_TSTRING && n < INT32_MAX - 1) {
+            step(L, check, &steps);
+            if (lua_type(L, -1) == LUA_TSTRING && n < INT32_MAX / 2 - 1) {
                 lua_pushvalue(L, -1);
                 lua_rawseti(L, 5, ++n);
             }
         }
-        struct key *k = lua_newuserdatauv(L, sizeof *k * (size_t)(n ? n : 1), 0);
+        struct key *k = lua_newuserdatauv(L, sizeof *k * 2 * (size_t)(n ? n : 1), 0);
         for (int i = 0; i < n; i++) {
             lua_rawgeti(L, 5, i + 1);
             k[i].s = lua_tolstring(L, -1, &k[i].n);
             k[i].slot = i + 1;
             lua_pop(L, 1);
         }
-        qsort(k, (size_t)n, sizeof *k, key_cmp);
+        sort_keys(L, check, &steps, k, (size_t)n);
         for (int i = 0; i < n; i++) {
+            step(L, check, &steps);
             lua_rawgeti(L, 5, k[i].slot);
             order_append(L, 2, 1, lua_gettop(L));
             lua_pop(L, 1);

@@ -29,11 +29,14 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
 /* The host's time budget. decode and encode are one C call each, which the VM's count hook
  * never interrupts: a document of millions of tiny values, or a table shared many times over,
  * would hold the worker for as long as it takes. `check` is called every
- * LJSON_CHECK_VALUES values, directly (a plain C call, not lua_call: it runs as part of the
- * json function the script called, so the script's frame is level 1 of the stack); it
+ * LJSON_CHECK_VALUES values (and key comparisons, where keys are sorted) and every
+ * LJSON_CHECK_BYTES bytes of a long string, directly (a plain C call, not lua_call: it runs
+ * as part of the json function the script called, so the script's frame is level 1 of the
+ * stack); it
  * returns to let the work go on, or raises (the budget error). Kept in L's registry, looked
  * up once per call; a state without it (the fuzzer's) is never checked. */
 #define LJSON_CHECK_VALUES 1024
+#define LJSON_CHECK_BYTES (64u << 10)
 void ljson_set_budget(lua_State *L, lua_CFunction check);
 
 /* What json.kind says of the value at idx. */
