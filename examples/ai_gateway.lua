@@ -696,11 +696,18 @@ function on_request_body(body, ctx)
   -- the auth scheme is case-insensitive (RFC 9110 11.1)
   local scheme, key = (s.authorization or ""):match("^(%S+)%s+(.+)$")
   if scheme and scheme:lower() == "bearer" then add[#add + 1] = { "x-api-key", key } end
+  -- what the client sent may not be writable once re-nested (a value nested to the
+  -- decoder's limit is one level deeper in Anthropic's body): the client's mistake, a 400
+  local written, text = pcall(json.encode, out)
+  if not written then
+    local why = tostring(text):gsub("^callout%.json: ", "")
+    return openai_error(400, "the request cannot be carried to the provider: " .. why)
+  end
   return {
     add = add,
     remove = { "authorization" },
     clear_route_cache = true,
-    body = json.encode(out),
+    body = text,
   }
 end
 

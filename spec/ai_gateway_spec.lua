@@ -189,6 +189,15 @@ describe("examples/ai_gateway.lua", function()
                    rewritten(b))
     end)
 
+    it("refuses a request it cannot write out again with a 400, not a Lua error", function()
+      -- legal for the decoder at depth 256, one level too deep once inside Anthropic's body
+      local deep = ("["):rep(255) .. "1" .. ("]"):rep(255)
+      local stream <close>, b = request('{"model":"claude-x","messages":[{"role":"user","content":"hi"}],' ..
+                                        '"user":' .. deep .. '}')
+      local err = refused(b, 400)
+      assert.is_truthy(err:find("the request cannot be carried to the provider: nested deeper than 256", 1, true), err)
+    end)
+
     it("refuses a system message after the conversation began, naming its role", function()
       -- Anthropic's system text is top-level, before every turn: a late one moved there
       -- would change what the model reads, silently

@@ -254,6 +254,19 @@ describe("callout.json", function()
     assert.equal("[[1],[1]]", json.encode { shared, shared })
   end)
 
+  it("quotes a repeated long key in its error cut between characters", function()
+    -- the message is often JSON-encoded again (a 400 naming the reason): it must stay UTF-8
+    for _, ch in ipairs { "é", "😀", "\u{2028}" } do
+      local k = ch:rep(30)
+      local ok, err = pcall(json.decode, '{"' .. k .. '":1,"' .. k .. '":2}')
+      assert.is_false(ok)
+      assert.is_truthy(utf8.len(err), err)
+      assert.is_truthy(err:find('duplicate object key "' .. ch, 1, true), err)
+      assert.is_truthy(err:find('..." at line 1', 1, true), err)
+      assert.equal("string", type(json.encode { message = err }))
+    end
+  end)
+
   it("reports invalid documents with their line and column", function()
     local cases = {
       { '{"a":1,"a":2}', 'duplicate object key "a" at line 1, column 10' },

@@ -24,6 +24,7 @@
  * cycle is named as such). yajl's buffers and the output buffer are freed on every path, a
  * Lua memory error included. */
 #include "json.h"
+#include "checks.h"
 
 #include <float.h>
 #include <math.h>
@@ -688,9 +689,17 @@ static int on_key(void *ctx, const unsigned char *p, size_t len)
         return 0;
     lua_pushlstring(L, (const char *)p, len);
     if (seen_key(d)) {
-        if (!d->duplicates)
+        if (!d->duplicates) {
+            /* at most 40 bytes of the key, cut between characters: the message may be
+             * JSON-encoded again (a script answering with it) and must stay UTF-8 */
+            size_t shown = 0, n;
+            while (shown < len && (n = checks_utf8_seq((const char *)p + shown, len - shown)) > 0 &&
+                   shown + n <= 40)
+                shown += n;
             return refuse(d, yajl_get_bytes_consumed(d->h) - 1,
-                          "duplicate object key \"%.*s\"", len < 40 ? (int)len : 40, p);
+                          "duplicate object key \"%.*s%s\"", (int)shown, p,
+                          shown < len ? "..." : "");
+        }
         /* its value replaces the first one's in the table (put_member), so the
          * first one goes there now */
         lua_pop(L, 1);
