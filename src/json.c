@@ -784,6 +784,20 @@ static void position_of(const char *s, size_t at, int *line, int *col)
 
 /* yajl's reason, in our words: "lexical error: invalid char in json text.\n" says
  * "invalid char in json text". */
+
+/* Gives the userdata on top of the stack the metatable `name`, made once, whose __close and
+ * __gc both run `closer`: state freed on every way out, a Lua error included. */
+static void set_closer(lua_State *L, const char *name, lua_CFunction closer)
+{
+    if (luaL_newmetatable(L, name)) {
+        lua_pushcfunction(L, closer);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, closer);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_setmetatable(L, -2);
+}
+
 static void yajl_reason(yajl_handle h, char *out, size_t outlen)
 {
     unsigned char *e = yajl_get_error(h, 0, NULL, 0);
@@ -823,13 +837,7 @@ int ljson_decode(lua_State *L, const char *s, size_t n, unsigned flags, char *er
     /* the decoder's state (2 KiB of it) in a userdata rather than on the C stack */
     struct dec *d = lua_newuserdatauv(L, sizeof *d, 0);
     memset(d, 0, offsetof(struct dec, level));
-    if (luaL_newmetatable(L, DEC_MT)) {
-        lua_pushcfunction(L, dec_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, dec_close);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_setmetatable(L, -2);
+    set_closer(L, DEC_MT, dec_close);
     lua_toclose(L, -1);
     int slot = lua_gettop(L);
     d->L = L;
@@ -1469,13 +1477,7 @@ static int l_encode(lua_State *L)
     struct buf *b = lua_newuserdatauv(L, sizeof *b, 0);
     memset(b, 0, sizeof *b);
     b->alloc = lua_getallocf(L, &b->ud);
-    if (luaL_newmetatable(L, BUF_MT)) {
-        lua_pushcfunction(L, buf_close);
-        lua_setfield(L, -2, "__close");
-        lua_pushcfunction(L, buf_close);
-        lua_setfield(L, -2, "__gc");
-    }
-    lua_setmetatable(L, -2);
+    set_closer(L, BUF_MT, buf_close);
     lua_toclose(L, 5);
     /* the path is 2 KiB: in a userdata rather than on the C stack */
     struct enc *e = lua_newuserdatauv(L, sizeof *e, 0);
