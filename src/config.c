@@ -54,6 +54,8 @@ static const struct flag flags[] = {
      "reload when the script or a .lua file beside it, or a TLS file, changes (inotify)"},
     {"check", FLAG_BOOL, AT(check), "",
      "load the script, list the handlers it defines and exit (for CI)"},
+    {"request", FLAG_STRING, AT(request_path), "FILE",
+     "with --check: run the requests in FILE (exchange format, - = stdin) through the script, print the answers as JSON"},
     {"script_timeout_ms", FLAG_LIMIT, AT(script_timeout_ms), "MS",
      "time budget of one handler call, 0 = none (default 200)"},
     {"script_memory_mb", FLAG_LIMIT, AT(script_memory_mb), "MB",
@@ -235,6 +237,9 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
     }
     if (!cfg->script_path)
         return fail("no script given: luacallout [flags] SCRIPT.lua");
+    if (cfg->request_path && !cfg->check)
+        return fail("--request is a dry run of --check: luacallout --check SCRIPT.lua "
+                    "--request FILE");
     if (cfg->disable_tls && cfg->disable_plaintext)
         return fail("--disable_tls and --disable_plaintext together leave no gRPC listener");
     if (cfg->secure_health_check && cfg->combined_health_check)

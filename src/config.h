@@ -25,6 +25,7 @@ struct config {
     bool watch;                     /* reload when the script's folder changes */
     bool bench_echo;                /* fixed answers, no Lua: the benchmark's baseline */
     bool check;                     /* load the script, list its handlers, exit */
+    const char *request_path;       /* --check --request: run these requests through it */
     bool unsafe_stdlib;             /* no sandbox: os.exit, io.popen, debug, bytecode */
     int script_timeout_ms;          /* per handler call; 0 = no limit */
     int script_memory_mb;           /* per Lua VM; 0 = no limit */

@@ -103,10 +103,36 @@ static size_t type_size(ProtobufCType t)
 /* ---- push: message -> Lua --------------------------------------------------------------- */
 
 static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
-                         const ProtobufCMessage *m, int depth);
+                         const ProtobufCMessage *m, int depth, bool sparse);
+
+/* Whether the single value of type f->type at p is proto3's default (0, false, "", empty). */
+static bool is_default(const ProtobufCFieldDescriptor *f, const void *p)
+{
+    switch (f->type) {
+    case PROTOBUF_C_TYPE_INT32:
+    case PROTOBUF_C_TYPE_SINT32:
+    case PROTOBUF_C_TYPE_SFIXED32:
+    case PROTOBUF_C_TYPE_UINT32:
+    case PROTOBUF_C_TYPE_FIXED32:
+    case PROTOBUF_C_TYPE_ENUM: return *(const uint32_t *)p == 0;
+    case PROTOBUF_C_TYPE_INT64:
+    case PROTOBUF_C_TYPE_SINT64:
+    case PROTOBUF_C_TYPE_SFIXED64:
+    case PROTOBUF_C_TYPE_UINT64:
+    case PROTOBUF_C_TYPE_FIXED64: return *(const uint64_t *)p == 0;
+    case PROTOBUF_C_TYPE_FLOAT: return *(const float *)p == 0;
+    case PROTOBUF_C_TYPE_DOUBLE: return *(const double *)p == 0;
+    case PROTOBUF_C_TYPE_BOOL: return !*(const protobuf_c_boolean *)p;
+    case PROTOBUF_C_TYPE_STRING: return !*(char *const *)p || !**(char *const *)p;
+    case PROTOBUF_C_TYPE_BYTES: return ((const ProtobufCBinaryData *)p)->len == 0;
+    case PROTOBUF_C_TYPE_MESSAGE: return !*(const ProtobufCMessage *const *)p;
+    }
+    return false;
+}
 
 /* Pushes the single value of type f->type stored at p. */
-static void push_scalar(lua_State *L, const ProtobufCFieldDescriptor *f, const void *p, int depth)
+static void push_scalar(lua_State *L, const ProtobufCFieldDescriptor *f, const void *p, int depth,
+                        bool sparse)
 {
     switch (f->type) {
     case PROTOBUF_C_TYPE_INT32:
@@ -151,14 +177,14 @@ static void push_scalar(lua_State *L, const ProtobufCFieldDescriptor *f, const v
         break;
     }
     case PROTOBUF_C_TYPE_MESSAGE:
-        push_message(L, f->descriptor, *(const ProtobufCMessage *const *)p, depth + 1);
+        push_message(L, f->descriptor, *(const ProtobufCMessage *const *)p, depth + 1, sparse);
         break;
     }
 }
 
 /* Pushes a message of type d; m NULL pushes the default instance (map values). */
 static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
-                         const ProtobufCMessage *m, int depth)
+                         const ProtobufCMessage *m, int depth, bool sparse)
 {
     luaL_checkstack(L, 6, "protobuf message nested too deeply");
     if (depth > CHECKS_MAX_DEPTH)
@@ -167,7 +193,7 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
         /* a default instance in scratch memory owned by Lua, removed after the push */
         void *scratch = lua_newuserdatauv(L, d->sizeof_message, 0);
         protobuf_c_message_init(d, scratch);
-        push_message(L, d, scratch, depth);
+        push_message(L, d, scratch, depth, sparse);
         lua_remove(L, -2);
         return;
     }
@@ -187,7 +213,7 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
         return;
     }
     case WKT_WRAPPER:
-        push_scalar(L, &d->fields[0], CAT(m, d->fields[0].offset, char), depth);
+        push_scalar(L, &d->fields[0], CAT(m, d->fields[0].offset, char), depth, sparse);
         return;
     case WKT_NONE: break;
     }
@@ -200,6 +226,8 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
             size_t n = *CAT(m, f->quantifier_offset, size_t);
             const char *arr = *(const char *const *)p;
             size_t sz = type_size(f->type);
+            if (sparse && n == 0)
+                continue;
             if (is_map(d, f)) {
                 const ProtobufCMessageDescriptor *e = f->descriptor;
                 lua_createtable(L, 0, n > INT32_MAX ? 0 : (int)n);
@@ -207,14 +235,16 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
                     const ProtobufCMessage *em = ((const ProtobufCMessage *const *)arr)[j];
                     if (!em)
                         continue;
-                    push_scalar(L, &e->fields[0], CAT(em, e->fields[0].offset, char), depth);
-                    push_scalar(L, &e->fields[1], CAT(em, e->fields[1].offset, char), depth);
+                    push_scalar(L, &e->fields[0], CAT(em, e->fields[0].offset, char), depth,
+                                sparse);
+                    push_scalar(L, &e->fields[1], CAT(em, e->fields[1].offset, char), depth,
+                                sparse);
                     lua_rawset(L, -3);
                 }
             } else {
                 lua_createtable(L, n > INT32_MAX ? 0 : (int)n, 0);
                 for (size_t j = 0; j < n; j++) {
-                    push_scalar(L, f, arr + j * sz, depth);
+                    push_scalar(L, f, arr + j * sz, depth, sparse);
                     lua_rawseti(L, -2, (lua_Integer)j + 1);
                 }
             }
@@ -223,11 +253,11 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
                 continue;
             if (f->type == PROTOBUF_C_TYPE_MESSAGE && !*(const ProtobufCMessage *const *)p)
                 continue;
-            push_scalar(L, f, p, depth);
+            push_scalar(L, f, p, depth, sparse);
         } else if (f->type == PROTOBUF_C_TYPE_MESSAGE) {
             if (!*(const ProtobufCMessage *const *)p)
                 continue; /* unset sub-message: nil */
-            push_scalar(L, f, p, depth);
+            push_scalar(L, f, p, depth, sparse);
         } else {
             /* proto2 / proto3-optional scalars count their presence in has_X */
             if (f->label == PROTOBUF_C_LABEL_OPTIONAL && f->quantifier_offset &&
@@ -236,7 +266,11 @@ static void push_message(lua_State *L, const ProtobufCMessageDescriptor *d,
             if (f->label == PROTOBUF_C_LABEL_OPTIONAL &&
                 (f->type == PROTOBUF_C_TYPE_STRING) && !*(char *const *)p)
                 continue;
-            push_scalar(L, f, p, depth);
+            /* proto3 without presence: sparse leaves defaults out, as proto3 JSON does */
+            if (sparse && !(f->label == PROTOBUF_C_LABEL_OPTIONAL && f->quantifier_offset) &&
+                is_default(f, p))
+                continue;
+            push_scalar(L, f, p, depth, sparse);
         }
         lua_setfield(L, -2, f->name);
     }
@@ -248,7 +282,16 @@ void pbreflect_push(lua_State *L, const ProtobufCMessage *msg)
         lua_newtable(L);
         return;
     }
-    push_message(L, msg->descriptor, msg, 1);
+    push_message(L, msg->descriptor, msg, 1, false);
+}
+
+void pbreflect_push_sparse(lua_State *L, const ProtobufCMessage *msg)
+{
+    if (!msg) {
+        lua_newtable(L);
+        return;
+    }
+    push_message(L, msg->descriptor, msg, 1, true);
 }
 
 /* ---- out: Lua -> message ---------------------------------------------------------------- */

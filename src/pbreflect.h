@@ -21,6 +21,10 @@
 
 /* Push msg as a table. May raise (memory, depth). stack: ... -> ... table */
 void pbreflect_push(lua_State *L, const ProtobufCMessage *msg);
+/* The same without the fields at proto3's default (0, false, "", empty lists and maps),
+ * as proto3's JSON mapping leaves them out: the exchange format (lua/callout/exchange.lua).
+ * A oneof's set member and a message field that is set are always there. */
+void pbreflect_push_sparse(lua_State *L, const ProtobufCMessage *msg);
 
 /* Build a message of type `desc` from the table at idx, in the arena; strings point into
  * Lua strings reachable from idx. Strict: an unknown field name, a wrong type, an unknown

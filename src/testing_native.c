@@ -12,9 +12,8 @@
  *   native.stream(script)           -> stream (ids 1, 2, ... per script)
  *   native.handle(stream, bytes)    -> "respond", {bytes...} | "none" | "fail", status, msg
  *   native.logs()                   -> the server log lines of the last load/handle call
- *   native.encode_request(table)    -> ProcessingRequest bytes (raises naming the field)
- *   native.decode_request(bytes)    -> table | nil, msg
- *   native.decode_response(bytes)   -> table | nil, msg
+ *   native.encode_request, decode_request, decode_response, base64_encode, base64_decode
+ *                                   -> exchange_native.h (shared with the binary)
  *   native.http_status(name)        -> the number of an envoy.type.v3.StatusCode name
  *   native.null                     -> callout.null of decoded Struct values
  * script:close(), stream:close() (also __close/__gc) free them early. */
@@ -26,9 +25,8 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-#include "arena.h"
 #include "log.h"
-#include "pbreflect.h"
+#include "exchange_native.h"
 #include "pbstruct.h"
 #include "dispatch.h"
 #include "generation.h"
@@ -40,7 +38,6 @@
 
 #define SCRIPT_MT "callout.native.script"
 #define STREAM_MT "callout.native.stream"
-#define ARENA_MT "callout.native.arena"
 #define LOGS_MT "callout.native.logs"
 #define LOGS_SENTINEL "callout.native.logs sentinel"
 
@@ -251,74 +248,6 @@ static int native_handle(lua_State *L)
     return luaL_error(L, "dispatch_handle returned an unknown outcome %d", (int)reply.outcome);
 }
 
-/* ---- protobuf converters ------------------------------------------------------------------
- * An arena lives in a userdata on the stack while it is used, so a Lua error (memory)
- * halfway leaves nothing behind: the collector frees it. */
-
-static struct arena *push_arena(lua_State *L)
-{
-    struct arena *a = lua_newuserdatauv(L, sizeof *a, 0);
-    arena_init(a, 0);
-    luaL_setmetatable(L, ARENA_MT);
-    return a;
-}
-
-static int arena_gc(lua_State *L)
-{
-    arena_destroy(luaL_checkudata(L, 1, ARENA_MT));
-    return 0;
-}
-
-/* native.encode_request(table) -> bytes. Strict as the server is with process(): an unknown
- * field or a wrong type raises, naming the path ("request.request_headers: unknown field
- * 'header'"). */
-static int native_encode_request(lua_State *L)
-{
-    luaL_checktype(L, 1, LUA_TTABLE);
-    lua_settop(L, 1);
-    struct arena *a = push_arena(L);
-    ProtobufCMessage *m = NULL;
-    char err[1024];
-    if (pbreflect_from_lua(L, 1, &envoy__service__ext_proc__v3__processing_request__descriptor,
-                           "request", a, &m, err, sizeof err) != 0)
-        return luaL_error(L, "%s", err);
-    size_t n = protobuf_c_message_get_packed_size(m);
-    luaL_Buffer b;
-    uint8_t *out = (uint8_t *)luaL_buffinitsize(L, &b, n);
-    size_t packed = protobuf_c_message_pack(m, out);
-    luaL_pushresultsize(&b, packed);
-    arena_destroy(a);
-    return 1;
-}
-
-/* decode(bytes) -> table | nil, message */
-static int decode(lua_State *L, const ProtobufCMessageDescriptor *desc)
-{
-    size_t len;
-    const char *bytes = luaL_checklstring(L, 1, &len);
-    struct arena *a = push_arena(L);
-    ProtobufCAllocator alloc = arena_pb_allocator(a);
-    ProtobufCMessage *m = protobuf_c_message_unpack(desc, &alloc, len, (const uint8_t *)bytes);
-    if (m == NULL) {
-        luaL_pushfail(L);
-        lua_pushfstring(L, "malformed %s (%d bytes)", desc->short_name, (int)len);
-        return 2;
-    }
-    pbreflect_push(L, m);
-    arena_destroy(a);
-    return 1;
-}
-
-static int native_decode_request(lua_State *L)
-{
-    return decode(L, &envoy__service__ext_proc__v3__processing_request__descriptor);
-}
-
-static int native_decode_response(lua_State *L)
-{
-    return decode(L, &envoy__service__ext_proc__v3__processing_response__descriptor);
-}
-
 /* native.http_status("Forbidden") -> 403; decoded responses carry the enum's names */
 static int native_http_status(lua_State *L)
 {
@@ -358,15 +287,11 @@ int luaopen_callout_native(lua_State *L)
         {"stream", native_stream},
         {"handle", native_handle},
         {"logs", native_logs},
-        {"encode_request", native_encode_request},
-        {"decode_request", native_decode_request},
-        {"decode_response", native_decode_response},
         {"http_status", native_http_status},
         {NULL, NULL},
     };
     new_class(L, SCRIPT_MT, script_gc, script_tostring);
     new_class(L, STREAM_MT, stream_gc, stream_tostring);
-    new_class(L, ARENA_MT, arena_gc, NULL);
     new_class(L, LOGS_MT, logs_gc, NULL);
     /* once per state: busted's insulation makes each spec file require the module again */
     if (lua_getfield(L, LUA_REGISTRYINDEX, LOGS_SENTINEL) == LUA_TNIL) {
@@ -379,6 +304,7 @@ int luaopen_callout_native(lua_State *L)
     log_set_sink(log_sink, NULL);
     log_set_level(LOG_DEBUG);
     luaL_newlib(L, funcs);
+    exchange_native_register(L);
     pbstruct_push_null(L);
     lua_setfield(L, -2, "null");
     /* callout.json itself, so that specs and tests/bench call the server's code directly
