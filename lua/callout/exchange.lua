@@ -339,7 +339,10 @@ function M.streams(text, name)
     if line:match("%S") then
       local ok, v = pcall(json.decode, line)
       if not ok then
-        fail(format("%s:%d", name, n), "%s", (tostring(v):gsub("^callout%.json: ", "")))
+        -- "file:3:27: what": the line is the file's, the column the decoder's
+        local why = tostring(v):gsub("^callout%.json: ", "")
+        local what, col = why:match("^(.-) at line 1, column (%d+)$")
+        fail(format("%s:%d%s", name, n, col and ":" .. col or ""), "%s", what or why)
       end
       if type(v) ~= "table" or is_array(v) then
         fail(format("%s:%d", name, n), "expected a JSON object on each line")
