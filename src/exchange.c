@@ -107,20 +107,8 @@ void exchange_free(struct exchange *x)
     free(x);
 }
 
-/* Pushes the message handler and callout.exchange[name]; returns the handler's index. */
-static int prepare(struct exchange *x, const char *name)
-{
-    lua_State *L = x->L;
-    lua_settop(L, 0);
-    lua_pushcfunction(L, traceback);
-    lua_rawgeti(L, LUA_REGISTRYINDEX, x->module);
-    lua_getfield(L, -1, name);
-    lua_remove(L, -2);
-    return 1;
-}
-
-/* Calls what prepare pushed with nargs arguments, then json.encode on its result; the text
- * malloc'd. NULL with err on failure. */
+/* Calls the function below its nargs arguments (the message handler at 1), then json.encode
+ * on its result; the text malloc'd. NULL with err on failure. */
 static char *call_encode(struct exchange *x, int nargs, size_t *outlen, char *err, size_t errlen)
 {
     lua_State *L = x->L;
@@ -149,12 +137,30 @@ static char *call_encode(struct exchange *x, int nargs, size_t *outlen, char *er
     return out;
 }
 
+/* (fn, bytes pointer, length): fn(the bytes as a string), inside the protected call. */
+static int call_with_bytes(lua_State *L)
+{
+    const char *p = lua_touserdata(L, 2);
+    size_t n = (size_t)lua_tointeger(L, 3);
+    lua_settop(L, 1);
+    lua_pushlstring(L, p, n);
+    lua_call(L, 1, 1);
+    return 1;
+}
+
 char *exchange_response_line(struct exchange *x, const uint8_t *msg, size_t len, size_t *outlen,
                              char *err, size_t errlen)
 {
-    prepare(x, "response_json");
-    lua_pushlstring(x->L, (const char *)msg, len);
-    return call_encode(x, 1, outlen, err, errlen);
+    lua_State *L = x->L;
+    lua_settop(L, 0);
+    lua_pushcfunction(L, traceback);
+    lua_pushcfunction(L, call_with_bytes);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, x->module);
+    lua_getfield(L, -1, "response_json");
+    lua_remove(L, -2);
+    lua_pushlightuserdata(L, (void *)msg);
+    lua_pushinteger(L, (lua_Integer)len);
+    return call_encode(x, 3, outlen, err, errlen);
 }
 
 static int status_value(lua_State *L)
@@ -229,10 +235,17 @@ static char *read_all(const char *path, size_t *len, char *err, size_t errlen)
     return buf;
 }
 
-/* streams = exchange.streams(text, name); each -> exchange.stream_bytes(stream, name).
+/* (module, text, len, name): streams = exchange.streams(text, name); each ->
+ * exchange.stream_bytes(stream, name).
  * Leaves a list of lists of bytes, with the line of each stream at [i].line. */
 static int read_streams(lua_State *L)
 {
+    const char *text = lua_touserdata(L, 2);
+    size_t len = (size_t)lua_tointeger(L, 3);
+    const char *name = lua_touserdata(L, 4);
+    lua_settop(L, 1);
+    lua_pushlstring(L, text, len);
+    lua_pushstring(L, name);
     lua_getfield(L, 1, "streams");
     lua_pushvalue(L, 2);
     lua_pushvalue(L, 3);
@@ -273,15 +286,24 @@ int exchange_read_file(struct exchange *x, const char *path, struct exchange_msg
     char *text = read_all(path, &len, err, errlen);
     if (!text)
         return -1;
+    int rc = exchange_read_text(x, text, len, strcmp(path, "-") == 0 ? "stdin" : path, out, nout,
+                                err, errlen);
+    free(text);
+    return rc;
+}
+
+int exchange_read_text(struct exchange *x, const char *text, size_t len, const char *name,
+                       struct exchange_msgs **out, size_t *nout, char *err, size_t errlen)
+{
     lua_State *L = x->L;
     lua_settop(L, 0);
     lua_pushcfunction(L, traceback);
     lua_pushcfunction(L, read_streams);
     lua_rawgeti(L, LUA_REGISTRYINDEX, x->module);
-    lua_pushlstring(L, text, len);
-    free(text);
-    lua_pushstring(L, strcmp(path, "-") == 0 ? "stdin" : path);
-    if (lua_pcall(L, 3, 1, 1) != LUA_OK) {
+    lua_pushlightuserdata(L, (void *)text);   /* made a string inside the protected call */
+    lua_pushinteger(L, (lua_Integer)len);
+    lua_pushlightuserdata(L, (void *)name);
+    if (lua_pcall(L, 4, 1, 1) != LUA_OK) {
         snprintf(err, errlen, "%s", lua_tostring(L, -1));
         lua_settop(L, 0);
         return -1;

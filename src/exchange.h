@@ -26,6 +26,10 @@ struct exchange_msgs {
  * Free with exchange_msgs_free. */
 int exchange_read_file(struct exchange *x, const char *path, struct exchange_msgs **streams,
                        size_t *nstreams, char *err, size_t errlen);
+/* The same for text already read; `name` stands for the file in errors. */
+int exchange_read_text(struct exchange *x, const char *text, size_t len, const char *name,
+                       struct exchange_msgs **streams, size_t *nstreams, char *err,
+                       size_t errlen);
 void exchange_msgs_free(struct exchange_msgs *streams, size_t n);
 
 /* One ProcessingResponse's bytes -> its JSON text, one line (malloc'd, no newline), *outlen

@@ -9,6 +9,7 @@
 
 #include "arena.h"
 #include "pbreflect.h"
+#include "wirecheck.h"
 
 #include "envoy/service/ext_proc/v3/external_processor.pb-c.h"
 
@@ -62,6 +63,14 @@ static int decode(lua_State *L, const ProtobufCMessageDescriptor *desc)
     const char *bytes = luaL_checklstring(L, 1, &len);
     bool sparse = lua_toboolean(L, 2);
     lua_settop(L, 1);
+    /* bytes a client sent, recorded: bounded before protobuf-c recurses, as the server is */
+    char why[256];
+    struct wirecheck_result scan;
+    if (wirecheck_depth((const uint8_t *)bytes, len, desc, NULL, &scan, why, sizeof why) != 0) {
+        luaL_pushfail(L);
+        lua_pushfstring(L, "%s: %s", desc->short_name, why);
+        return 2;
+    }
     struct arena *a = push_arena(L);
     ProtobufCAllocator alloc = arena_pb_allocator(a);
     ProtobufCMessage *m = protobuf_c_message_unpack(desc, &alloc, len, (const uint8_t *)bytes);

@@ -30,6 +30,11 @@ local request_fields = {
   observability_mode = true,
 }
 
+-- The order they are written in (pairs' order changes from one process to the next).
+local phase_order = { "request_headers", "request_body", "request_trailers",
+                      "response_headers", "response_body", "response_trailers" }
+local field_order = { "attributes", "metadata_context", "protocol_config", "observability_mode" }
+
 -- The proto's bytes fields (HttpBody.body, HeaderValue.raw_value, Any.value): the only keys
 -- that take the _base64 form.
 local bytes_fields = { body = true, raw_value = true, value = true }
@@ -258,28 +263,44 @@ local function friendly_headers(map, redact)
   return list
 end
 
+local function raw(bytes)
+  local o = json.object()
+  o.raw_base64 = native.base64_encode(bytes)
+  return o
+end
+
 -- A ProcessingRequest's bytes -> its message in the exchange format, headers as pairs;
--- bytes that do not decode -> {raw_base64 = ...}.
+-- bytes that do not decode, that set no phase, or whose string fields are not UTF-8 (which
+-- JSON cannot carry and the server refuses) -> {raw_base64 = ...}: sent again, they are the
+-- same bytes. Fields the protos in proto/ do not know are not kept.
 function M.request_json(bytes, redact)
   local t = native.decode_request(bytes, true)
-  if not t then
-    local o = json.object()
-    o.raw_base64 = native.base64_encode(bytes)
-    return o
-  end
+  local phase
+  for p in pairs(phases) do phase = phase or t and t[p] end
+  if not phase then return raw(bytes) end    -- no phase: not a message the format can write
+  local v = M.request_value(t, redact)
+  if not pcall(json.encode, v) then return raw(bytes) end
+  return v
+end
+
+-- The friendly value of a decoded (sparse) ProcessingRequest table.
+function M.request_value(t, redact)
   local out = json.object()
-  for phase, field in pairs(phases) do
-    local m = t[phase]
+  for _, phase in ipairs(phase_order) do
+    local field, m = phases[phase], t[phase]
     if m then
       local o = json.object()
       if field then o[field] = friendly_headers(m[field], redact) end
-      for k, v in pairs(to_json(m)) do
-        if k ~= field then o[k] = v end
+      local rest, keys = to_json(m), {}
+      for k in pairs(rest) do
+        if k ~= field then keys[#keys + 1] = k end
       end
+      table.sort(keys)
+      for _, k in ipairs(keys) do o[k] = rest[k] end
       out[phase] = o
     end
   end
-  for k in pairs(request_fields) do
+  for _, k in ipairs(field_order) do
     if t[k] ~= nil then out[k] = to_json(t[k]) end
   end
   return out
