@@ -19,6 +19,7 @@
 #include "config.h"
 #include "generation.h"
 #include "log.h"
+#include "send.h"
 #include "supervisor.h"
 #include "vm.h"
 #include "worker.h"
@@ -37,6 +38,9 @@ static void raise_nofile(void)
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
+    /* a client, not a server: its own flags, and Ctrl-C stops it (signals not blocked yet) */
+    if (argc > 1 && strcmp(argv[1], "send") == 0)
+        return send_main(argc, argv);
     sigset_t waited;
     supervisor_signals(&waited);
     pthread_sigmask(SIG_BLOCK, &waited, NULL);
