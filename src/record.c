@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -482,6 +483,9 @@ int record_start(const struct record_config *cfg, int slot, char *err, size_t er
         snprintf(err, errlen, "no thread for the recorder: %s", strerror(e));
         return -1;
     }
+    /* A file size limit (RLIMIT_FSIZE) makes the write fail with EFBIG, which stops the
+     * recording, instead of killing the process: serving must not depend on the record. */
+    signal(SIGXFSZ, SIG_IGN);
     record_on = true;
     log_info("record: streams go to %s (sample %g, at most %zu KiB a stream, %.1f MiB in "
              "this file)", rec.path, cfg->sample, cfg->max_stream_bytes >> 10,
