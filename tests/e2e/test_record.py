@@ -441,26 +441,27 @@ def test_streams_finished_at_the_drain_are_all_written(servers, tmp_path):
     srv = servers.start(BASIC, "--record", str(rec_dir), "--threads", "1",
                         "--drain_grace_ms", "0", "--drain_timeout_ms", "8000")
     stub = srv.stub()
-    # streams left open: they finish after the SIGTERM, during the drain
-    open_streams = [h.BidiStream(stub) for _ in range(5)]
-    for i, s in enumerate(open_streams):
-        s.exchange(basic_stream(100 + i)[0])
-    # a burst of large streams, so that the recorder still has some queued at the signal
-    body = b"z" * (300 << 10)
-    results = h.run_in_threads(lambda i: h.process(stub, basic_stream(i, body=body)),
+    # a burst that finishes before the signal
+    results = h.run_in_threads(lambda i: h.process(stub, basic_stream(i)),
                                [(i,) for i in range(20)])
     assert all(code == grpc.StatusCode.OK for _, code, _ in results)
+    # streams left open: they finish after the SIGTERM, during the drain, with bodies large
+    # enough that the recorder still has most of them queued when the last one ends
+    open_streams = [h.BidiStream(stub) for _ in range(10)]
+    for i, s in enumerate(open_streams):
+        s.exchange(basic_stream(100 + i)[0])
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     for i, s in enumerate(open_streams):
-        for r in basic_stream(100 + i)[1:]:
-            s.exchange(r)
+        s.send(basic_stream(100 + i, body=b"z" * (900 << 10))[1])
+    for s in open_streams:
+        s.recv()
         _, code, details = s.finish()
         assert code == grpc.StatusCode.OK, details
     assert srv.signal_and_wait(send=False, close_channels=False) == 0, srv.log()
     recs = records(rec_dir)
     assert sorted(by_stream_header(recs), key=int) == \
-        [str(i) for i in range(20)] + [str(100 + i) for i in range(5)]
+        [str(i) for i in range(20)] + [str(100 + i) for i in range(10)]
     assert all(r["status"]["code"] == 0 for r in recs)
 
 
