@@ -34,7 +34,6 @@ struct flag {
 /* Credentials by name; bodies and metadata are never redacted (docs/operations.md). */
 #define RECORD_REDACT_DEFAULT "authorization,proxy-authorization,cookie,set-cookie,x-api-key"
 
-
 static const struct flag flags[] = {
     {"secure_address", FLAG_STRING, AT(secure_address), "ADDR",
      "TLS gRPC listener (default 0.0.0.0:8443)"},
@@ -284,7 +283,7 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
         return fail("--record_max_stream_kb needs a number from 1 to 4096 (a record line must "
                     "stay under the 4 MiB callout.json reads), got %d", cfg->record_max_stream_kb);
     if (cfg->record_max_mb < 1)
-        return fail("--record_max_mb needs a number from 1 to 1000000");
+        return fail("--record_max_mb needs a number from 1 to 1000000, got 0");
     if (cfg->record_dir && cfg->bench_echo)
         return fail("--record records what the script answers; --bench_echo runs no script");
     if (cfg->client_ca_path && cfg->disable_tls)

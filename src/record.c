@@ -441,7 +441,6 @@ static int parse_redact(const char *list, char *err, size_t errlen)
 
 int record_start(const struct record_config *cfg, int slot, char *err, size_t errlen)
 {
-    (void)slot;
     rec.cfg = *cfg;
     rec.queue_max = cfg->max_stream_bytes * QUEUE_STREAMS;
     if (rec.queue_max < QUEUE_MIN_BYTES)
@@ -487,8 +486,8 @@ int record_start(const struct record_config *cfg, int slot, char *err, size_t er
      * recording, instead of killing the process: serving must not depend on the record. */
     signal(SIGXFSZ, SIG_IGN);
     record_on = true;
-    log_info("record: streams go to %s (sample %g, at most %zu KiB a stream, %.1f MiB in "
-             "this file)", rec.path, cfg->sample, cfg->max_stream_bytes >> 10,
+    log_info("record: worker %d records streams into %s (sample %g, at most %zu KiB a "
+             "stream, %.1f MiB in this file)", slot, rec.path, cfg->sample, cfg->max_stream_bytes >> 10,
              (double)cfg->max_bytes / (1 << 20));
     return 0;
 }
