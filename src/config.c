@@ -17,7 +17,9 @@
 #endif
 
 enum flag_kind { FLAG_STRING, FLAG_BOOL, FLAG_INT, FLAG_LIMIT, FLAG_LEVEL, FLAG_LOG_FORMAT,
-                 FLAG_HELP, FLAG_VERSION };
+                 FLAG_HELP, FLAG_VERSION,
+                 FLAG_LIST,       /* a string that may be empty */
+                 FLAG_FRACTION }; /* a number in (0, 1] */
 
 struct flag {
     const char *name;     /* canonical, underscore spelling */
@@ -28,6 +30,9 @@ struct flag {
 };
 
 #define AT(field) offsetof(struct config, field)
+
+/* Credentials by name; bodies and metadata are never redacted (docs/operations.md). */
+#define RECORD_REDACT_DEFAULT "authorization,proxy-authorization,cookie,set-cookie,x-api-key"
 
 static const struct flag flags[] = {
     {"secure_address", FLAG_STRING, AT(secure_address), "ADDR",
@@ -80,6 +85,17 @@ static const struct flag flags[] = {
      "then let open streams finish this long before cancelling them (default 20000)"},
     {"content_length_follows_body", FLAG_BOOL, AT(content_length_follows_body), "",
      "a body response that replaces a BUFFERED body sets content-length (default true; =false: off)"},
+    {"record", FLAG_STRING, AT(record_dir), "DIR",
+     "record every finished stream as one JSON line in DIR (docs/operations.md, Recording traffic)"},
+    {"record_sample", FLAG_FRACTION, AT(record_sample), "R",
+     "with --record: record this share of the streams, 0 < R <= 1 (default 1)"},
+    {"record_max_stream_kb", FLAG_LIMIT, AT(record_max_stream_kb), "KB",
+     "with --record: a stream of more bytes than this is not recorded, 1 to 4096 (default 1024)"},
+    {"record_max_mb", FLAG_LIMIT, AT(record_max_mb), "MB",
+     "with --record: stop recording once the server wrote this much into DIR (default 64)"},
+    {"record_redact", FLAG_LIST, AT(record_redact), "LIST",
+     "with --record: headers whose values are written [redacted], comma-separated, empty = none "
+     "(default " RECORD_REDACT_DEFAULT ")"},
     {"unsafe_stdlib", FLAG_BOOL, AT(unsafe_stdlib), "",
      "give scripts os.exit, os.execute, io.popen, debug and binary chunks"},
     {"bench_echo", FLAG_BOOL, AT(bench_echo), "",
@@ -143,6 +159,10 @@ static void set_defaults(struct config *cfg)
     cfg->max_queued_total_mb = 256;
     cfg->drain_grace_ms = 5000;
     cfg->drain_timeout_ms = 20000;
+    cfg->record_sample = 1;
+    cfg->record_max_stream_kb = 1024;
+    cfg->record_max_mb = 64;
+    cfg->record_redact = RECORD_REDACT_DEFAULT;
 }
 
 static enum config_result fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -211,6 +231,16 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
             if (!*value)
                 return fail("flag --%s needs a non-empty value", f->name);
             *(const char **)field = value;
+        } else if (f->kind == FLAG_LIST) {
+            *(const char **)field = value;
+        } else if (f->kind == FLAG_FRACTION) {
+            char *end;
+            errno = 0;
+            double r = strtod(value, &end);
+            if (errno || *end || !*value || !(r > 0 && r <= 1))
+                return fail("flag --%s needs a number above 0 and at most 1, got '%s'", f->name,
+                            value);
+            *(double *)field = r;
         } else if (f->kind == FLAG_INT) {
             char *end;
             errno = 0;
@@ -249,6 +279,13 @@ enum config_result config_parse(struct config *cfg, int argc, char **argv)
     if (cfg->cert_hostnames && cfg->cert_chain_path)
         return fail("--cert_hostnames names the ephemeral certificate; with --cert_chain_path "
                     "the names are those of that certificate");
+    if (cfg->record_max_stream_kb < 1 || cfg->record_max_stream_kb > 4096)
+        return fail("--record_max_stream_kb needs a number from 1 to 4096 (a record line must "
+                    "stay under the 4 MiB callout.json reads), got %d", cfg->record_max_stream_kb);
+    if (cfg->record_max_mb < 1)
+        return fail("--record_max_mb needs a number from 1 to 1000000, got 0");
+    if (cfg->record_dir && cfg->bench_echo)
+        return fail("--record records what the script answers; --bench_echo runs no script");
     if (cfg->client_ca_path && cfg->disable_tls)
         return fail("--client_ca_path is for the TLS gRPC listener, which --disable_tls turns "
                     "off");

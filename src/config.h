@@ -40,6 +40,12 @@ struct config {
     int max_queued_total_mb;        /* the same, summed over all streams */
     int drain_grace_ms;             /* after SIGTERM: new streams still accepted this long */
     int drain_timeout_ms;           /* then: open streams may finish this long */
+    /* --record (docs/operations.md, Recording traffic) */
+    const char *record_dir;         /* record finished streams into files there */
+    double record_sample;           /* the share of streams recorded, (0, 1] */
+    int record_max_stream_kb;       /* a stream with more raw bytes is not recorded */
+    int record_max_mb;              /* what the server writes into record_dir, in all */
+    const char *record_redact;      /* header names whose values are not written */
     const char *worker_of;          /* set in worker processes: "slot,control,metrics,drain fds" */
 };
 

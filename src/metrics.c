@@ -327,6 +327,25 @@ static void render_traffic(struct out *o)
     }
 }
 
+static const char *const record_result_names[METRICS_RECORD_RESULTS] = {
+    "written", "sampled_out", "too_large", "queue_full", "cap_reached", "error", "shutdown",
+};
+
+/* --record (docs/operations.md, Recording traffic); zeros without it. */
+static void render_record(struct out *o)
+{
+    family(o, "luacallout_record_streams_total", "counter",
+           "--record: what became of each finished stream: written; sampled_out "
+           "(--record_sample); too_large (--record_max_stream_kb); queue_full (the recorder "
+           "was behind); cap_reached (--record_max_mb); error; shutdown (left at exit).");
+    for (int r = 0; r < METRICS_RECORD_RESULTS; r++)
+        put(o, "luacallout_record_streams_total{result=\"%s\"} %" PRIu64 "\n",
+            record_result_names[r], sum_u(AT_I(record_streams, r)));
+    family(o, "luacallout_record_bytes_total", "counter",
+           "--record: bytes of record lines written, all files together.");
+    put(o, "luacallout_record_bytes_total %" PRIu64 "\n", sum_u(AT(record_bytes_total)));
+}
+
 /* ---- process_* ------------------------------------------------------------------------- */
 
 struct proc {
@@ -438,6 +457,7 @@ size_t metrics_render(char *buf, size_t len)
     pthread_mutex_unlock(&script_lock);
     render_scalars(&o);
     render_traffic(&o);
+    render_record(&o);
     render_process(&o);
     return o.used < len ? o.used : len;
 }

@@ -32,6 +32,17 @@ enum metrics_outcome {
 };
 /* gRPC status codes 0..16 (luacallout_streams_ended_total{code}). */
 #define METRICS_CODES 17
+/* What became of a stream under --record (luacallout_record_streams_total{result}). */
+enum metrics_record_result {
+    METRICS_RECORD_WRITTEN,       /* its line is in the file */
+    METRICS_RECORD_SAMPLED_OUT,   /* not drawn by --record_sample */
+    METRICS_RECORD_TOO_LARGE,     /* over --record_max_stream_kb (or its line over 4 MiB) */
+    METRICS_RECORD_QUEUE_FULL,    /* the recorder was behind: its queue was full */
+    METRICS_RECORD_CAP_REACHED,   /* this process's share of --record_max_mb was written */
+    METRICS_RECORD_ERROR,         /* no memory, a line that would not convert, a write error */
+    METRICS_RECORD_SHUTDOWN,      /* still queued when the worker's exit could wait no more */
+    METRICS_RECORD_RESULTS
+};
 /* Finite upper bounds of the handler duration histogram (metrics.c); one bucket more
  * counts the calls above the last. */
 #define METRICS_BUCKETS 14
@@ -66,6 +77,10 @@ struct metrics {
     _Atomic int64_t workers_serving;           /* worker processes serving (gauge) */
     _Atomic int64_t workers_stuck;             /* workers stuck in a handler (watchdog) */
     _Atomic int64_t pid;                       /* the worker process (0: none), for process_* */
+    /* the recorder (record.c): serving and recorder threads, atomic adds (only on
+     * streams --record samples, or under --record_sample) */
+    _Atomic uint64_t record_streams[METRICS_RECORD_RESULTS];
+    _Atomic uint64_t record_bytes_total;       /* bytes of record lines written */
     /* not rendered: what the supervisor watches in each worker's slot */
     _Atomic uint64_t heartbeat_ms;             /* CLOCK_MONOTONIC of the main thread's last tick */
     _Atomic uint64_t stuck_since_ms;           /* when the stuck handler call began, or 0 */

@@ -33,6 +33,7 @@
 #include "metrics.h"
 #include "dispatch.h"
 #include "generation.h"
+#include "record.h"
 #include "tag.h"
 #include "vm.h"
 
@@ -69,6 +70,7 @@ struct stream {
     bool had_big;                 /* a big message or answer (see TRIM_BIG_BYTES) */
     grpc_status_code status;
     grpc_slice status_details;
+    struct record_capture *rec;   /* --record: this stream is sampled (record.h) */
 };
 
 static _Atomic uint64_t next_stream_id = 1;
@@ -160,7 +162,6 @@ static void stream_free(struct stream *s)
         s->next->prev = s->prev;
     if (s->recv_payload)
         grpc_byte_buffer_destroy(s->recv_payload);
-    grpc_slice_unref(s->status_details);
     if (s->script)
         dispatch_stream_close(s->script);
     if (s->vm_prev)
@@ -175,6 +176,12 @@ static void stream_free(struct stream *s)
     int code = s->aborted ? (int)s->status
              : s->close_cancelled || !s->status_sent ? GRPC_STATUS_CANCELLED : (int)s->status;
     metrics_stream_ended(code);
+    if (s->rec) {   /* the status the client saw, with its message when it was ours */
+        bool ours = code == (int)s->status;
+        record_end(s->rec, code, (const char *)GRPC_SLICE_START_PTR(s->status_details),
+                   ours ? GRPC_SLICE_LENGTH(s->status_details) : 0);
+    }
+    grpc_slice_unref(s->status_details);
     if ((s->status_sent && s->status != GRPC_STATUS_OK) || s->aborted)
         metrics_inc(&metrics->stream_errors_total);
     grpc_call_unref(s->call);
@@ -231,6 +238,8 @@ static void abort_stream(struct stream *s, grpc_status_code status, const char *
     s->aborted = true;
     s->finishing = true;
     s->status = status;
+    grpc_slice_unref(s->status_details);   /* for the record of the stream (--record) */
+    s->status_details = grpc_slice_from_copied_string(message);
 }
 
 /* Initial metadata leaves with the stream's first send (answer or status), not at its
@@ -390,6 +399,8 @@ static void handle_message(struct stream *s, grpc_byte_buffer *payload)
     note_size(s, GRPC_SLICE_LENGTH(flat));   /* dispatch_handle counts the message */
     struct dispatch_reply reply;
     dispatch_handle(s->script, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
+    if (s->rec)
+        record_message(s->rec, GRPC_SLICE_START_PTR(flat), GRPC_SLICE_LENGTH(flat), &reply);
     grpc_slice_unref(flat);
 
     switch (reply.outcome) {
@@ -491,6 +502,7 @@ void stream_start(grpc_call *call, struct vm *vm)
     vm->stream_list = s;
     s->id = atomic_fetch_add(&next_stream_id, 1);
     s->script = dispatch_stream_open(vm, s->id);
+    s->rec = record_begin(vm, s->id);
     s->status_details = grpc_empty_slice();
     s->recv_tag.done = on_recv;
     s->send_tag.done = on_send;

@@ -31,6 +31,7 @@
 #include "generation.h"
 #include "log.h"
 #include "metrics.h"
+#include "record.h"
 #include "snapshot_pack.h"
 #include "tls.h"
 #include "vm.h"
@@ -1037,6 +1038,10 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
             return 1;
         }
         log_tls_identity(&id, &tls_src);
+    }
+    if (cfg->record_dir && record_check_dir(cfg->record_dir, err, sizeof err) != 0) {
+        log_fatal("%s", err);
+        return 1;
     }
     struct supervisor sv = {.cfg = cfg, .argc = argc, .argv = argv, .held = {-1, -1},
                             .metrics_fd = -1, .drain_pipe = {-1, -1}, .n = cfg->threads, .tls = &id,

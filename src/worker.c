@@ -24,11 +24,14 @@
 #include "grpc_health.h"
 #include "log.h"
 #include "metrics.h"
+#include "record.h"
 #include "server.h"
 #include "snapshot_pack.h"
 #include "stream.h"
 #include "tls.h"
 
+/* After the last stream: how long the recorder may take to write what is queued. */
+#define RECORD_DRAIN_MS 2000
 /* How often the main thread runs the watchdog and builds spare VMs. */
 #define TICK_MS 100
 /* The first records arrive right after exec; a supervisor that sends nothing is broken. */
@@ -205,6 +208,19 @@ int worker_run(const struct config *given)
     stream_set_limits(&stream_limits);
 
     char err[1024];
+    if (cfg.record_dir) {
+        /* the server-wide total, shared evenly by the worker processes too */
+        struct record_config rc = {
+            .dir = cfg.record_dir, .sample = cfg.record_sample,
+            .max_stream_bytes = (size_t)cfg.record_max_stream_kb << 10,
+            .max_bytes = ((size_t)cfg.record_max_mb << 20) / (size_t)processes,
+            .total_mb = cfg.record_max_mb, .processes = processes,
+            .redact = cfg.record_redact,
+        };
+        /* serving goes on without it: a worker restarted after DIR went away still serves */
+        if (record_start(&rc, slot, err, sizeof err) != 0)
+            log_error("record: %s; worker %d records nothing", err, slot);
+    }
     /* the first VMs run the top level: the supervisor must not take that for a hang */
     atomic_store(&metrics->building_since_ms, now_ms());
     struct server *srv = server_start(&cfg, id.cert_pem ? &id : NULL, snap, slot, processes,
@@ -273,6 +289,7 @@ int worker_run(const struct config *given)
     atomic_store(&metrics->workers_serving, 0);
     server_discard(srv, prepared);
     int stopped = server_stop(srv, cfg.drain_timeout_ms);
+    record_stop(RECORD_DRAIN_MS);   /* the streams that ended during the drain too */
     if (stopped == -1)
         _exit(3);
     if (stopped == -2)
