@@ -529,6 +529,368 @@ function checks.denied(x, message)
   return false, format("expected %s; %s", want, tostring(f))
 end
 
+---------------------------------------------------------------------------------------------
+-- Replaying recorded traffic (docs/testing.md, "Replaying recorded traffic"): the lines a
+-- server wrote with --record become cases that send each stream's requests again, on one
+-- stream, and require the very answers and the very failure the server gave. Conversions
+-- are callout.exchange's, the format's one implementation; nothing here needs busted.
+
+local exchange   -- callout.exchange, loaded on the first replay
+
+local function xchg()
+  exchange = exchange or require "callout.exchange"
+  return exchange
+end
+
+local REDACTED = "[redacted]"
+local NOT_COMPARED = "[not compared]"
+
+-- Values below these keys are Struct maps whose keys are the user's, never HeaderValues.
+local struct_fields = { attributes = true, metadata_context = true, dynamic_metadata = true }
+
+-- A copy of a JSON value in which every HeaderValue whose key (any case) is in `names`
+-- carries `NOT_COMPARED` instead of its value: such a header is still compared by its
+-- presence, its place, its append action, never by its value.
+local function blank_values(v, names)
+  if type(v) ~= "table" then return v end
+  local out = {}
+  for k, e in pairs(v) do out[k] = struct_fields[k] and e or blank_values(e, names) end
+  if type(out.key) == "string" and names[lower(out.key)] then
+    for _, f in ipairs { "raw_value", "value" } do
+      if out[f] ~= nil or out[f .. "_base64"] ~= nil then
+        out[f], out[f .. "_base64"] = NOT_COMPARED, nil
+      end
+    end
+  end
+  return out
+end
+
+-- The header names whose values the record shows as "[redacted]" (--record_redact applies
+-- by name to requests and answers alike, so a name redacted anywhere was redacted
+-- everywhere in the line), added to `names`.
+local function redacted_names(v, names)
+  if type(v) ~= "table" then return end
+  if type(v[1]) == "string" and v[2] == REDACTED and v[3] == nil then
+    names[lower(v[1])] = true
+  elseif type(v.key) == "string" and (v.raw_value == REDACTED or v.value == REDACTED) then
+    names[lower(v.key)] = true
+  end
+  for k, e in pairs(v) do
+    if not struct_fields[k] then redacted_names(e, names) end
+  end
+end
+
+-- The phase of a request message, for messages: "request_headers", ..., or "raw".
+local function phase_of(msg)
+  if type(msg) ~= "table" then return "?" end
+  if msg.raw_base64 ~= nil then return "raw" end
+  for _, p in ipairs { "request_headers", "request_body", "request_trailers",
+                       "response_headers", "response_body", "response_trailers" } do
+    if msg[p] ~= nil then return p end
+  end
+  return "?"
+end
+
+-- The value of header `name` in the first request_headers message of a record, whatever
+-- shape the headers take (pairs, HeaderValue objects, a map, {headers = [...]}).
+local function request_header(rec, name)
+  for _, msg in ipairs(type(rec.requests) == "table" and rec.requests or {}) do
+    local h = type(msg) == "table" and type(msg.request_headers) == "table" and
+              msg.request_headers.headers
+    if type(h) == "table" then
+      if type(h.headers) == "table" then h = h.headers end
+      if type(h[name]) == "string" then return h[name] end
+      for _, e in ipairs(h) do
+        if type(e) == "table" then
+          if e[1] == name and type(e[2]) == "string" then return e[2] end
+          if e.key == name and type(e.raw_value or e.value) == "string" then
+            return e.raw_value or e.value
+          end
+        end
+      end
+      return nil
+    end
+  end
+end
+
+-- Whether the record says the server failed the stream because of its last request, and
+-- with which code. record.c writes the status the client saw: the server's own code and
+-- message when it ended the stream, CANCELLED without a message when the client, its
+-- deadline or the transport did. A failure the script caused (dispatch: a script error,
+-- a budget, a denial, a refused message) leaves its request with no answers and ends the
+-- stream right after it. So: a non-OK status other than CANCELLED, with no answers to the
+-- last request, is a failure at that request, to be reproduced; except the server's idle
+-- timeout (DEADLINE_EXCEEDED "no message for N ms", which the client's silence caused).
+-- A non-OK status after answers (the client did not read them: RESOURCE_EXHAUSTED) is the
+-- transport's, not the script's: the replay must answer, and the status is not compared.
+local function expected_failure(rec)
+  local code, message = rec.status.code, rec.status.message or ""
+  if code == M.grpc.OK or code == M.grpc.CANCELLED then return nil end
+  if code == M.grpc.DEADLINE_EXCEEDED and message:find("^no message for ") then return nil end
+  local n = #rec.requests
+  if n == 0 or #rec.responses[n] > 0 then return nil end
+  return n, code
+end
+
+local function status_text(code, message)
+  local s = format("gRPC %s (%d)", grpc_name[code] or "?", code)
+  if message and message ~= "" then
+    if #message > 300 then message = message:sub(1, 297) .. "..." end
+    s = s .. ": " .. message
+  end
+  return s
+end
+
+local function plural(n, what)
+  return format("%d %s%s", n, what, n == 1 and "" or "s")
+end
+
+-- A record line that replay cannot use: raised as "why" (replay adds file:line).
+local function check_record(rec)
+  local x = xchg()
+  if type(rec) ~= "table" then error("a record line is a JSON object", 0) end
+  if rec.version ~= 1 then
+    error(format("unknown record version %s (this kit reads version 1)",
+                 rec.version == nil and "(none)" or tostring(rec.version)), 0)
+  end
+  local function list(v) return type(v) == "table" and (next(v) == nil or v[1] ~= nil) end
+  if not list(rec.requests) then error("the record has no 'requests' list", 0) end
+  if #rec.requests == 0 then
+    error("the record holds no request: nothing to replay (leave it out with opts.filter)", 0)
+  end
+  if not list(rec.responses) then error("the record has no 'responses' list", 0) end
+  if #rec.responses ~= #rec.requests then
+    error(format("the record has %s but %s: every request needs its list of answers",
+                 plural(#rec.requests, "request"), plural(#rec.responses, "list") .. " of answers"), 0)
+  end
+  for i, group in ipairs(rec.responses) do
+    if not list(group) then error(format("responses[%d] is not a list of answers", i), 0) end
+  end
+  if type(rec.status) ~= "table" or math.type(rec.status.code) ~= "integer" then
+    error("the record has no status code", 0)
+  end
+  return x
+end
+
+local replay_options = { ignore_headers = true, filter = true, name = true, redact = true }
+
+local function check_options(opts, fname)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then fail("testing.%s: options must be a table, got %s", fname, type(opts)) end
+  for k, v in pairs(opts) do
+    if not replay_options[k] then fail("testing.%s: unknown option '%s'", fname, tostring(k)) end
+    if (k == "filter" or k == "name") and type(v) ~= "function" then
+      fail("testing.%s: %s must be a function, got %s", fname, k, type(v))
+    end
+    if (k == "ignore_headers" or k == "redact") and type(v) ~= "table" then
+      fail("testing.%s: %s must be a list of header names, got %s", fname, k, type(v))
+    end
+  end
+  return opts
+end
+
+local function name_set(list, into)
+  for _, n in ipairs(list or {}) do into[lower(tostring(n))] = true end
+  return into
+end
+
+-- Replays one record (a decoded record line) through `script` on one stream: nil when the
+-- script answers as the record says, else what differs first:
+--   "request 2 (request_headers): responses[1].request_headers.response...: expected "a", got "b""
+-- A record replay cannot use (unknown version, responses missing) raises.
+function M.replay_stream(record, script, opts)
+  opts = check_options(opts, "replay_stream")
+  local x = check_record(record)
+  -- a redacted value cannot be compared: the script saw "[redacted]", not the original
+  local blank = name_set(opts.redact, {})
+  redacted_names(record, blank)
+  name_set(opts.ignore_headers, blank)
+  local bytes = {}
+  for i, msg in ipairs(record.requests) do
+    local ok, b = pcall(x.encode_request, msg, format("request %d", i))
+    if not ok then error(tostring(b), 0) end
+    bytes[i] = b
+  end
+  local fail_at, fail_code = expected_failure(record)
+  local stream <close> = native.stream(script)
+  for i, b in ipairs(bytes) do
+    local where = format("request %d (%s)", i, phase_of(record.requests[i]))
+    local outcome, a, msg = native.handle(stream, b)
+    last_logs = native.logs()
+    if outcome == "fail" then
+      if i == fail_at and a == fail_code then return nil end
+      if i == fail_at then
+        return format("%s: expected the stream to fail with %s, it failed with %s", where,
+                      status_text(fail_code, record.status.message), status_text(a, msg))
+      end
+      return format("%s: the stream failed with %s; recorded: %s", where, status_text(a, msg),
+                    #record.responses[i] > 0 and plural(#record.responses[i], "answer") or
+                    format("no answer, then %s", status_text(record.status.code, record.status.message)))
+    end
+    local got = {}
+    for j, r in ipairs(outcome == "respond" and a or {}) do
+      got[j] = blank_values(x.response_json(r), blank)
+    end
+    local want = blank_values(record.responses[i], blank)
+    local d = x.diff(want, got, "responses")
+    if #want ~= #got then
+      return format("%s: expected %s, got %s%s", where, plural(#want, "answer"),
+                    plural(#got, "answer"), d and "; " .. d or "")
+    end
+    if d then return format("%s: %s", where, d) end
+  end
+  if fail_at then
+    return format("request %d (%s): expected the stream to fail with %s; the script answered",
+                  fail_at, phase_of(record.requests[fail_at]),
+                  status_text(fail_code, record.status.message))
+  end
+  return nil
+end
+
+-- The files of `path`: itself, or the *.jsonl files of a folder, sorted by name.
+-- nil, why when there is no such file or folder.
+local function record_files(path)
+  local ok, lfs = pcall(require, "lfs")
+  if ok then
+    local attr = lfs.attributes(path)
+    if not attr then return nil, "no such file or folder" end
+    if attr.mode ~= "directory" then return { path } end
+    local out = {}
+    for name in lfs.dir(path) do
+      if name:find("%.jsonl$") and lfs.attributes(path .. "/" .. name, "mode") == "file" then
+        out[#out + 1] = path .. "/" .. name
+      end
+    end
+    table.sort(out)
+    return out
+  end
+  -- without LuaFileSystem: a file opens; a folder lists with ls
+  local f = io.open(path, "rb")
+  if f and f:read(0) then f:close(); return { path } end
+  if f then f:close() end
+  local quoted = "'" .. path:gsub("'", "'\\''") .. "'"
+  local p = io.popen("ls -1 -- " .. quoted .. " 2>/dev/null")
+  local out = {}
+  for name in p:lines() do
+    if name:find("%.jsonl$") then out[#out + 1] = path .. "/" .. name end
+  end
+  if not p:close() and #out == 0 then return nil, "no such file or folder" end
+  table.sort(out)
+  return out
+end
+
+-- The cases of the record files: { name = "...", run = function() -> nil | "file:line: why" }.
+-- What cannot be read is a case too, one that fails: a bad line does not hide the others.
+local function replay_cases(path, script, opts)
+  local cases = {}
+  local function broken(name, why)
+    cases[#cases + 1] = { name = name, run = function() return why end, broken = true }
+  end
+  local files, why = record_files(path)
+  if not files then
+    broken(path, format("%s: %s", path, why))
+    return cases
+  end
+  local decode = native.json.decode
+  local streams = 0
+  for _, file in ipairs(files) do
+    local f, err = io.open(file, "rb")
+    local text = f and f:read("a")
+    if f then f:close() end
+    if not text then
+      broken(file, format("%s: %s", file, err or "cannot read"))
+    else
+      local n = 0
+      for line in (text:sub(-1) == "\n" and text or text .. "\n"):gmatch("([^\n]*)\n") do
+        n = n + 1
+        line = line:gsub("\r$", "")
+        local at = format("%s:%d", file, n)
+        if line:match("%S") then
+          local ok, rec = pcall(decode, line)
+          if not ok then
+            local what = tostring(rec):gsub("^callout%.json: ", "")
+            local w, col = what:match("^(.-) at line 1, column (%d+)$")
+            broken(at, format("%s%s: not a JSON line: %s", at, col and ":" .. col or "", w or what))
+          elseif type(rec) ~= "table" or rec.requests == nil then
+            broken(at, format("%s: not a record line (no 'requests')", at))
+          elseif opts.filter == nil or opts.filter(rec) then
+            streams = streams + 1
+            local name
+            if opts.name then
+              name = tostring(opts.name(rec))
+            else
+              local method, p = request_header(rec, ":method"), request_header(rec, ":path")
+              name = format("%s stream %s%s%s", at, tostring(rec.stream or "?"),
+                            method and " " .. method or "", p and " " .. p or "")
+            end
+            cases[#cases + 1] = { name = name, run = function()
+              local ok2, d = pcall(M.replay_stream, rec, script, opts)
+              if not ok2 then return format("%s: %s", at, tostring(d)) end
+              return d and format("%s: %s", at, d)
+            end }
+          end
+        end
+      end
+    end
+  end
+  if streams == 0 and #cases == 0 then
+    broken(path, format("%s: no streams to replay%s", path,
+                        opts.filter and " (none passed opts.filter)" or
+                        #files == 0 and " (no *.jsonl file in the folder)" or ""))
+  end
+  return cases
+end
+
+-- busted's `it` and `assert` live in the environment busted gives each spec file, not in
+-- _G: find it on the stack, from the spec's functions that called us.
+local function busted_env()
+  if type(rawget(_G, "it")) == "function" then return _G end
+  for level = 2, 60 do
+    local info = debug.getinfo(level, "f")
+    if not info then return nil end
+    for i = 1, 255 do
+      local name, value = debug.getupvalue(info.func, i)
+      if not name then break end
+      if name == "_ENV" and type(value) == "table" and value ~= _G then
+        local ok, it = pcall(function() return value.it end)
+        if ok and type(it) == "function" and type(value.describe) == "function" then
+          return value
+        end
+      end
+    end
+  end
+end
+
+-- testing.replay(path, script [, opts]): under busted, one `it` per record line (and one
+-- failing `it` per line that cannot be read), returning how many it defined; elsewhere it
+-- runs them and returns ok, failures ("file:line: why", in order), the number of cases.
+function M.replay(path, script, opts)
+  if type(path) ~= "string" then fail("testing.replay: expects a file or folder path, got %s", type(path)) end
+  if type(script) == "string" then
+    script = M.load(script)
+  elseif getmetatable(script) == nil or not tostring(script):find("^callout script") then
+    fail("testing.replay: expects a script (testing.load) or its path, got %s", type(script))
+  end
+  opts = check_options(opts, "replay")
+  local cases = replay_cases(path, script, opts)
+  local env = busted_env()
+  if env then
+    for _, c in ipairs(cases) do
+      env.it(c.name, function()
+        local why = c.run()
+        if why then env.assert(false, why) end
+      end)
+    end
+    return #cases
+  end
+  local failures = {}
+  for _, c in ipairs(cases) do
+    local why = c.run()
+    if why then failures[#failures + 1] = why end
+  end
+  return #failures == 0, failures, #cases
+end
+
 local has_luassert, luassert = pcall(require, "luassert")
 if has_luassert then
   local say = require "say"
