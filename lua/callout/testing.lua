@@ -727,15 +727,18 @@ function M.replay_stream(record, script, opts)
                     #record.responses[i] > 0 and plural(#record.responses[i], "answer") or
                     format("no answer, then %s", status_text(record.status.code, record.status.message)))
     end
+    if i == fail_at then break end   -- it answered where the server failed: said below
     local got = {}
     for j, r in ipairs(outcome == "respond" and a or {}) do
       got[j] = blank_values(x.response_json(r), blank)
     end
     local want = blank_values(record.responses[i], blank)
-    local d = x.diff(want, got, "responses")
+    local d
+    for j = 1, math.max(#want, #got) do
+      d = d or x.diff(want[j], got[j], format("responses[%d]", j))
+    end
     if #want ~= #got then
-      return format("%s: expected %s, got %s%s", where, plural(#want, "answer"),
-                    plural(#got, "answer"), d and "; " .. d or "")
+      return format("%s: expected %s, got %d; %s", where, plural(#want, "answer"), #got, d)
     end
     if d then return format("%s: %s", where, d) end
   end
@@ -783,8 +786,8 @@ end
 -- What cannot be read is a case too, one that fails: a bad line does not hide the others.
 local function replay_cases(path, script, opts)
   local cases = {}
-  local function broken(name, why)
-    cases[#cases + 1] = { name = name, run = function() return why end, broken = true }
+  local function broken(name, why, file, line)
+    cases[#cases + 1] = { name = name, run = function() return why end, file = file, line = line }
   end
   local files, why = record_files(path)
   if not files then
@@ -798,7 +801,7 @@ local function replay_cases(path, script, opts)
     local text = f and f:read("a")
     if f then f:close() end
     if not text then
-      broken(file, format("%s: %s", file, err or "cannot read"))
+      broken(file, format("%s: %s", file, err or "cannot read"), file)
     else
       local n = 0
       for line in (text:sub(-1) == "\n" and text or text .. "\n"):gmatch("([^\n]*)\n") do
@@ -810,9 +813,10 @@ local function replay_cases(path, script, opts)
           if not ok then
             local what = tostring(rec):gsub("^callout%.json: ", "")
             local w, col = what:match("^(.-) at line 1, column (%d+)$")
-            broken(at, format("%s%s: not a JSON line: %s", at, col and ":" .. col or "", w or what))
+            broken(at, format("%s%s: not a JSON line: %s", at, col and ":" .. col or "", w or what),
+                   file, n)
           elseif type(rec) ~= "table" or rec.requests == nil then
-            broken(at, format("%s: not a record line (no 'requests')", at))
+            broken(at, format("%s: not a record line (no 'requests')", at), file, n)
           elseif opts.filter == nil or opts.filter(rec) then
             streams = streams + 1
             local name
@@ -823,7 +827,7 @@ local function replay_cases(path, script, opts)
               name = format("%s stream %s%s%s", at, tostring(rec.stream or "?"),
                             method and " " .. method or "", p and " " .. p or "")
             end
-            cases[#cases + 1] = { name = name, run = function()
+            cases[#cases + 1] = { name = name, file = file, line = n, run = function()
               local ok2, d = pcall(M.replay_stream, rec, script, opts)
               if not ok2 then return format("%s: %s", at, tostring(d)) end
               return d and format("%s: %s", at, d)
@@ -861,6 +865,21 @@ local function busted_env()
   end
 end
 
+-- A failure busted reports as a failure (not an error), its text as it is: busted's
+-- assert raises through busted.fail, which adds no position to a message with __tostring.
+local message_mt = { __tostring = function(m) return m[1] end }
+
+-- Defines case c with busted's `it`, from a chunk compiled under the name of c.file at
+-- c.line, the record's line (or the spec's, for a file that cannot be read): busted then
+-- reports "Failure -> recorded.jsonl @ 3", and puts that place before a message that
+-- names none.
+local function busted_define(env, c)
+  local chunk = string.rep("\n", (c.line or 1) - 1) .. "local it, name, run, assert, wrap = ... " ..
+    "it(name, function() local why = run() if why then assert(false, wrap(why)) end end)"
+  local define = assert(load(chunk, "@" .. c.file, "t"))
+  define(env.it, c.name, c.run, env.assert, function(why) return setmetatable({ why }, message_mt) end)
+end
+
 -- testing.replay(path, script [, opts]): under busted, one `it` per record line (and one
 -- failing `it` per line that cannot be read), returning how many it defined; elsewhere it
 -- runs them and returns ok, failures ("file:line: why", in order), the number of cases.
@@ -872,16 +891,26 @@ function M.replay(path, script, opts)
     fail("testing.replay: expects a script (testing.load) or its path, got %s", type(script))
   end
   opts = check_options(opts, "replay")
+  local info = debug.getinfo(outside(), "Sl")
+  local here = { file = info.source:gsub("^[@=]", ""), line = math.max(info.currentline, 1) }
   local cases = replay_cases(path, script, opts)
+  for _, c in ipairs(cases) do
+    if not c.line then c.file, c.line = here.file, here.line end
+  end
   local env = busted_env()
   if env then
-    for _, c in ipairs(cases) do
-      env.it(c.name, function()
-        local why = c.run()
-        if why then env.assert(false, why) end
-      end)
+    for i, c in ipairs(cases) do
+      local ok, err = pcall(busted_define, env, c)
+      if not ok then
+        -- inside a running `it` busted defines no case: run them here instead
+        if i == 1 and tostring(err):find("not supported inside current context", 1, true) then
+          env = nil
+          break
+        end
+        error(err, 0)
+      end
     end
-    return #cases
+    if env then return #cases end
   end
   local failures = {}
   for _, c in ipairs(cases) do
