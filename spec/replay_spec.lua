@@ -312,6 +312,34 @@ describe("testing.replay outside busted's cases", function()
   end)
 end)
 
+describe("testing.replay in plain Lua (no busted, no LuaFileSystem)", function()
+  it("runs the cases and returns ok, failures, n", function()
+    local d = tmpdir()
+    local script = testing.load_string(SCRIPT)
+    local rec = record_of(script, { GET, RESP })
+    local bad = json.decode(json.encode(rec)); bad.version = 3
+    write(d .. "/one.jsonl", { rec, rec })
+    write(d .. "/two.jsonl", { bad })
+    local sf = assert(io.open(d .. "/s.lua", "wb")); sf:write(SCRIPT); sf:close()
+    local prog = d .. "/run.lua"
+    local pf = assert(io.open(prog, "wb"))
+    pf:write(string.format([[
+      package.path, package.cpath = %q, %q
+      package.loaded.lfs, package.preload.lfs = nil, function() error("no lfs here") end
+      local testing = require "callout.testing"
+      local ok, failures, n = testing.replay(%q, %q)
+      print(ok, n, #failures)
+      for _, f in ipairs(failures) do print(f) end
+    ]], package.path, package.cpath, d, d .. "/s.lua"))
+    pf:close()
+    local p = assert(io.popen(string.format("lua5.4 %q 2>&1", prog)))
+    local out = p:read("a")
+    p:close()
+    assert.equal("false\t3\t1\n" .. d .. "/two.jsonl:1: unknown record version 3 " ..
+                 "(this kit reads version 1)\n", out)
+  end)
+end)
+
 describe("the record file the real server wrote (spec/fixtures/replay)", function()
   local script = testing.load(FIXTURE_SCRIPT)
 
