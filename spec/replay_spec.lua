@@ -293,7 +293,7 @@ describe("testing.replay outside busted's cases", function()
     write(d .. "/b.jsonl", { bad })
     write(d .. "/a.jsonl", { rec, bad })
     write(d .. "/notes.txt", { "not a record" })
-    local ok, failures, n = testing.replay(d, script)
+    local ok, failures, n = testing.replay(d .. "/", script)
     assert.is_false(ok)
     assert.equal(3, n)
     assert.same({ d .. "/a.jsonl:2: unknown record version 5 (this kit reads version 1)",
@@ -320,6 +320,7 @@ describe("testing.replay in plain Lua (no busted, no LuaFileSystem)", function()
     local bad = json.decode(json.encode(rec)); bad.version = 3
     write(d .. "/one.jsonl", { rec, rec })
     write(d .. "/two.jsonl", { bad })
+    write(d .. "/empty.jsonl", {})
     local sf = assert(io.open(d .. "/s.lua", "wb")); sf:write(SCRIPT); sf:close()
     local prog = d .. "/run.lua"
     local pf = assert(io.open(prog, "wb"))
@@ -330,13 +331,17 @@ describe("testing.replay in plain Lua (no busted, no LuaFileSystem)", function()
       local ok, failures, n = testing.replay(%q, %q)
       print(ok, n, #failures)
       for _, f in ipairs(failures) do print(f) end
-    ]], package.path, package.cpath, d, d .. "/s.lua"))
+      print(select(2, testing.replay(%q, %q))[1])
+      print(select(2, testing.replay(%q, %q))[1])
+    ]], package.path, package.cpath, d .. "/", d .. "/s.lua", d .. "/none", d .. "/s.lua",
+       d .. "/empty.jsonl", d .. "/s.lua"))
     pf:close()
     local p = assert(io.popen(string.format("lua5.4 %q 2>&1", prog)))
     local out = p:read("a")
     p:close()
     assert.equal("false\t3\t1\n" .. d .. "/two.jsonl:1: unknown record version 3 " ..
-                 "(this kit reads version 1)\n", out)
+                 "(this kit reads version 1)\n" .. d .. "/none: no such file or folder\n" ..
+                 d .. "/empty.jsonl: no streams to replay\n", out)
   end)
 end)
 

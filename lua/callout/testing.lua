@@ -759,6 +759,7 @@ local function record_files(path)
     if not attr then return nil, "no such file or folder" end
     if attr.mode ~= "directory" then return { path } end
     local out = {}
+    path = path:gsub("(.)/+$", "%1")   -- "rec/" names "rec/a.jsonl", not "rec//a.jsonl"
     for name in lfs.dir(path) do
       if name:find("%.jsonl$") and lfs.attributes(path .. "/" .. name, "mode") == "file" then
         out[#out + 1] = path .. "/" .. name
@@ -767,17 +768,17 @@ local function record_files(path)
     table.sort(out)
     return out
   end
-  -- without LuaFileSystem: a file opens; a folder lists with ls
-  local f = io.open(path, "rb")
-  if f and f:read(0) then f:close(); return { path } end
-  if f then f:close() end
+  -- without LuaFileSystem (plain Lua, outside busted): the shell tells
+  path = path:gsub("(.)/+$", "%1")
   local quoted = "'" .. path:gsub("'", "'\\''") .. "'"
+  if not os.execute("test -e " .. quoted) then return nil, "no such file or folder" end
+  if not os.execute("test -d " .. quoted) then return { path } end
   local p = io.popen("ls -1 -- " .. quoted .. " 2>/dev/null")
   local out = {}
   for name in p:lines() do
     if name:find("%.jsonl$") then out[#out + 1] = path .. "/" .. name end
   end
-  if not p:close() and #out == 0 then return nil, "no such file or folder" end
+  p:close()
   table.sort(out)
   return out
 end
