@@ -405,16 +405,21 @@ describe("testing.replay inside busted", function()
       describe("child", function()
         local n = testing.replay(%q, %q)
         it("counted", function() assert.equal(3, n) end)
+        testing.replay(%q, %q, {
+          filter = function(rec) return rec.responses[1][1].request_headers.response
+                                          .header_mutation.set_headers[1].header.raw_value == "z" end,
+          name = function(rec) return "named " .. rec.stream end })
       end)
       testing.replay(%q, %q)
-    ]], d .. "/r.jsonl", script_path, d .. "/missing.jsonl", script_path))
+    ]], d .. "/r.jsonl", script_path, d .. "/r.jsonl", script_path, d .. "/missing.jsonl", script_path))
     cf:close()
     local cmd = string.format("cd %q && LUA_PATH=%q LUA_CPATH=%q busted --output=plainTerminal " ..
                               "--lpath='' --cpath='' %q 2>&1", d, package.path, package.cpath, spec)
     local p = assert(io.popen(cmd))
     local out = p:read("a")
     p:close()
-    assert.matches("2 successes / 3 failures / 0 errors", out, 1, true)
+    assert.matches("2 successes / 5 failures / 0 errors", out, 1, true)   -- line 2 twice
+    assert.matches("Failure -> " .. d .. "/r.jsonl @ 3\nchild named 7\n", out, 1, true)
     -- named after the record, reported at its line
     assert.matches("Failure -> " .. d .. "/r.jsonl @ 3\nchild " .. d .. "/r.jsonl:3 stream 7 GET /a\n",
                    out, 1, true)
@@ -423,7 +428,7 @@ describe("testing.replay inside busted", function()
                    'response.header_mutation.set_headers[1].header.raw_value: expected "z", got "a"',
                    out, 1, true)
     -- a file that cannot be read is one failing case, at the spec's line
-    assert.matches("Failure -> " .. spec .. " @ 6\n" .. d .. "/missing.jsonl\n" .. spec ..
-                   ":6: " .. d .. "/missing.jsonl: no such file or folder", out, 1, true)
+    assert.matches("Failure -> " .. spec .. " @ 10\n" .. d .. "/missing.jsonl\n" .. spec ..
+                   ":10: " .. d .. "/missing.jsonl: no such file or folder", out, 1, true)
   end)
 end)
