@@ -115,6 +115,19 @@ describe("testing.replay_stream", function()
     assert.is_nil(testing.replay_stream(rec, script))
   end)
 
+  it("reproduces INVALID_ARGUMENT for a message that did not decode, sent again as its bytes", function()
+    local stream <close> = testing.stream(script)
+    local r = stream:send("\255\255\255")
+    local rec = json.decode(json.encode(exchange.record(
+      { requests = { "\255\255\255" }, responses = { {} }, status = r.status, message = r.message })))
+    assert.equal(3, rec.status.code)
+    assert.is_not_nil(rec.requests[1].raw_base64)
+    assert.is_nil(testing.replay_stream(rec, script))
+    rec.status.code = 13
+    assert.matches("^request 1 %(raw%): expected the stream to fail with gRPC INTERNAL %(13%): " ..
+                   ".*, it failed with gRPC INVALID_ARGUMENT %(3%)", testing.replay_stream(rec, script))
+  end)
+
   it("is red when the recorded failure does not happen any more", function()
     local rec = record_of(script, { FAIL })
     local fixed = testing.load_string((SCRIPT:gsub('error%("asked to fail"%)', "")))

@@ -10,6 +10,9 @@
 --   local resp = testing.run(script, testing.request_headers { [":path"] = "/", foo = "bar" })
 --   assert.header_set(resp, "hello", "service-extensions")
 --
+-- testing.replay turns the lines a server wrote with --record into cases that require the
+-- same answers again (see "Replaying recorded traffic" below).
+--
 -- Not embedded in the server: it lives on busted's --lpath only.
 
 local native = require "callout.native"
