@@ -214,8 +214,8 @@ static void dirs_of_file(const struct watch *w, const char *path, struct dirs *d
         folder_of(real, rdir, sizeof rdir);
         dirs_add(d, rdir);
     }
-    if (rel_of(w, path) == path || strcmp(w->dir, ".") == 0)
-        return;   /* not under the script's folder as given (or relative: few levels) */
+    if (rel_of(w, path) == path && strcmp(w->dir, ".") != 0)
+        return;   /* not under the script's folder as given */
     size_t top = strlen(w->dir);
     for (char *slash; strlen(dir) > top && (slash = strrchr(dir, '/')) != NULL;) {
         *slash = '\0';
@@ -225,13 +225,17 @@ static void dirs_of_file(const struct watch *w, const char *path, struct dirs *d
 }
 
 /* Every *.lua under path (hidden entries skipped: a ConfigMap's `..data` and its targets
- * would count each file twice), up to TREE_DEPTH folders down; with hashes when `out`. */
-static void scan_tree(const struct watch *w, const char *path, int depth, struct list *out,
-                      struct dirs *d)
+ * would count each file twice), up to TREE_DEPTH folders down and MAX_DIRS folders in all
+ * (*budget), so a script in a big folder stays cheap; with hashes when `out`. */
+static void scan_folder(const struct watch *w, const char *path, int depth, int *budget,
+                        struct list *out, struct dirs *d)
 {
+    if (*budget <= 0)
+        return;
     DIR *dp = opendir(path);
     if (!dp)
         return;
+    --*budget;
     if (d)
         dirs_add(d, path);
     struct dirent *e;
@@ -246,7 +250,7 @@ static void scan_tree(const struct watch *w, const char *path, int depth, struct
             continue;
         size_t n = strlen(e->d_name);
         if (S_ISDIR(st.st_mode) && depth < TREE_DEPTH) {
-            scan_tree(w, p, depth + 1, out, d);
+            scan_folder(w, p, depth + 1, budget, out, d);
         } else if (out && S_ISREG(st.st_mode) && n > 4 &&
                    strcmp(e->d_name + n - 4, ".lua") == 0 && out->n < TREE_MAX_FILES) {
             uint64_t h = 0;
@@ -255,6 +259,12 @@ static void scan_tree(const struct watch *w, const char *path, int depth, struct
         }
     }
     closedir(dp);
+}
+
+static void scan_tree(const struct watch *w, struct list *out, struct dirs *d)
+{
+    int budget = MAX_DIRS;
+    scan_folder(w, w->dir, 0, &budget, out, d);
 }
 
 /* Arms inotify on the folders of the current set, and drops the watches no longer needed
@@ -268,7 +278,7 @@ static void arm(struct watch *w)
     for (int i = 0; i < w->files.n; i++)
         dirs_of_file(w, w->files.v[i].path, &d);
     if (w->failed)
-        scan_tree(w, w->dir, 0, NULL, &d);
+        scan_tree(w, NULL, &d);
     int *wds = calloc((size_t)d.n, sizeof *wds);
     int n = 0;
     for (int i = 0; wds && i < d.n; i++) {
@@ -326,7 +336,7 @@ static int check(struct watch *w, char *names, size_t len)
     }
     if (w->failed) {
         struct list now = {0};
-        scan_tree(w, w->dir, 0, &now, NULL);
+        scan_tree(w, &now, NULL);
         for (int i = 0; i < now.n; i++) {
             const struct entry *was = list_find(&w->tree, now.v[i].rel);
             if ((!was || differs(was, now.v[i].present, now.v[i].hash)) &&
@@ -426,7 +436,7 @@ void watch_set_files(struct watch *w, const struct watch_file *files, int n, boo
             log_warn("watch: out of memory: %s is not watched", files[i].path);
     }
     if (failed)
-        scan_tree(w, w->dir, 0, &tree, NULL);
+        scan_tree(w, &tree, NULL);
     pthread_mutex_lock(&w->lock);
     struct list old = w->files, old_tree = w->tree;
     w->files = l;

@@ -230,3 +230,17 @@ def test_sighup_reload_replaces_the_watched_set(servers, app):
     gen = generation(srv)
     (app / "lib/auth/util.lua").write_text(module("B"))
     stays(srv, gen)
+
+
+@pytest.mark.parametrize("where", ["app", "."])
+def test_a_relative_script_path_names_modules_relative_to_its_folder(servers, where):
+    from pathlib import Path
+    d = servers.tmpdir / where
+    tree(d, {"rel.lua": MAIN, "lib/auth/util.lua": module("A")})
+    srv = start(servers, Path(where) / "rel.lua")   # relative to the server's cwd, tmpdir
+    stub = srv.stub()
+    assert tag_of(stub) == "A"
+    (d / "lib/auth/util.lua").write_text(module("B"))
+    wait_generation(srv, 2)
+    assert re.search(r"watch: lib/auth/util\.lua changed: reloading", srv.log()), srv.log()
+    assert tag_of(stub) == "B"
