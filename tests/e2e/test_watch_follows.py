@@ -219,19 +219,6 @@ def test_a_module_no_longer_required_stops_being_watched(servers, app):
     assert tag_of(stub) == "C"
 
 
-def test_sighup_reload_replaces_the_watched_set(servers, app):
-    import signal
-    srv = start(servers, app / "main.lua")
-    (app / "main.lua").write_text(MAIN_NO_UTIL)
-    # the watch reloads it, or the SIGHUP does: either way generation 2 drops the module
-    srv.proc.send_signal(signal.SIGHUP)
-    h.wait_for(lambda: generation(srv) >= 2, 5, "the reload")
-    time.sleep(QUIET_S)
-    gen = generation(srv)
-    (app / "lib/auth/util.lua").write_text(module("B"))
-    stays(srv, gen)
-
-
 @pytest.mark.parametrize("where", ["app", "."])
 def test_a_relative_script_path_names_modules_relative_to_its_folder(servers, where):
     from pathlib import Path
