@@ -387,15 +387,11 @@ static void *watch_main(void *arg)
                 continue;
             break;
         }
-        if (pfd[1].revents) {
-            if (woken_to_stop(w))
-                break;
-            pthread_mutex_lock(&w->lock);
-            arm(w);   /* a new set: its folders */
-            pthread_mutex_unlock(&w->lock);
-            if (!pfd[0].revents)
-                continue;
-        }
+        /* A new set is checked like an event: its folders are armed, and a file that
+         * changed between its load and now (no folder of it was watched yet: a new
+         * subfolder, or the first load before the watch started) is found. */
+        if (pfd[1].revents && woken_to_stop(w))
+            break;
         drain(w->ifd);
         /* Let the burst settle: a ConfigMap swap or an editor's save is several events. */
         for (;;) {
