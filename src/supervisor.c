@@ -83,6 +83,7 @@ struct supervisor {
     struct tls_identity *tls;        /* what identity was packed from (no cert_pem: no TLS) */
     struct tls_source tls_src;       /* where it is read from again (reload_tls) */
     struct admin *admin;             /* the health listener, which serves it too */
+    _Atomic(struct watch *) watch;   /* --watch: follows the files of the last load */
     pthread_mutex_t lock;            /* reloads (watch thread) against restarts (main) */
     pthread_mutex_t reload_lock;     /* one reload at a time (the load runs outside lock) */
     pthread_mutex_t hup_lock;        /* the SIGHUP reload thread's state: */
@@ -433,6 +434,26 @@ struct loaded {
     char sha256[65];
 };
 
+/* --watch follows the files a load read: the script and every module and file its top
+ * level read, with the bytes it read (snap NULL: the script could not be read). */
+static void watch_follow(struct supervisor *sv, const struct snapshot *snap, bool failed)
+{
+    struct watch *w = atomic_load(&sv->watch);
+    if (!w)
+        return;
+    size_t n = snap ? snap->nfiles + 1 : 1;
+    struct watch_file *files = calloc(n, sizeof *files);
+    if (!files)
+        return;   /* the old set stays watched */
+    files[0] = snap ? (struct watch_file){snap->path, snap->source, snap->len}
+                    : (struct watch_file){sv->cfg->script_path, NULL, 0};
+    for (size_t i = 1; i < n; i++)   /* a C module (no data): as it is on disk now */
+        files[i] = (struct watch_file){snap->files[i - 1].name, snap->files[i - 1].data,
+                                       snap->files[i - 1].len};
+    watch_set_files(w, files, (int)n, failed);
+    free(files);
+}
+
 /* Loads the script as generation `generation`, here (so a broken script never reaches a
  * worker), and packs it. 0, or -1 with "file:line: msg" in err. */
 static int load(struct supervisor *sv, uint64_t generation, struct loaded *out, char *err,
@@ -440,7 +461,13 @@ static int load(struct supervisor *sv, uint64_t generation, struct loaded *out, 
 {
     uint64_t t0 = now_us();
     struct vm *vm = NULL;
-    if (generation_load(sv->cfg->script_path, generation, &vm, 1, err, errlen) != 0)
+    /* generation_load, keeping the snapshot for the watch: what this load read (up to its
+     * failure, when it fails) is what a change to is worth a reload */
+    struct snapshot *snap = snapshot_read(sv->cfg->script_path, generation, err, errlen);
+    int built = snap ? generation_build(snap, &vm, 1, err, errlen) : -1;
+    watch_follow(sv, snap, built != 0);
+    snapshot_unref(snap);     /* the VM holds its own reference */
+    if (built != 0)
         return -1;
     out->packed = snapshot_pack(vm->snap, &out->len);
     if (!out->packed) {
@@ -1098,6 +1125,12 @@ int supervisor_run(const struct config *cfg, int argc, char **argv)
                             sizeof err);
         if (!watch)
             log_error("--watch: %s; reload with SIGHUP instead", err);
+        atomic_store(&sv.watch, watch);
+        /* the first load's files, from the generation every worker runs */
+        struct snapshot *first = watch ? snapshot_unpack(sv.packed, sv.packed_len) : NULL;
+        if (first)
+            watch_follow(&sv, first, false);
+        snapshot_unref(first);
         tls_watch = watch_tls(&sv);
     }
 
@@ -1136,6 +1169,7 @@ out:
             log_info("stopped");
         _exit(rc);
     }
+    atomic_store(&sv.watch, NULL);
     watch_stop(watch);
     watch_stop(tls_watch);
     for (int i = 0; i < 2; i++) {
