@@ -78,14 +78,14 @@ static int dry_run(struct vm *vm, const char *request_path)
         struct dispatch_stream *st = dispatch_stream_open(vm, i + 1);
         int status = 0;
         const char *message = "";
-        char failed[1024];
+        char *failed = NULL;   /* the whole message, as the server sends it */
         for (size_t j = 0; st && j < streams[i].count; j++) {
             struct dispatch_reply reply;
             dispatch_handle(st, streams[i].data[j], streams[i].lens[j], &reply);
             if (reply.outcome == DISPATCH_FAIL) {
                 status = reply.status;
-                snprintf(failed, sizeof failed, "%s", reply.message);
-                message = failed;
+                failed = strdup(reply.message);
+                message = failed ? failed : "out of memory";
                 break;
             }
             for (size_t k = 0, at = 0;
@@ -103,7 +103,9 @@ static int dry_run(struct vm *vm, const char *request_path)
         }
         size_t len = 0;
         char *line = exchange_status_line(x, status, message, nstreams > 1 ? (int)i + 1 : 0, &len);
-        put_line(line, len);
+        if (!put_line(line, len))
+            fprintf(stderr, "luacallout: stream %zu: cannot write its status line\n", i + 1);
+        free(failed);
         if (status != 0)
             rc = 1;
         if (st)

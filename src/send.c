@@ -431,6 +431,8 @@ static int run_all(struct client *c, struct exchange_msgs *streams, size_t nstre
             fputc('\n', stdout);
             fflush(stdout);
             free(line);
+        } else {
+            fprintf(stderr, "luacallout send: stream %zu: cannot write its status line\n", i + 1);
         }
         if (r.code != GRPC_STATUS_OK || r.bad_answer)
             rc = 1;

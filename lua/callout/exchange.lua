@@ -310,7 +310,10 @@ function M.status(code, message)
   local s = json.object()
   s.code = code
   s.name = M.status_names[code] or "UNKNOWN"
-  s.message = message or ""
+  -- a status message is bytes on the wire (grpc-message): one that is not UTF-8 (a script's
+  -- error quoting a client's header, a hostile server) is kept, as base64, not dropped
+  message = message or ""
+  if utf8.len(message) then s.message = message else s.message_base64 = native.base64_encode(message) end
   return s
 end
 

@@ -183,3 +183,53 @@ def test_a_bad_file_is_refused_naming_where(servers, text, where, why):
 def test_request_needs_check(servers):
     rc, out, err = servers.run_to_exit(["--request", "x.json", "script.lua"])
     assert rc == 2 and "--request is a dry run of --check" in err, err
+
+
+STATUS_SCRIPT = """
+function on_request_headers(h, ctx)
+  local c = h:get("case")
+  if c == "long" then error(string.rep("a", 5000)) end
+  if c == "byte" then error("bad byte \\255 here") end
+  if c == "echo" then error("header was: " .. (h:get("x") or "")) end
+  if c == "deny" then return { deny = "denied \\255" } end
+end
+"""
+
+
+def test_status_messages_long_or_not_utf8_are_kept_and_match_the_server(servers):
+    """A status message is bytes: one longer than 1 KiB, or not UTF-8 (a script's error
+    quoting a client's header), is printed whole (message_base64 when not UTF-8) by the dry
+    run and by send against a running server — the same lines — and recorded the same."""
+    import subprocess
+    script = servers.script(STATUS_SCRIPT, "status.lua")
+    streams = [[{"request_headers": {"headers": [["case", c]] + extra}}]
+               for c, extra in (("long", []), ("byte", []),
+                                ("echo", [{"key": "x", "raw_value_base64": "/w=="}]),
+                                ("deny", []), ("ok", []))]
+    text = "".join(json.dumps({"requests": s}) + "\n" for s in streams)
+    rc, dry, err = run_check(servers, script, text)
+    assert rc == 1, (dry, err)
+    statuses = [json.loads(l)["status"] for l in dry if '"status"' in l]
+    assert [s["code"] for s in statuses] == [13, 13, 13, 7, 0], dry
+
+    def message(s):
+        return base64.b64decode(s["message_base64"]) if "message_base64" in s \
+            else s["message"].encode()
+    assert message(statuses[0]).endswith(b"a" * 1500), statuses[0]
+    assert b"bad byte \xff here" in message(statuses[1]) and "message" not in statuses[1]
+    assert message(statuses[2]).endswith(b"header was: \xff")
+    assert message(statuses[3]) == b"denied \xff"
+
+    record = servers.tmpdir / "rec"
+    srv = servers.start(script, "--record", str(record))
+    path = servers.tmpdir / "status.jsonl"
+    path.write_text(text)
+    p = subprocess.run([h.BIN, "send", str(path), "--target", srv.target("plaintext"),
+                        "--plaintext"], capture_output=True, timeout=30)
+    live = [l for l in p.stdout.decode().split("\n") if l]
+    assert p.returncode == 1, p.stderr
+    assert live == dry, "send and --check --request differ"
+    srv.signal_and_wait()
+    lines = [json.loads(l) for f in sorted(record.glob("*.jsonl")) for l in f.open()]
+    assert sorted((l["stream"], json.dumps(l["status"])) for l in lines) == \
+        sorted((i + 1, json.dumps(s)) for i, s in enumerate(statuses)), lines
