@@ -403,6 +403,33 @@ describe("testing.replay inside busted", function()
     assert.equal(4, n)
   end)
 
+  it("defines its cases from a describe block that names no global (the docs' example)", function()
+    -- such a block has no _ENV: a replay that ran its cases in place there was green with
+    -- no case at all
+    local d = tmpdir()
+    local rec = record_of(testing.load_string(SCRIPT), { GET })
+    local bad = json.decode(json.encode(rec))
+    bad.responses[1][1].request_headers.response.header_mutation.set_headers[1].header.raw_value = "z"
+    write(d .. "/r.jsonl", { rec, bad })
+    local script_path = d .. "/s.lua"
+    local sf = assert(io.open(script_path, "wb")); sf:write(SCRIPT); sf:close()
+    local spec = d .. "/only_spec.lua"
+    local cf = assert(io.open(spec, "wb"))
+    cf:write(string.format([[
+      local testing = require "callout.testing"
+      describe("only replay", function()
+        testing.replay(%q, %q)
+      end)
+    ]], d .. "/r.jsonl", script_path))
+    cf:close()
+    local cmd = string.format("cd %q && LUA_PATH=%q LUA_CPATH=%q busted --output=plainTerminal " ..
+                              "--lpath='' --cpath='' %q 2>&1", d, package.path, package.cpath, spec)
+    local p = assert(io.popen(cmd))
+    local out = p:read("a")
+    p:close()
+    assert.matches("1 success / 1 failure / 0 errors", out, 1, true)
+  end)
+
   it("turns differences and unreadable lines into failing cases, not a crashed suite", function()
     local d = tmpdir()
     local rec = record_of(testing.load_string(SCRIPT), { GET })

@@ -850,22 +850,35 @@ local function replay_cases(path, script, opts)
 end
 
 -- busted's `it` and `assert` live in the environment busted gives each spec file, not in
--- _G: find it on the stack, from the spec's functions that called us.
+-- _G: find them on the stack — in the _ENV of a spec function that called us, or, since a
+-- describe block that names no global has no _ENV at all, in the `api` table of the busted
+-- instance whose functions are running the block.
+local function busted_api(value)
+  local ok, it, describe = pcall(function() return value.it, value.describe end)
+  return ok and type(it) == "function" and type(describe) == "function"
+end
+
 local function busted_env()
   if type(rawget(_G, "it")) == "function" then return _G end
-  for level = 2, 60 do
+  for level = 2, 200 do
     local info = debug.getinfo(level, "f")
-    if not info then return nil end
+    if not info then break end
     for i = 1, 255 do
       local name, value = debug.getupvalue(info.func, i)
       if not name then break end
-      if name == "_ENV" and type(value) == "table" and value ~= _G then
-        local ok, it = pcall(function() return value.it end)
-        if ok and type(it) == "function" and type(value.describe) == "function" then
-          return value
-        end
+      if name == "_ENV" and type(value) == "table" and value ~= _G and busted_api(value) then
+        return value
+      end
+      if name == "busted" and type(value) == "table" and type(rawget(value, "api")) == "table"
+         and busted_api(value.api) then
+        return value.api
       end
     end
+  end
+  -- under busted, running the cases here would make a describe block green with no case
+  -- at all: refuse instead
+  if package.loaded["busted.core"] then
+    fail("testing.replay: cannot find busted's `it` from here; call it at a spec file's top level or in a describe block")
   end
 end
 
