@@ -395,6 +395,32 @@ describe("the record file the real server wrote (spec/fixtures/replay)", functio
   end)
 end)
 
+-- A folder holding s.lua (SCRIPT) and r.jsonl: a good record of GET, then the given lines,
+-- where "bad" is that record with its header value changed to "z".
+local function child_dir(lines)
+  local d = tmpdir()
+  local rec = record_of(testing.load_string(SCRIPT), { GET })
+  local bad = json.decode(json.encode(rec))
+  bad.responses[1][1].request_headers.response.header_mutation.set_headers[1].header.raw_value = "z"
+  local out = { rec }
+  for _, l in ipairs(lines) do out[#out + 1] = l == "bad" and bad or l end
+  write(d .. "/r.jsonl", out)
+  local sf = assert(io.open(d .. "/s.lua", "wb")); sf:write(SCRIPT); sf:close()
+  return d, d .. "/r.jsonl", d .. "/s.lua"
+end
+
+-- busted run in a child process on a spec file of `source` -> its output
+local function child_busted(d, name, source)
+  local spec = d .. "/" .. name
+  local cf = assert(io.open(spec, "wb")); cf:write(source); cf:close()
+  local cmd = string.format("cd %q && LUA_PATH=%q LUA_CPATH=%q busted --output=plainTerminal " ..
+                            "--lpath='' --cpath='' %q 2>&1", d, package.path, package.cpath, spec)
+  local p = assert(io.popen(cmd))
+  local out = p:read("a")
+  p:close()
+  return out, spec
+end
+
 describe("testing.replay inside busted", function()
   -- at describe level: one `it` per line of the file, named after it
   local n = testing.replay(FIXTURE, FIXTURE_SCRIPT, { ignore_headers = { "x-auth-echo" } })
@@ -406,41 +432,19 @@ describe("testing.replay inside busted", function()
   it("defines its cases from a describe block that names no global (the docs' example)", function()
     -- such a block has no _ENV: a replay that ran its cases in place there was green with
     -- no case at all
-    local d = tmpdir()
-    local rec = record_of(testing.load_string(SCRIPT), { GET })
-    local bad = json.decode(json.encode(rec))
-    bad.responses[1][1].request_headers.response.header_mutation.set_headers[1].header.raw_value = "z"
-    write(d .. "/r.jsonl", { rec, bad })
-    local script_path = d .. "/s.lua"
-    local sf = assert(io.open(script_path, "wb")); sf:write(SCRIPT); sf:close()
-    local spec = d .. "/only_spec.lua"
-    local cf = assert(io.open(spec, "wb"))
-    cf:write(string.format([[
+    local d, rec, script = child_dir({ "bad" })
+    local out = child_busted(d, "only_spec.lua", string.format([[
       local testing = require "callout.testing"
       describe("only replay", function()
         testing.replay(%q, %q)
       end)
-    ]], d .. "/r.jsonl", script_path))
-    cf:close()
-    local cmd = string.format("cd %q && LUA_PATH=%q LUA_CPATH=%q busted --output=plainTerminal " ..
-                              "--lpath='' --cpath='' %q 2>&1", d, package.path, package.cpath, spec)
-    local p = assert(io.popen(cmd))
-    local out = p:read("a")
-    p:close()
+    ]], rec, script))
     assert.matches("1 success / 1 failure / 0 errors", out, 1, true)
   end)
 
   it("turns differences and unreadable lines into failing cases, not a crashed suite", function()
-    local d = tmpdir()
-    local rec = record_of(testing.load_string(SCRIPT), { GET })
-    local bad = json.decode(json.encode(rec))
-    bad.responses[1][1].request_headers.response.header_mutation.set_headers[1].header.raw_value = "z"
-    write(d .. "/r.jsonl", { rec, "garbage", bad })
-    local script_path = d .. "/s.lua"
-    local sf = assert(io.open(script_path, "wb")); sf:write(SCRIPT); sf:close()
-    local spec = d .. "/child_spec.lua"
-    local cf = assert(io.open(spec, "wb"))
-    cf:write(string.format([[
+    local d, rec, script_path = child_dir({ "garbage", "bad" })
+    local out, spec = child_busted(d, "child_spec.lua", string.format([[
       local testing = require "callout.testing"
       describe("child", function()
         local n = testing.replay(%q, %q)
@@ -451,13 +455,7 @@ describe("testing.replay inside busted", function()
           name = function(rec) return "named " .. rec.stream end })
       end)
       testing.replay(%q, %q)
-    ]], d .. "/r.jsonl", script_path, d .. "/r.jsonl", script_path, d .. "/missing.jsonl", script_path))
-    cf:close()
-    local cmd = string.format("cd %q && LUA_PATH=%q LUA_CPATH=%q busted --output=plainTerminal " ..
-                              "--lpath='' --cpath='' %q 2>&1", d, package.path, package.cpath, spec)
-    local p = assert(io.popen(cmd))
-    local out = p:read("a")
-    p:close()
+    ]], rec, script_path, rec, script_path, d .. "/missing.jsonl", script_path))
     assert.matches("2 successes / 5 failures / 0 errors", out, 1, true)   -- line 2 twice
     assert.matches("Failure -> " .. d .. "/r.jsonl @ 3\nchild named 7\n", out, 1, true)
     -- named after the record, reported at its line
