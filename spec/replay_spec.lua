@@ -222,14 +222,14 @@ describe("testing.replay_stream", function()
   end)
 end)
 
-describe("testing.replay outside busted's cases", function()
+describe("testing.replay_all (and replay outside busted's cases)", function()
   local script = testing.load_string(SCRIPT)
   local dir = tmpdir()
 
   it("returns true, no failures and the number of cases when every stream answers the same", function()
     local path = dir .. "/ok.jsonl"
     write(path, { record_of(script, { GET, RESP }), record_of(script, { GET, FAIL }) })
-    local ok, failures, n = testing.replay(path, script)
+    local ok, failures, n = testing.replay_all(path, script)
     assert.same({ true, {}, 2 }, { ok, failures, n })
   end)
 
@@ -239,7 +239,7 @@ describe("testing.replay outside busted's cases", function()
     local bad = json.decode(json.encode(good))
     bad.responses[1][1].request_headers.response.header_mutation.set_headers[1].header.raw_value = "z"
     write(path, { good, "", bad })
-    local ok, failures = testing.replay(path, script)
+    local ok, failures = testing.replay_all(path, script)
     assert.is_false(ok)
     assert.same({ path .. ':3: request 1 (request_headers): responses[1].request_headers.' ..
                   'response.header_mutation.set_headers[1].header.raw_value: expected "z", got "a"' },
@@ -252,7 +252,7 @@ describe("testing.replay outside busted's cases", function()
     local v9 = json.decode(json.encode(good)); v9.version = 9
     local noresp = json.decode(json.encode(good)); noresp.responses = nil
     write(path, { good, "{not json", v9, noresp, '{"request_headers": {}}', good })
-    local ok, failures, n = testing.replay(path, script)
+    local ok, failures, n = testing.replay_all(path, script)
     assert.is_false(ok)
     assert.equal(6, n)
     assert.same({
@@ -270,17 +270,17 @@ describe("testing.replay outside busted's cases", function()
   it("is never green by accident: a missing file, an empty file, nothing left by filter", function()
     local missing = dir .. "/nope.jsonl"
     assert.same({ false, { missing .. ": no such file or folder" }, 1 },
-                { testing.replay(missing, script) })
+                { testing.replay_all(missing, script) })
     local empty = dir .. "/empty.jsonl"
     write(empty, {})
-    assert.same({ false, { empty .. ": no streams to replay" }, 1 }, { testing.replay(empty, script) })
+    assert.same({ false, { empty .. ": no streams to replay" }, 1 }, { testing.replay_all(empty, script) })
     local path = dir .. "/some.jsonl"
     write(path, { record_of(script, { GET }) })
     assert.same({ false, { path .. ": no streams to replay (none passed opts.filter)" }, 1 },
-                { testing.replay(path, script, { filter = function() return false end }) })
+                { testing.replay_all(path, script, { filter = function() return false end }) })
     local nofiles = tmpdir()
     assert.same({ false, { nofiles .. ": no streams to replay (no *.jsonl file in the folder)" }, 1 },
-                { testing.replay(nofiles, script) })
+                { testing.replay_all(nofiles, script) })
   end)
 
   it("keeps only the records opts.filter accepts", function()
@@ -289,9 +289,9 @@ describe("testing.replay outside busted's cases", function()
     local broken = json.decode(json.encode(b))
     broken.responses[1] = { a.responses[1][1] }   -- red if replayed
     write(path, { a, broken, a })
-    assert.is_false((testing.replay(path, script)))
+    assert.is_false((testing.replay_all(path, script)))
     local seen = {}
-    local ok, failures, n = testing.replay(path, script, { filter = function(rec)
+    local ok, failures, n = testing.replay_all(path, script, { filter = function(rec)
       seen[#seen + 1] = rec.requests[1].request_headers.headers[2][2]
       return rec.status.code == 0
     end })
@@ -306,7 +306,7 @@ describe("testing.replay outside busted's cases", function()
     write(d .. "/b.jsonl", { bad })
     write(d .. "/a.jsonl", { rec, bad })
     write(d .. "/notes.txt", { "not a record" })
-    local ok, failures, n = testing.replay(d .. "/", script)
+    local ok, failures, n = testing.replay_all(d .. "/", script)
     assert.is_false(ok)
     assert.equal(3, n)
     assert.same({ d .. "/a.jsonl:2: unknown record version 5 (this kit reads version 1)",
@@ -317,11 +317,33 @@ describe("testing.replay outside busted's cases", function()
     local path = dir .. "/path.jsonl"
     write(path, { record_of(testing.load(FIXTURE_SCRIPT),
                             { { request_headers = { headers = { [":path"] = "/" } } } }) })
-    assert.same({ true, {}, 1 }, { testing.replay(path, FIXTURE_SCRIPT) })
-    assert.has_error(function() testing.replay(path, {}) end,
-                     "testing.replay: expects a script (testing.load) or its path, got table")
+    assert.same({ true, {}, 1 }, { testing.replay_all(path, FIXTURE_SCRIPT) })
+    assert.has_error(function() testing.replay_all(path, {}) end,
+                     "testing.replay_all: expects a script (testing.load) or its path, got table")
+    assert.has_error(function() testing.replay_all(path, script, { nope = 1 }) end,
+                     "testing.replay_all: unknown option 'nope'")
     assert.has_error(function() testing.replay(path, script, { nope = 1 }) end,
                      "testing.replay: unknown option 'nope'")
+  end)
+
+  it("testing.replay inside a running case fails the case when a stream differs", function()
+    -- a result nobody reads would leave the case green
+    local path = dir .. "/inside.jsonl"
+    local rec = record_of(script, { GET })
+    write(path, { rec })
+    assert.equal(1, testing.replay(path, script))
+    local bad = json.decode(json.encode(rec))
+    bad.responses[1][1].request_headers.response.header_mutation.set_headers[1].header.raw_value = "z"
+    write(path, { rec, bad })
+    local ok, err = pcall(testing.replay, path, script)
+    assert.is_false(ok)
+    assert.matches('testing.replay: 1 of 2 streams differ:\n' .. path .. ':2: request 1', tostring(err), 1, true)
+    assert.has_error(function() testing.replay(dir .. "/nope.jsonl", script) end)
+  end)
+
+  it("testing.replay_stream takes a script's path too", function()
+    local rec = record_of(testing.load(FIXTURE_SCRIPT), { { request_headers = { headers = { [":path"] = "/" } } } })
+    assert.is_nil(testing.replay_stream(rec, FIXTURE_SCRIPT))
   end)
 end)
 
@@ -363,14 +385,14 @@ describe("the record file the real server wrote (spec/fixtures/replay)", functio
 
   it("replays green, once x-auth-echo (which echoes a redacted header) is ignored", function()
     assert.same({ true, {}, 4 },
-                { testing.replay(FIXTURE, script, { ignore_headers = { "x-auth-echo" } }) })
+                { testing.replay_all(FIXTURE, script, { ignore_headers = { "x-auth-echo" } }) })
   end)
 
   it("is red at the echo without ignore_headers", function()
     assert.same({ false, { FIXTURE .. ':1: request 1 (request_headers): responses[1].' ..
                            'request_headers.response.header_mutation.set_headers[2].header.' ..
                            'raw_value: expected "Bearer test-token", got "[redacted]"' }, 4 },
-                { testing.replay(FIXTURE, script) })
+                { testing.replay_all(FIXTURE, script) })
   end)
 
   it("is red on a script change that alters one header, and where a failure is gone", function()
@@ -379,7 +401,7 @@ describe("the record file the real server wrote (spec/fixtures/replay)", functio
     f:close()
     local changed = testing.load_string((source:gsub('"x%-path%-was", ctx%.state%.path',
                                                      '"x-path-was", ctx.state.path .. "/"')))
-    local ok, failures = testing.replay(FIXTURE, changed, { ignore_headers = { "x-auth-echo" } })
+    local ok, failures = testing.replay_all(FIXTURE, changed, { ignore_headers = { "x-auth-echo" } })
     assert.is_false(ok)
     assert.same({
       FIXTURE .. ':1: request 2 (response_headers): responses[1].response_headers.response.' ..
@@ -388,7 +410,7 @@ describe("the record file the real server wrote (spec/fixtures/replay)", functio
         'header_mutation.set_headers[1].header.raw_value: expected "/upload", got "/upload/"',
     }, failures)
     local fixed = testing.load_string((source:gsub('if headers:get%("x%-fail"%)[^\n]*', "")))
-    ok, failures = testing.replay(FIXTURE, fixed, { ignore_headers = { "x-auth-echo" } })
+    ok, failures = testing.replay_all(FIXTURE, fixed, { ignore_headers = { "x-auth-echo" } })
     assert.same({ FIXTURE .. ":3: request 1 (request_headers): expected the stream to fail with " ..
                   "gRPC INTERNAL (13): spec/fixtures/replay/recorded.lua:7: asked to fail; " ..
                   "the script answered" }, failures)

@@ -419,24 +419,31 @@ function M.diff(expected, got, path)
     if expected == got then return nil end
     return format("%s: expected %s, got %s", path, show(expected), show(got))
   end
-  if is_array(expected) ~= is_array(got) and next(expected) ~= nil and next(got) ~= nil then
+  local ea, ga = is_array(expected), is_array(got)
+  if ea ~= ga and next(expected) ~= nil and next(got) ~= nil then
     return format("%s: expected %s, got %s", path, show(expected), show(got))
   end
-  if is_array(expected) and next(expected) ~= nil then
+  if (ea and next(expected) ~= nil) or (ga and next(got) ~= nil) or (ea and ga) then
     for i = 1, math.max(#expected, #got) do
       local d = M.diff(expected[i], got[i], format("%s[%d]", path, i))
       if d then return d end
     end
     return nil
   end
-  for k, v in pairs(expected) do
-    local d = M.diff(v, got[k], path .. "." .. tostring(k))
-    if d then return d end
-  end
-  for k, v in pairs(got) do
-    if expected[k] == nil then
-      return format("%s.%s: expected nothing, got %s", path, tostring(k), show(v))
+  -- objects: keys in a stable order, so that one difference reads the same on every run
+  local keys, seen = {}, {}
+  for _, t in ipairs({ expected, got }) do
+    for k in pairs(t) do
+      if not seen[k] then seen[k] = true; keys[#keys + 1] = k end
     end
+  end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  for _, k in ipairs(keys) do
+    if expected[k] == nil then
+      return format("%s.%s: expected nothing, got %s", path, tostring(k), show(got[k]))
+    end
+    local d = M.diff(expected[k], got[k], path .. "." .. tostring(k))
+    if d then return d end
   end
   return nil
 end

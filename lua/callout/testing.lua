@@ -702,6 +702,7 @@ end
 --   "request 2 (request_headers): responses[1].request_headers.response...: expected "a", got "b""
 -- A record replay cannot use (unknown version, responses missing) raises.
 function M.replay_stream(record, script, opts)
+  if type(script) == "string" then script = M.load(script) end
   opts = check_options(opts, "replay_stream")
   local x = check_record(record)
   -- a redacted value cannot be compared: the script saw "[redacted]", not the original
@@ -897,44 +898,63 @@ local function busted_define(env, c)
   define(env.it, c.name, c.run, env.assert, function(why) return setmetatable({ why }, message_mt) end)
 end
 
--- testing.replay(path, script [, opts]): under busted, one `it` per record line (and one
--- failing `it` per line that cannot be read), returning how many it defined; elsewhere it
--- runs them and returns ok, failures ("file:line: why", in order), the number of cases.
-function M.replay(path, script, opts)
-  if type(path) ~= "string" then fail("testing.replay: expects a file or folder path, got %s", type(path)) end
+-- The cases of a replay, each placed at its record's line (or the caller's).
+local function replay_prepare(path, script, opts, fname)
+  if type(path) ~= "string" then fail("testing.%s: expects a file or folder path, got %s", fname, type(path)) end
   if type(script) == "string" then
     script = M.load(script)
   elseif getmetatable(script) == nil or not tostring(script):find("^callout script") then
-    fail("testing.replay: expects a script (testing.load) or its path, got %s", type(script))
+    fail("testing.%s: expects a script (testing.load) or its path, got %s", fname, type(script))
   end
-  opts = check_options(opts, "replay")
+  opts = check_options(opts, fname)
   local info = debug.getinfo(outside(), "Sl")
   local here = { file = info.source:gsub("^[@=]", ""), line = math.max(info.currentline, 1) }
   local cases = replay_cases(path, script, opts)
   for _, c in ipairs(cases) do
     if not c.line then c.file, c.line = here.file, here.line end
   end
-  local env = busted_env()
-  if env then
-    for i, c in ipairs(cases) do
-      local ok, err = pcall(busted_define, env, c)
-      if not ok then
-        -- inside a running `it` busted defines no case: run them here instead
-        if i == 1 and tostring(err):find("not supported inside current context", 1, true) then
-          env = nil
-          break
-        end
-        error(err, 0)
-      end
-    end
-    if env then return #cases end
-  end
+  return cases
+end
+
+local function run_cases(cases)
   local failures = {}
   for _, c in ipairs(cases) do
     local why = c.run()
     if why then failures[#failures + 1] = why end
   end
   return #failures == 0, failures, #cases
+end
+
+-- testing.replay_all(path, script [, opts]): runs the cases here, anywhere, and returns
+-- ok, failures ("file:line: why", in order), the number of cases. Never raises for a
+-- difference: for specs about the replay itself, and for plain Lua.
+function M.replay_all(path, script, opts)
+  return run_cases(replay_prepare(path, script, opts, "replay_all"))
+end
+
+-- testing.replay(path, script [, opts]): at a spec file's top level or in a describe block,
+-- one `it` per record line (and one failing `it` per line that cannot be read), returning
+-- how many it defined; inside a running `it`, runs them and fails that case when one
+-- differs (a result nobody reads would leave it green); in plain Lua, as replay_all.
+function M.replay(path, script, opts)
+  local cases = replay_prepare(path, script, opts, "replay")
+  local env = busted_env()
+  if not env then return run_cases(cases) end
+  for i, c in ipairs(cases) do
+    local ok, err = pcall(busted_define, env, c)
+    if not ok then
+      if i == 1 and tostring(err):find("not supported inside current context", 1, true) then
+        local green, failures, n = run_cases(cases)
+        if not green then
+          error(setmetatable({ format("testing.replay: %d of %d streams differ:\n%s",
+                                      #failures, n, table.concat(failures, "\n")) }, message_mt), 0)
+        end
+        return n
+      end
+      error(err, 0)
+    end
+  end
+  return #cases
 end
 
 local has_luassert, luassert = pcall(require, "luassert")
