@@ -231,3 +231,41 @@ def test_a_relative_script_path_names_modules_relative_to_its_folder(servers, wh
     wait_generation(srv, 2)
     assert re.search(r"watch: lib/auth/util\.lua changed: reloading", srv.log()), srv.log()
     assert tag_of(stub) == "B"
+
+
+def release(base, n, tag, deploy=True):
+    """A release-folder deploy (capistrano and the like): the files in releases/<n>, then
+    `current` swapped over it by a rename, never edited in place."""
+    tree(base / f"releases/{n}", {"main.lua": MAIN, "lib/auth/util.lua": module(tag)})
+    if deploy:
+        os.symlink(f"releases/{n}", base / "current.tmp")
+        os.rename(base / "current.tmp", base / "current")
+
+
+def test_release_folder_swaps_are_followed_every_time(servers):
+    """The script is current/main.lua, `current -> releases/N`: the folder holding the
+    link is watched and the link resolved anew at each check, so every swap is seen, not
+    only the first, and the release folders left behind stop counting."""
+    base = servers.tmpdir / "deploy"
+    release(base, 1, "A", deploy=False)
+    os.symlink("releases/1", base / "current")
+    srv = start(servers, base / "current/main.lua")
+    stub = srv.stub()
+    assert tag_of(stub) == "A"
+    time.sleep(QUIET_S)   # the check of the first set has run: what follows are events
+    release(base, 2, "B")
+    wait_generation(srv, 2)
+    assert tag_of(stub) == "B"
+    release(base, 3, "B")   # the same bytes in a new release: nothing to reload
+    stays(srv, 2)
+    release(base, 4, "D")
+    wait_generation(srv, 3)
+    assert tag_of(stub) == "D"
+    (base / "releases/4/lib/auth/util.lua").write_text(module("E"))   # a hotfix in place
+    wait_generation(srv, 4)
+    assert tag_of(stub) == "E"
+    (base / "releases/2/lib/auth/util.lua").write_text(module("OLD"))  # no longer current
+    (base / "releases/3/main.lua").write_text(MAIN_NO_UTIL)
+    stays(srv, 4)
+    assert tag_of(stub) == "E"
+
