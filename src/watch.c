@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -27,6 +28,9 @@
 #define MAX_DIRS 256
 /* Changed files the log names; more are counted. */
 #define NAMES_SHOWN 4
+/* However long events on watched names keep coming, the check runs this long after the
+ * first one (a file rewritten every few ms must not hold a reload back for ever). */
+#define SETTLE_MAX_MS 1000
 /* Symlinks followed through one another before giving up (a loop of links). */
 #define MAX_LINK_DEPTH 8
 
@@ -466,14 +470,49 @@ static bool woken_to_stop(struct watch *w)
     return memchr(b, 'q', (size_t)n) != NULL;
 }
 
-/* Reads and discards pending inotify events; 1 if there were any. */
-static int drain(int fd)
+/* Whether an event may mean a watched file changed: one on a name of the watched paths (the
+ * file, a folder or symlink on the way to it), any after a failed load on a .lua file or a
+ * folder (the fix may be a file no load read yet), one on a watched folder itself (deleted,
+ * moved) or a lost queue. Others (a log appended next to the script, --record into its
+ * folder, an editor's swap file) must not hold the check back. */
+static bool relevant(const struct watch *w, const struct inotify_event *ev)
+{
+    if (ev->mask & IN_Q_OVERFLOW)
+        return true;
+    if (ev->mask & IN_IGNORED)
+        return false;   /* a watch arm() dropped, or the folder's IN_DELETE_SELF came first */
+    if (ev->len == 0 || ev->name[0] == '\0')
+        return true;
+    if (names_has(&w->names, ev->name))
+        return true;
+    size_t n = strlen(ev->name);
+    return w->failed && ((ev->mask & IN_ISDIR) ||
+                         (n > 4 && strcmp(ev->name + n - 4, ".lua") == 0));
+}
+
+/* Reads the pending inotify events; true if one of them is relevant. */
+static bool drain(struct watch *w)
 {
     char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
-    int any = 0;
-    while (read(fd, buf, sizeof buf) > 0)
-        any = 1;
+    bool any = false;
+    ssize_t got;
+    while ((got = read(w->ifd, buf, sizeof buf)) > 0) {
+        pthread_mutex_lock(&w->lock);
+        for (char *p = buf; p < buf + got;) {
+            const struct inotify_event *ev = (const struct inotify_event *)p;
+            any = any || relevant(w, ev);
+            p += sizeof *ev + ev->len;
+        }
+        pthread_mutex_unlock(&w->lock);
+    }
     return any;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void *watch_main(void *arg)
@@ -491,15 +530,19 @@ static void *watch_main(void *arg)
          * subfolder, or the first load before the watch started) is found. */
         if (pfd[1].revents && woken_to_stop(w))
             break;
-        drain(w->ifd);
-        /* Let the burst settle: a ConfigMap swap or an editor's save is several events. */
-        for (;;) {
-            int r = poll(pfd, 2, w->settle_ms);
+        if (!drain(w) && !pfd[1].revents)
+            continue;   /* only events on names no load read */
+        /* Let the burst settle: a ConfigMap swap or an editor's save is several events. Only
+         * relevant events restart the wait, and it ends SETTLE_MAX_MS after the first
+         * anyway. */
+        int64_t now = mono_ms(), quiet_at = now + w->settle_ms, last = now + SETTLE_MAX_MS;
+        while (now < quiet_at && now < last) {
+            int r = poll(pfd, 2, (int)((quiet_at < last ? quiet_at : last) - now));
+            now = mono_ms();
             if (r > 0 && pfd[1].revents && woken_to_stop(w))
                 return NULL;
-            if (r > 0 && (drain(w->ifd) || pfd[1].revents))
-                continue;
-            break;
+            if (r > 0 && (drain(w) || pfd[1].revents))
+                quiet_at = now + w->settle_ms;
         }
         char names[512];
         if (check(w, names, sizeof names) == 0) {

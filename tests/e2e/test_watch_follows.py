@@ -269,3 +269,47 @@ def test_release_folder_swaps_are_followed_every_time(servers):
     stays(srv, 4)
     assert tag_of(stub) == "E"
 
+
+def keep_writing(path, every_s, until, text=None):
+    """Appends a line (or writes `text`) to path every every_s seconds until `until`."""
+    import threading
+
+    def run():
+        i = 0
+        while time.monotonic() < until:
+            if text is None:
+                with open(path, "a") as f:
+                    f.write(f"line {i}\n")
+            else:
+                path.write_text(text)
+            i += 1
+            time.sleep(every_s)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_steady_writes_do_not_hold_a_reload_back(servers, app):
+    """A file written every 20 ms next to the script (a log, --record into its folder) is
+    no event worth a check, so a module change is reloaded at once; and a watched file
+    itself rewritten without pause is reloaded within about a second anyway."""
+    srv = start(servers, app / "main.lua")
+    stub = srv.stub()
+    time.sleep(QUIET_S)
+    writers = [keep_writing(app / "app.log", 0.02, time.monotonic() + 4),
+               keep_writing(app / "lib/auth/app.log", 0.02, time.monotonic() + 4)]
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    (app / "lib/auth/util.lua").write_text(module("B"))
+    wait_generation(srv, 2, timeout=1.5)   # the writers go on for 3.7 s more
+    assert time.monotonic() - t0 < 1.5
+    assert tag_of(stub) == "B"
+    for w in writers:
+        w.join()
+    # the module itself rewritten (the same new bytes) every 50 ms for 4 s
+    t0 = time.monotonic()
+    w = keep_writing(app / "lib/auth/util.lua", 0.05, t0 + 4, text=module("C"))
+    wait_generation(srv, 3, timeout=2.5)
+    assert time.monotonic() - t0 < 2.5, "reloaded only once the writes stopped"
+    assert tag_of(stub) == "C"
+    w.join()
