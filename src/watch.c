@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/inotify.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -27,6 +28,11 @@
 #define MAX_DIRS 256
 /* Changed files the log names; more are counted. */
 #define NAMES_SHOWN 4
+/* However long events on watched names keep coming, the check runs this long after the
+ * first one (a file rewritten every few ms must not hold a reload back for ever). */
+#define SETTLE_MAX_MS 1000
+/* Symlinks followed through one another before giving up (a loop of links). */
+#define MAX_LINK_DEPTH 8
 
 #define WATCH_EVENTS (IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE | \
                       IN_ATTRIB | IN_MODIFY | IN_DELETE_SELF)
@@ -49,6 +55,13 @@ struct dirs {
     int n;
 };
 
+/* The names an event must carry to be worth a check: every component of a watched file's
+ * path, as given and where its symlinks lead. */
+struct names {
+    char **v;
+    int n, cap;
+};
+
 struct watch {
     pthread_mutex_t lock;    /* files, tree, failed: set_files against the watch thread */
     struct list files;       /* what the last load read */
@@ -59,6 +72,7 @@ struct watch {
     char what[64];           /* for the log */
     int ifd;
     int wake[2];             /* 'q': stop; 'r': the set changed, arm its folders */
+    struct names names;      /* of the armed set (under lock) */
     int *wds;                /* the inotify watches armed now (watch thread only) */
     int nwds;
     int settle_ms;
@@ -201,18 +215,103 @@ static void dirs_free(struct dirs *d)
     d->n = 0;
 }
 
+static bool names_has(const struct names *s, const char *name)
+{
+    for (int i = 0; i < s->n; i++)
+        if (strcmp(s->v[i], name) == 0)
+            return true;
+    return false;
+}
+
+static void names_add(struct names *s, const char *name, size_t len)
+{
+    char buf[NAME_MAX + 1];
+    if (len == 0 || len > NAME_MAX)
+        return;
+    memcpy(buf, name, len);
+    buf[len] = '\0';
+    if (strcmp(buf, ".") == 0 || strcmp(buf, "..") == 0 || names_has(s, buf))
+        return;
+    if (s->n == s->cap) {
+        int cap = s->cap ? s->cap * 2 : 16;
+        char **v = realloc(s->v, (size_t)cap * sizeof *v);
+        if (!v)
+            return;
+        s->v = v;
+        s->cap = cap;
+    }
+    if ((s->v[s->n] = strdup(buf)) != NULL)
+        s->n++;
+}
+
+static void names_free(struct names *s)
+{
+    for (int i = 0; i < s->n; i++)
+        free(s->v[i]);
+    free(s->v);
+    *s = (struct names){0};
+}
+
+/* Walks path component by component, resolving it anew (each check: a swap since the last
+ * one leads elsewhere now): the folder holding each symlink met on the way is watched, so
+ * replacing the link is an event (a release folder `current -> releases/N` swapped by a
+ * rename, a ConfigMap's `..data`), and each component's name is one an event on may
+ * matter. A link's target is walked the same way, with the rest of the path after it. */
+static void links_of(const char *path, struct dirs *d, struct names *names, int depth)
+{
+    size_t len = strlen(path);
+    char p[PATH_MAX];
+    if (depth > MAX_LINK_DEPTH || len >= sizeof p)
+        return;
+    memcpy(p, path, len + 1);
+    size_t start = 0;   /* of the current component */
+    for (size_t i = 0; i <= len; i++) {
+        if (p[i] != '/' && p[i] != '\0')
+            continue;
+        if (i == start) {   /* a leading or doubled slash */
+            start = i + 1;
+            continue;
+        }
+        names_add(names, p + start, i - start);
+        char c = p[i];
+        p[i] = '\0';
+        struct stat st;
+        char target[PATH_MAX];
+        ssize_t n;
+        if (lstat(p, &st) == 0 && S_ISLNK(st.st_mode) &&
+            (n = readlink(p, target, sizeof target - 1)) > 0) {
+            target[n] = '\0';
+            char dir[PATH_MAX], next[PATH_MAX];
+            folder_of(p, dir, sizeof dir);
+            dirs_add(d, dir);
+            const char *rest = c ? path + i : "";
+            int w = target[0] == '/'
+                        ? snprintf(next, sizeof next, "%s%s", target, rest)
+                        : snprintf(next, sizeof next, "%s/%s%s", dir, target, rest);
+            if (w > 0 && w < (int)sizeof next)
+                links_of(next, d, names, depth + 1);
+            return;   /* the rest is walked where the link leads */
+        }
+        p[i] = c;
+        start = i + 1;
+    }
+}
+
 /* The folders whose events may mean that path changed: its own, where its symlinks lead
  * (`script.lua -> ..data/script.lua`), and every folder between it and the script's
  * folder (a ConfigMap swaps `..data` in the top one, whatever subfolder a module is in). */
-static void dirs_of_file(const struct watch *w, const char *path, struct dirs *d)
+static void dirs_of_file(const struct watch *w, const char *path, struct dirs *d,
+                         struct names *names)
 {
     char dir[PATH_MAX], real[PATH_MAX];
     folder_of(path, dir, sizeof dir);
     dirs_add(d, dir);
+    links_of(path, d, names, 0);
     if (realpath(path, real)) {
         char rdir[PATH_MAX];
         folder_of(real, rdir, sizeof rdir);
         dirs_add(d, rdir);
+        links_of(real, d, names, MAX_LINK_DEPTH);   /* its names (no link left to follow) */
     }
     if (rel_of(w, path) == path && strcmp(w->dir, ".") != 0)
         return;   /* not under the script's folder as given */
@@ -274,9 +373,13 @@ static void scan_tree(const struct watch *w, struct list *out, struct dirs *d)
 static void arm(struct watch *w)
 {
     struct dirs d = {.n = 0};
+    struct names names = {0};
     dirs_add(&d, w->dir);
+    links_of(w->dir, &d, &names, 0);   /* the script's folder itself may be a link */
     for (int i = 0; i < w->files.n; i++)
-        dirs_of_file(w, w->files.v[i].path, &d);
+        dirs_of_file(w, w->files.v[i].path, &d, &names);
+    names_free(&w->names);
+    w->names = names;
     if (w->failed)
         scan_tree(w, NULL, &d);
     int *wds = calloc((size_t)d.n, sizeof *wds);
@@ -367,14 +470,49 @@ static bool woken_to_stop(struct watch *w)
     return memchr(b, 'q', (size_t)n) != NULL;
 }
 
-/* Reads and discards pending inotify events; 1 if there were any. */
-static int drain(int fd)
+/* Whether an event may mean a watched file changed: one on a name of the watched paths (the
+ * file, a folder or symlink on the way to it), any after a failed load on a .lua file or a
+ * folder (the fix may be a file no load read yet), one on a watched folder itself (deleted,
+ * moved) or a lost queue. Others (a log appended next to the script, --record into its
+ * folder, an editor's swap file) must not hold the check back. */
+static bool relevant(const struct watch *w, const struct inotify_event *ev)
+{
+    if (ev->mask & IN_Q_OVERFLOW)
+        return true;
+    if (ev->mask & IN_IGNORED)
+        return false;   /* a watch arm() dropped, or the folder's IN_DELETE_SELF came first */
+    if (ev->len == 0 || ev->name[0] == '\0')
+        return true;
+    if (names_has(&w->names, ev->name))
+        return true;
+    size_t n = strlen(ev->name);
+    return w->failed && ((ev->mask & IN_ISDIR) ||
+                         (n > 4 && strcmp(ev->name + n - 4, ".lua") == 0));
+}
+
+/* Reads the pending inotify events; true if one of them is relevant. */
+static bool drain(struct watch *w)
 {
     char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
-    int any = 0;
-    while (read(fd, buf, sizeof buf) > 0)
-        any = 1;
+    bool any = false;
+    ssize_t got;
+    while ((got = read(w->ifd, buf, sizeof buf)) > 0) {
+        pthread_mutex_lock(&w->lock);
+        for (char *p = buf; p < buf + got;) {
+            const struct inotify_event *ev = (const struct inotify_event *)p;
+            any = any || relevant(w, ev);
+            p += sizeof *ev + ev->len;
+        }
+        pthread_mutex_unlock(&w->lock);
+    }
     return any;
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static void *watch_main(void *arg)
@@ -392,15 +530,19 @@ static void *watch_main(void *arg)
          * subfolder, or the first load before the watch started) is found. */
         if (pfd[1].revents && woken_to_stop(w))
             break;
-        drain(w->ifd);
-        /* Let the burst settle: a ConfigMap swap or an editor's save is several events. */
-        for (;;) {
-            int r = poll(pfd, 2, w->settle_ms);
+        if (!drain(w) && !pfd[1].revents)
+            continue;   /* only events on names no load read */
+        /* Let the burst settle: a ConfigMap swap or an editor's save is several events. Only
+         * relevant events restart the wait, and it ends SETTLE_MAX_MS after the first
+         * anyway. */
+        int64_t now = mono_ms(), quiet_at = now + w->settle_ms, last = now + SETTLE_MAX_MS;
+        while (now < quiet_at && now < last) {
+            int r = poll(pfd, 2, (int)((quiet_at < last ? quiet_at : last) - now));
+            now = mono_ms();
             if (r > 0 && pfd[1].revents && woken_to_stop(w))
                 return NULL;
-            if (r > 0 && (drain(w->ifd) || pfd[1].revents))
-                continue;
-            break;
+            if (r > 0 && (drain(w) || pfd[1].revents))
+                quiet_at = now + w->settle_ms;
         }
         char names[512];
         if (check(w, names, sizeof names) == 0) {
@@ -533,6 +675,7 @@ void watch_stop(struct watch *w)
         close(w->ifd);
     list_free(&w->files);
     list_free(&w->tree);
+    names_free(&w->names);
     free(w->wds);
     pthread_mutex_destroy(&w->lock);
     free(w);

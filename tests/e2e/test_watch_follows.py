@@ -231,3 +231,85 @@ def test_a_relative_script_path_names_modules_relative_to_its_folder(servers, wh
     wait_generation(srv, 2)
     assert re.search(r"watch: lib/auth/util\.lua changed: reloading", srv.log()), srv.log()
     assert tag_of(stub) == "B"
+
+
+def release(base, n, tag, deploy=True):
+    """A release-folder deploy (capistrano and the like): the files in releases/<n>, then
+    `current` swapped over it by a rename, never edited in place."""
+    tree(base / f"releases/{n}", {"main.lua": MAIN, "lib/auth/util.lua": module(tag)})
+    if deploy:
+        os.symlink(f"releases/{n}", base / "current.tmp")
+        os.rename(base / "current.tmp", base / "current")
+
+
+def test_release_folder_swaps_are_followed_every_time(servers):
+    """The script is current/main.lua, `current -> releases/N`: the folder holding the
+    link is watched and the link resolved anew at each check, so every swap is seen, not
+    only the first, and the release folders left behind stop counting."""
+    base = servers.tmpdir / "deploy"
+    release(base, 1, "A", deploy=False)
+    os.symlink("releases/1", base / "current")
+    srv = start(servers, base / "current/main.lua")
+    stub = srv.stub()
+    assert tag_of(stub) == "A"
+    time.sleep(QUIET_S)   # the check of the first set has run: what follows are events
+    release(base, 2, "B")
+    wait_generation(srv, 2)
+    assert tag_of(stub) == "B"
+    release(base, 3, "B")   # the same bytes in a new release: nothing to reload
+    stays(srv, 2)
+    release(base, 4, "D")
+    wait_generation(srv, 3)
+    assert tag_of(stub) == "D"
+    (base / "releases/4/lib/auth/util.lua").write_text(module("E"))   # a hotfix in place
+    wait_generation(srv, 4)
+    assert tag_of(stub) == "E"
+    (base / "releases/2/lib/auth/util.lua").write_text(module("OLD"))  # no longer current
+    (base / "releases/3/main.lua").write_text(MAIN_NO_UTIL)
+    stays(srv, 4)
+    assert tag_of(stub) == "E"
+
+
+def keep_writing(path, every_s, until, text=None):
+    """Appends a line (or writes `text`) to path every every_s seconds until `until`."""
+    import threading
+
+    def run():
+        i = 0
+        while time.monotonic() < until:
+            if text is None:
+                with open(path, "a") as f:
+                    f.write(f"line {i}\n")
+            else:
+                path.write_text(text)
+            i += 1
+            time.sleep(every_s)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_steady_writes_do_not_hold_a_reload_back(servers, app):
+    """A file written every 20 ms next to the script (a log, --record into its folder) is
+    no event worth a check, so a module change is reloaded at once; and a watched file
+    itself rewritten without pause is reloaded within about a second anyway."""
+    srv = start(servers, app / "main.lua")
+    stub = srv.stub()
+    time.sleep(QUIET_S)
+    writers = [keep_writing(app / "app.log", 0.02, time.monotonic() + 4),
+               keep_writing(app / "lib/auth/app.log", 0.02, time.monotonic() + 4)]
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    (app / "lib/auth/util.lua").write_text(module("B"))
+    wait_generation(srv, 2, timeout=1.5)   # the writers go on for 3.7 s more
+    assert time.monotonic() - t0 < 1.5
+    assert tag_of(stub) == "B"
+    for w in writers:
+        w.join()
+    # the module itself rewritten (the same new bytes) every 50 ms for 4 s
+    t0 = time.monotonic()
+    w = keep_writing(app / "lib/auth/util.lua", 0.05, t0 + 4, text=module("C"))
+    wait_generation(srv, 3, timeout=2.5)
+    assert time.monotonic() - t0 < 2.5, "reloaded only once the writes stopped"
+    assert tag_of(stub) == "C"
+    w.join()
