@@ -28,9 +28,13 @@
 #include "metrics.h"
 #include "vm.h"
 
-/* The recorder's queue, in bytes of captures: room for bursts while it converts (tens of
- * MB/s), never more than a few stream caps. */
+/* The recorder's queue, in bytes of captures. It converts more slowly than a worker serves
+ * streams with large bodies (a 20 KB body: ~60% of the serving rate on a busy 2-core host),
+ * so a burst piles up here: room for the burst, up to the file's share (queuing more than
+ * the file may take buys nothing) but no more than QUEUE_MAX_BYTES, and never less than a
+ * few stream caps. */
 #define QUEUE_MIN_BYTES ((size_t)16 << 20)
+#define QUEUE_MAX_BYTES ((size_t)64 << 20)
 #define QUEUE_STREAMS 4          /* at least this many streams at their cap */
 #define REDACT_MAX 64            /* names in --record_redact */
 
@@ -73,15 +77,28 @@ static struct {
     bool closing;                     /* record_stop: write what is queued, then end */
     bool abandon;                     /* record_stop's time is up: drop the rest */
     bool done;                        /* the recorder thread has ended */
+    bool busy;                        /* the recorder is converting or writing a line */
+    int slot;                         /* the worker, for the log */
     pthread_t thread;
     /* METRICS_RECORD_CAP_REACHED or _ERROR once recording stopped for good, else 0 */
     _Atomic int stopped;
+    /* what became of this process's streams (the metrics are the server's sum, and die
+     * with it): the exit's log says what was not written; `at_drain` is the count when
+     * the drain began, to tell the shutdown's losses from the earlier ones */
+    _Atomic uint64_t results[METRICS_RECORD_RESULTS];
+    uint64_t at_drain[METRICS_RECORD_RESULTS];
+    bool drain_marked;
 } rec = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
          .idle = PTHREAD_COND_INITIALIZER, .fd = -1};
+
+static const char *const result_names[METRICS_RECORD_RESULTS] = {
+    "written", "sampled_out", "too_large", "queue_full", "cap_reached", "error", "shutdown",
+};
 
 static void count(enum metrics_record_result r)
 {
     atomic_fetch_add_explicit(&metrics->record_streams[r], 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&rec.results[r], 1, memory_order_relaxed);
 }
 
 static void capture_free(struct record_capture *c)
@@ -225,6 +242,7 @@ void record_end(struct record_capture *c, int code, const char *message, size_t 
     }
     size_t cost = c->cost + sizeof *c + message_len;
     enum metrics_record_result dropped = METRICS_RECORD_RESULTS;
+    size_t queued = 0;
     pthread_mutex_lock(&rec.lock);
     if (rec.closing || rec.done)
         dropped = METRICS_RECORD_SHUTDOWN;   /* a stream that outlived the worker's exit */
@@ -240,8 +258,14 @@ void record_end(struct record_capture *c, int code, const char *message, size_t 
         rec.queued += cost;
         pthread_cond_signal(&rec.wake);
     }
+    queued = rec.queued;
     pthread_mutex_unlock(&rec.lock);
     if (dropped != METRICS_RECORD_RESULTS) {
+        /* said now and again at the exit: the count alone dies with the process */
+        if (dropped == METRICS_RECORD_QUEUE_FULL)
+            log_warn_limited("record: the recorder is behind (%zu of %zu KiB queued): stream "
+                             "%llu not recorded (queue_full)", queued >> 10,
+                             rec.queue_max >> 10, (unsigned long long)c->stream);
         count(dropped);
         capture_free(c);
     }
@@ -347,10 +371,12 @@ static void *recorder_main(void *arg)
         if (!rec.head)
             rec.tail = NULL;
         rec.queued -= c->cost;
+        rec.busy = true;
         pthread_mutex_unlock(&rec.lock);
         write_capture(x, c);
         capture_free(c);
         pthread_mutex_lock(&rec.lock);
+        rec.busy = false;
     }
     /* what is left was abandoned by record_stop */
     for (struct record_capture *c = rec.head, *next; c; c = next) {
@@ -442,9 +468,12 @@ static int parse_redact(const char *list, char *err, size_t errlen)
 int record_start(const struct record_config *cfg, int slot, char *err, size_t errlen)
 {
     rec.cfg = *cfg;
-    rec.queue_max = cfg->max_stream_bytes * QUEUE_STREAMS;
+    rec.slot = slot;
+    rec.queue_max = cfg->max_bytes < QUEUE_MAX_BYTES ? cfg->max_bytes : QUEUE_MAX_BYTES;
     if (rec.queue_max < QUEUE_MIN_BYTES)
         rec.queue_max = QUEUE_MIN_BYTES;
+    if (rec.queue_max < cfg->max_stream_bytes * QUEUE_STREAMS)
+        rec.queue_max = cfg->max_stream_bytes * QUEUE_STREAMS;
     if (parse_redact(cfg->redact, err, errlen) != 0)
         return -1;
     if (make_dirs(cfg->dir) != 0) {
@@ -492,10 +521,63 @@ int record_start(const struct record_config *cfg, int slot, char *err, size_t er
     return 0;
 }
 
+void record_drain_began(void)
+{
+    for (int r = 0; r < METRICS_RECORD_RESULTS; r++)
+        rec.at_drain[r] = atomic_load(&rec.results[r]);
+    rec.drain_marked = true;
+}
+
+/* "queue_full: 3, shutdown: 2" for the drops in results[] - base[]; their total. */
+static uint64_t list_drops(const uint64_t *results, const uint64_t *base, char *out,
+                           size_t outlen)
+{
+    uint64_t total = 0;
+    size_t at = 0;
+    out[0] = '\0';
+    for (int r = 0; r < METRICS_RECORD_RESULTS; r++) {
+        uint64_t n = results[r] - (base ? base[r] : 0);
+        if (r == METRICS_RECORD_WRITTEN || r == METRICS_RECORD_SAMPLED_OUT || !n)
+            continue;   /* not losses: the line is there, or the sample said no */
+        total += n;
+        int w = snprintf(out + at, outlen - at, "%s%s: %llu", at ? ", " : "", result_names[r],
+                         (unsigned long long)n);
+        if (w > 0 && (size_t)w < outlen - at)
+            at += (size_t)w;
+    }
+    return total;
+}
+
+/* The exit's account: what the drain lost, then the worker's whole life if it lost any. */
+static void log_losses(bool writing)
+{
+    uint64_t now[METRICS_RECORD_RESULTS];
+    for (int r = 0; r < METRICS_RECORD_RESULTS; r++)
+        now[r] = atomic_load(&rec.results[r]);
+    char why[256];
+    uint64_t lost = list_drops(now, rec.at_drain, why, sizeof why);
+    if (lost || writing)
+        log_warn("record: worker %d: %llu stream%s not recorded at shutdown (%s)%s", rec.slot,
+                 (unsigned long long)lost, lost == 1 ? "" : "s", lost ? why : "none queued",
+                 writing ? "; the line being written when the exit came may be missing too"
+                         : "");
+    lost = list_drops(now, NULL, why, sizeof why);
+    if (lost)
+        log_warn("record: worker %d: %llu of %llu finished streams not recorded in its life "
+                 "(%s); %llu written to %s, %llu sampled out", rec.slot,
+                 (unsigned long long)lost,
+                 (unsigned long long)(lost + now[METRICS_RECORD_WRITTEN] +
+                                      now[METRICS_RECORD_SAMPLED_OUT]),
+                 why, (unsigned long long)now[METRICS_RECORD_WRITTEN], rec.path,
+                 (unsigned long long)now[METRICS_RECORD_SAMPLED_OUT]);
+}
+
 void record_stop(int timeout_ms)
 {
     if (rec.fd < 0)
         return;
+    if (!rec.drain_marked)
+        record_drain_began();   /* stopped without a drain (the supervisor went away) */
     struct timespec deadline;
     clock_gettime(CLOCK_REALTIME, &deadline);
     deadline.tv_sec += timeout_ms / 1000;
@@ -509,16 +591,31 @@ void record_stop(int timeout_ms)
     pthread_cond_signal(&rec.wake);
     while (!rec.done && pthread_cond_timedwait(&rec.idle, &rec.lock, &deadline) != ETIMEDOUT)
         ;
-    bool done = rec.done;
-    if (!done)
-        rec.abandon = true;   /* the line being written is finished, the rest dropped */
+    bool done = rec.done, writing = false;
+    size_t left = 0;
+    if (!done) {
+        /* the line being written is finished (if the exit waits for it), the rest is
+         * dropped here and counted now, while the count can still reach the log */
+        rec.abandon = true;
+        writing = rec.busy;
+        for (struct record_capture *c = rec.head, *next; c; c = next) {
+            next = c->next;
+            count(METRICS_RECORD_SHUTDOWN);
+            capture_free(c);
+            left++;
+        }
+        rec.head = rec.tail = NULL;
+        rec.queued = 0;
+    }
     pthread_mutex_unlock(&rec.lock);
     if (done) {
         pthread_join(rec.thread, NULL);
         close(rec.fd);
         rec.fd = -1;
     } else {
-        log_warn("record: %s: the recorder did not finish within %d ms of the exit; the "
-                 "streams still queued are not recorded", rec.path, timeout_ms);
+        log_warn("record: %s: the recorder did not finish within %d ms of the exit; the %zu "
+                 "stream%s still queued are not recorded", rec.path, timeout_ms, left,
+                 left == 1 ? "" : "s");
     }
+    log_losses(writing);
 }

@@ -39,8 +39,14 @@ int record_check_dir(const char *dir, char *err, size_t errlen);
  * -1 with why in err (then nothing is recorded). */
 int record_start(const struct record_config *cfg, int slot, char *err, size_t errlen);
 
+/* Worker process, when its drain begins: what is lost from now on is the shutdown's, and
+ * the exit's log says so apart. */
+void record_drain_began(void);
+
 /* Worker process, after the last stream has ended: the recorder writes what is queued,
- * for at most timeout_ms (what is left then is dropped and counted), then stops. */
+ * for at most timeout_ms (what is left then is dropped and counted), then stops. The log
+ * then says what was not recorded (the metrics die with the process): what the shutdown
+ * lost, and what the worker's whole life lost, if anything. */
 void record_stop(int timeout_ms);
 
 /* Set by record_start; read by record_begin on every stream. */

@@ -30,8 +30,12 @@
 #include "stream.h"
 #include "tls.h"
 
-/* After the last stream: how long the recorder may take to write what is queued. */
+/* After the last stream: how long the recorder may take to write what is queued, at
+ * least; it may take what is left of the supervisor's patience (the drain timeout and its
+ * 5 s margin after STOP, supervisor.c) less RECORD_EXIT_MS for the rest of the exit. */
 #define RECORD_DRAIN_MS 2000
+#define RECORD_STOP_MARGIN_MS 5000
+#define RECORD_EXIT_MS 1000
 /* How often the main thread runs the watchdog and builds spare VMs. */
 #define TICK_MS 100
 /* The first records arrive right after exec; a supervisor that sends nothing is broken. */
@@ -280,6 +284,7 @@ int worker_run(const struct config *given)
         if (drain && !draining) {
             draining = true;
             server_drain(srv);
+            record_drain_began();
             log_debug("worker %d: draining: gRPC health NOT_SERVING", slot);
         }
         atomic_store(&metrics->building_since_ms, now_ms());   /* a spare may be built */
@@ -287,9 +292,13 @@ int worker_run(const struct config *given)
         atomic_store(&metrics->building_since_ms, 0);
     }
     atomic_store(&metrics->workers_serving, 0);
+    uint64_t stop_at = now_ms();
     server_discard(srv, prepared);
     int stopped = server_stop(srv, cfg.drain_timeout_ms);
-    record_stop(RECORD_DRAIN_MS);   /* the streams that ended during the drain too */
+    /* the streams that ended during the drain too: a burst can leave tens of MB queued */
+    uint64_t kill_at = stop_at + (uint64_t)cfg.drain_timeout_ms + RECORD_STOP_MARGIN_MS -
+                       RECORD_EXIT_MS, now = now_ms();
+    record_stop(kill_at > now + RECORD_DRAIN_MS ? (int)(kill_at - now) : RECORD_DRAIN_MS);
     if (stopped == -1)
         _exit(3);
     if (stopped == -2)
